@@ -1,0 +1,240 @@
+"""Typed, keyword-only configs, loaded from YAML or built in code.
+
+Every config validates itself on construction and raises :class:`ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+from expertmesh.platform.errors import ConfigError
+
+RouterKind = Literal["topk", "noisy_topk", "switch", "expert_choice", "hash"]
+ROUTER_KINDS: tuple[str, ...] = ("topk", "noisy_topk", "switch", "expert_choice", "hash")
+DType = Literal["float32", "bfloat16"]
+
+
+def _positive(name: str, value: int | float) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(name, f"must be a positive number, got {value!r}")
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    """Shape and routing of a Mixtral-style MoE decoder LM.
+
+    Defaults are the ``configs/tiny.yaml`` demo model (about 20 M parameters).
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    d_ff: int = 704  # width of each expert's SwiGLU FFN
+    d_ff_dense: int | None = None  # width of the dense FFN in non-MoE layers (default: d_ff)
+    n_experts: int = 8
+    top_k: int = 2
+    moe_every: int = 1  # layer i is an MoE layer when i % moe_every == moe_every - 1
+    router: RouterKind = "topk"
+    capacity_factor: float | None = None  # None: dropless
+    router_noise_std: float = 1.0  # noisy_topk only
+    aux_loss_weight: float = 0.01  # Switch load-balancing loss
+    z_loss_weight: float = 0.001  # router z-loss
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "n_experts",
+            "top_k",
+            "moe_every",
+            "max_seq_len",
+            "rope_theta",
+            "rms_norm_eps",
+            "init_std",
+        ):
+            _positive(name, getattr(self, name))
+        if self.d_ff_dense is not None:
+            _positive("d_ff_dense", self.d_ff_dense)
+        if self.router not in ROUTER_KINDS:
+            raise ConfigError(
+                "router", f"unknown router {self.router!r}; choose one of {ROUTER_KINDS}"
+            )
+        if self.top_k > self.n_experts:
+            raise ConfigError("top_k", f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        if self.router == "switch" and self.top_k != 1:
+            raise ConfigError("top_k", "the switch router is top-1; set top_k: 1")
+        if self.d_model % self.n_heads:
+            raise ConfigError(
+                "n_heads", f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
+            )
+        if self.n_heads % self.n_kv_heads:
+            raise ConfigError(
+                "n_kv_heads",
+                f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}",
+            )
+        if (self.d_model // self.n_heads) % 2:
+            raise ConfigError("n_heads", "head dimension (d_model / n_heads) must be even for RoPE")
+        if self.capacity_factor is not None:
+            _positive("capacity_factor", self.capacity_factor)
+        for name in ("aux_loss_weight", "z_loss_weight", "router_noise_std"):
+            if getattr(self, name) < 0:
+                raise ConfigError(name, f"must be >= 0, got {getattr(self, name)!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return layer % self.moe_every == self.moe_every - 1
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i in range(self.n_layers) if self.is_moe_layer(i)]
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    """Where the prepared Parquet token shards live and what goes into them."""
+
+    data_dir: str = ".state/data"  # prepared shards + tokenizer.json
+    cache_dir: str = ".state/cache"  # downloaded packages
+    train_domains: tuple[str, ...] = ("shakespeare", "python")
+    vocab_size: int = 4096
+    shard_tokens: int = 2_000_000  # tokens per Parquet shard
+
+    def __post_init__(self) -> None:
+        _positive("vocab_size", self.vocab_size)
+        _positive("shard_tokens", self.shard_tokens)
+        self.train_domains = tuple(self.train_domains)
+        if not self.train_domains:
+            raise ConfigError("train_domains", "needs at least one domain")
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    """Optimisation and bookkeeping for one training run."""
+
+    steps: int = 1200
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    dtype: DType = "float32"
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 400
+    log_every: int = 10
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (default: torch's choice)
+    output_dir: str = ".state/checkpoints/tiny"  # pyarrow.fs URI or local path
+    experiment: str = "expertmesh"
+    registered_model: str = "expertmesh-tiny"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "steps",
+            "batch_size",
+            "seq_len",
+            "lr",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "log_every",
+        ):
+            _positive(name, getattr(self, name))
+        if self.warmup_steps < 0:
+            raise ConfigError("warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ConfigError("dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+
+
+@dataclass(kw_only=True, slots=True)
+class ExperimentConfig:
+    """A whole YAML file: ``model``, ``data`` and ``train`` sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+T = TypeVar("T")
+
+
+def from_dict(cls: type[T], values: dict[str, Any] | None, where: str = "") -> T:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys by name."""
+    values = dict(values or {})
+    known = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}{unknown[0]}", f"unknown field; known fields: {sorted(known)}")
+    nested = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+    if cls is ExperimentConfig:
+        for key, sub in nested.items():
+            if key in values and not isinstance(values[key], sub):
+                if not isinstance(values[key], dict):
+                    raise ConfigError(key, "must be a mapping")
+                values[key] = from_dict(sub, values[key], where=f"{key}.")
+    try:
+        return cls(**values)
+    except ConfigError as exc:
+        if where and not exc.field.startswith(where):
+            raise ConfigError(f"{where}{exc.field}", str(exc).split(": ", 1)[1]) from None
+        raise
+    except TypeError as exc:  # wrong value types slip through dataclass construction as TypeError
+        raise ConfigError(where.rstrip(".") or cls.__name__, str(exc)) from None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of a config dataclass."""
+    out = dataclasses.asdict(cfg)
+
+    def fix(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: fix(x) for k, x in v.items()}
+        if isinstance(v, tuple | list):
+            return [fix(x) for x in v]
+        return v
+
+    return fix(out)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an :class:`ExperimentConfig` from YAML, applying ``section.key=value`` overrides."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError("config", f"config file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError("config", f"{path} must hold a mapping at the top level")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(
+                item, "override must look like section.key=value, e.g. train.steps=100"
+            )
+        section, name = key.split(".", 1)
+        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+    return from_dict(ExperimentConfig, raw)

@@ -1,0 +1,150 @@
+"""Dense building blocks of the decoder: RMSNorm, rotary embeddings, GQA attention, SwiGLU FFN.
+
+Single-device, no Ray. Shapes: B batch, T query positions, L key positions, D model width,
+H query heads, G key/value heads, K head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.platform.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: normalise in float32 like Mixtral, then cast back, for bf16 parity.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding in the non-interleaved (``rotate_half``) layout HF Mixtral uses."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self._inv_freq(None), persistent=False)
+
+    def _inv_freq(self, device: torch.device | None) -> torch.Tensor:
+        arange = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        return 1.0 / (self.theta ** (arange / self.head_dim))
+
+    def _apply(self, fn, recurse=True):  # nn.Module hook behind .to() / .cuda() / .half()
+        # NOTE: model.to(torch.bfloat16) must not round inv_freq (HF keeps it float32 too): a bf16
+        # inv_freq shifts rotation angles by ~0.5 rad at position 500. Follow device moves only.
+        super()._apply(fn, recurse)
+        self.inv_freq = self._inv_freq(self.inv_freq.device)
+        return self
+
+    def forward(
+        self, pos_BT: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_BTk = pos_BT.float()[..., None] * self.inv_freq
+        emb_BTK = torch.cat([freqs_BTk, freqs_BTk], dim=-1)
+        return emb_BTK.cos().to(dtype), emb_BTK.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rotary(
+    x_BTHK: torch.Tensor, cos_BTK: torch.Tensor, sin_BTK: torch.Tensor
+) -> torch.Tensor:
+    cos, sin = cos_BTK[:, :, None, :], sin_BTK[:, :, None, :]
+    return x_BTHK * cos + _rotate_half(x_BTHK) * sin
+
+
+class KVCache:
+    """Slot-based key/value cache: each sequence owns one slot of a fixed-size buffer.
+
+    ``k[layer]`` has shape (S slots, G kv heads, M max positions, K head dim). A step writes the
+    new keys at their positions and attends to positions ``<= query position`` of its own slot,
+    so sequences of different lengths share one batched step (continuous batching).
+    """
+
+    def __init__(
+        self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype = torch.float32
+    ) -> None:
+        # NOTE: one extra position at index max_len is scratch space that padded tokens write to
+        shape = (n_slots, cfg.n_kv_heads, max_len + 1, cfg.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.max_len = max_len
+        self.n_slots = n_slots
+
+    @property
+    def scratch_pos(self) -> int:
+        return self.max_len
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        pos_BT: torch.Tensor,
+        cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+        slots_B: torch.Tensor | None = None,
+        write_pos_BT: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``write_pos_BT`` (cache only) is where each token's key/value is stored; padded tokens
+        point at the cache's scratch position so they never overwrite a real entry."""
+        B, T, _ = x_BTD.shape
+        q_BTHK = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
+        k_BTGK = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)
+        v_BTGK = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)
+        q_BTHK, k_BTGK = apply_rotary(q_BTHK, *rope), apply_rotary(k_BTGK, *rope)
+        q_BHTK = q_BTHK.transpose(1, 2)
+        if cache is None:
+            k_BGLK, v_BGLK = k_BTGK.transpose(1, 2), v_BTGK.transpose(1, 2)
+            out_BHTK = F.scaled_dot_product_attention(
+                q_BHTK, k_BGLK, v_BGLK, is_causal=T > 1, enable_gqa=True
+            )
+        else:
+            assert slots_B is not None
+            k_buf, v_buf = cache
+            slot_BT = slots_B[:, None].expand(B, T)
+            wpos_BT = pos_BT if write_pos_BT is None else write_pos_BT
+            k_buf[slot_BT, :, wpos_BT] = k_BTGK.to(k_buf.dtype)
+            v_buf[slot_BT, :, wpos_BT] = v_BTGK.to(v_buf.dtype)
+            L = int(pos_BT.max()) + 1
+            k_BGLK = k_buf[slots_B, :, :L].to(q_BHTK.dtype)
+            v_BGLK = v_buf[slots_B, :, :L].to(q_BHTK.dtype)
+            # each query sees keys of its own slot at positions <= its own position
+            mask_BTL = torch.arange(L)[None, None, :] <= pos_BT[:, :, None]
+            out_BHTK = F.scaled_dot_product_attention(
+                q_BHTK, k_BGLK, v_BGLK, attn_mask=mask_BTL[:, None], enable_gqa=True
+            )
+        return self.o_proj(out_BHTK.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """The dense FFN used by non-MoE layers (and the reference a one-expert MoE must equal)."""
+
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

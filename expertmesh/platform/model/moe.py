@@ -1,0 +1,85 @@
+"""The MoE layer: gate -> router -> dispatcher -> combine, plus its losses and routing report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from expertmesh.platform.config import ModelConfig
+from expertmesh.platform.model.dispatch import Dispatcher, LocalDispatcher
+from expertmesh.platform.model.experts import ExpertBank
+from expertmesh.platform.model.routers import Routing, load_balancing_loss, route, z_loss
+
+
+@dataclass(kw_only=True, slots=True)
+class LayerStats:
+    """What one MoE layer did in one forward pass."""
+
+    layer: int
+    aux_loss: torch.Tensor  # Switch load-balancing loss (unweighted)
+    z_loss: torch.Tensor  # router z-loss (unweighted)
+    counts_E: torch.Tensor  # assignments per expert
+    dropped_fraction: float
+    routing: Routing | None = None  # kept only when asked for (routing reports)
+
+    def load_fractions(self) -> list[float]:
+        total = max(int(self.counts_E.sum()), 1)
+        return [int(c) / total for c in self.counts_E]
+
+    def experts_per_token(self) -> list[list[int]]:
+        """For each token (flattened B*T order), the experts that served it."""
+        if self.routing is None:
+            raise ValueError("routing was not recorded; call the model with return_routing=True")
+        out: list[list[int]] = [[] for _ in range(self.routing.n_tokens)]
+        for t, e in zip(
+            self.routing.token_idx_A.tolist(), self.routing.expert_idx_A.tolist(), strict=True
+        ):
+            out[t].append(e)
+        return out
+
+
+class MoELayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, with_experts: bool = True) -> None:
+        super().__init__()
+        self.cfg, self.layer = cfg, layer
+        self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
+        self.experts = ExpertBank(cfg.n_experts, cfg.d_model, cfg.d_ff) if with_experts else None
+
+    def forward(
+        self,
+        x_BTD: torch.Tensor,
+        *,
+        token_ids_BT: torch.Tensor | None = None,
+        dispatcher: Dispatcher | None = None,
+        return_routing: bool = False,
+        valid_BT: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, LayerStats]:
+        """Route and run the tokens of ``x_BTD``; ``valid_BT`` (bool) leaves padding out."""
+        B, T, D = x_BTD.shape
+        if valid_BT is None:
+            x_ND = x_BTD.reshape(B * T, D)  # N = B*T tokens
+            ids_N = None if token_ids_BT is None else token_ids_BT.reshape(-1)
+        else:
+            x_ND = x_BTD[valid_BT]  # N = number of real tokens, row-major order
+            ids_N = None if token_ids_BT is None else token_ids_BT[valid_BT]
+        routing = route(self.cfg, self.gate(x_ND), training=self.training, token_ids_T=ids_N)
+        if dispatcher is None:
+            if self.experts is None:
+                raise RuntimeError(f"MoE layer {self.layer} holds no experts; pass a dispatcher")
+            dispatcher = LocalDispatcher({self.layer: self.experts})
+        y_ND = dispatcher.dispatch(self.layer, x_ND, routing)
+        stats = LayerStats(
+            layer=self.layer,
+            aux_loss=load_balancing_loss(routing),
+            z_loss=z_loss(routing),
+            counts_E=routing.counts_E,
+            dropped_fraction=routing.dropped_fraction,
+            routing=routing if return_routing else None,
+        )
+        if valid_BT is None:
+            return y_ND.view(B, T, D), stats
+        y_BTD = x_BTD.new_zeros(B, T, D)
+        y_BTD[valid_BT] = y_ND.to(y_BTD.dtype)
+        return y_BTD, stats

@@ -1,0 +1,146 @@
+"""Routers: which experts process which tokens, with what weight.
+
+Every router turns gate logits into a flat list of (token, expert, weight) *assignments* sorted
+by expert. That one form covers token choice (top-k, noisy top-k, Switch top-1, hash), expert
+choice (a token may get 0..E experts) and capacity dropping, and it is what dispatchers consume.
+Shapes: T tokens, E experts, A assignments.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from expertmesh.platform.config import ModelConfig
+
+_HASH_MULT = 2654435761  # Knuth's multiplicative hash
+
+
+@dataclass(kw_only=True, slots=True)
+class Routing:
+    """Assignments of tokens to experts, sorted by expert (stable in token order)."""
+
+    token_idx_A: torch.Tensor  # int64, which token
+    expert_idx_A: torch.Tensor  # int64, which expert; non-decreasing
+    weight_A: torch.Tensor  # gate weight the expert output is scaled by
+    counts_E: torch.Tensor  # int64, assignments per expert (sum == A)
+    n_tokens: int
+    n_dropped: int  # assignments removed by the capacity limit
+    logits_TE: torch.Tensor  # raw gate logits (float32), for the losses
+    probs_TE: torch.Tensor  # softmax over experts (float32), for the losses
+
+    @property
+    def dropped_fraction(self) -> float:
+        total = self.n_dropped + int(self.counts_E.sum())
+        return self.n_dropped / total if total else 0.0
+
+
+def _sorted_routing(
+    token_TK: torch.Tensor,
+    expert_TK: torch.Tensor,
+    weight_TK: torch.Tensor,
+    n_experts: int,
+    logits_TE: torch.Tensor,
+    probs_TE: torch.Tensor,
+    capacity: int | None,
+) -> Routing:
+    expert_A, weight_A, token_A = expert_TK.reshape(-1), weight_TK.reshape(-1), token_TK.reshape(-1)
+    n_dropped = 0
+    if capacity is not None:
+        # keep, per expert, the `capacity` assignments with the highest gate weight
+        order = torch.argsort(weight_A, descending=True, stable=True)
+        order = order[torch.argsort(expert_A[order], stable=True)]
+        expert_sorted = expert_A[order]
+        counts = torch.bincount(expert_sorted, minlength=n_experts)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(expert_sorted.numel()) - starts[expert_sorted]
+        keep = order[rank < capacity]
+        n_dropped = expert_A.numel() - keep.numel()
+        expert_A, weight_A, token_A = expert_A[keep], weight_A[keep], token_A[keep]
+    order = torch.argsort(expert_A, stable=True)
+    expert_A = expert_A[order]
+    return Routing(
+        token_idx_A=token_A[order],
+        expert_idx_A=expert_A,
+        weight_A=weight_A[order],
+        counts_E=torch.bincount(expert_A, minlength=n_experts),
+        n_tokens=logits_TE.shape[0],
+        n_dropped=n_dropped,
+        logits_TE=logits_TE,
+        probs_TE=probs_TE,
+    )
+
+
+def capacity_for(cfg: ModelConfig, n_tokens: int, factor: float | None) -> int | None:
+    """Assignments an expert may take: ``ceil(factor * T * k / E)``; None means dropless."""
+    if factor is None:
+        return None
+    return max(1, math.ceil(factor * n_tokens * cfg.top_k / cfg.n_experts))
+
+
+def route(
+    cfg: ModelConfig,
+    logits_TE: torch.Tensor,
+    *,
+    training: bool = False,
+    token_ids_T: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Routing:
+    """Turn gate logits into sorted assignments according to ``cfg.router``."""
+    T, E = logits_TE.shape
+    k = cfg.top_k
+    logits_TE = logits_TE.float()
+    probs_TE = logits_TE.softmax(dim=-1)
+    arange_T = torch.arange(T, device=logits_TE.device)
+    capacity = capacity_for(cfg, T, cfg.capacity_factor)
+
+    if cfg.router == "expert_choice":
+        # each expert takes its C highest-scoring tokens: exactly balanced by construction
+        C = min(T, capacity_for(cfg, T, cfg.capacity_factor or 1.0) or T)
+        weight_EC, token_EC = probs_TE.t().topk(C, dim=-1)
+        expert_EC = torch.arange(E)[:, None].expand(E, C)
+        return _sorted_routing(token_EC, expert_EC, weight_EC, E, logits_TE, probs_TE, None)
+
+    if cfg.router == "hash":
+        if token_ids_T is None:
+            raise ValueError("the hash router needs the token ids of the tokens it routes")
+        h_T = (token_ids_T.long() * _HASH_MULT) % (2**32)
+        base_T = h_T % E
+        expert_TK = (base_T[:, None] + torch.arange(k)[None, :]) % E
+        weight_TK = torch.full((T, k), 1.0 / k)
+        token_TK = arange_T[:, None].expand(T, k)
+        return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, probs_TE, capacity)
+
+    select_TE = logits_TE
+    if cfg.router == "noisy_topk" and training:
+        noise = torch.randn(logits_TE.shape, generator=generator, device=logits_TE.device)
+        select_TE = logits_TE + noise * cfg.router_noise_std
+    top_TK, expert_TK = select_TE.topk(k, dim=-1)
+    if cfg.router == "switch":
+        weight_TK = probs_TE.gather(1, expert_TK)  # Switch scales by the raw router probability
+    elif cfg.router == "noisy_topk":
+        weight_TK = top_TK.softmax(dim=-1)  # Shazeer et al.: softmax over the kept noisy logits
+    else:  # Mixtral: softmax over all experts, then renormalise the top-k
+        weight_TK = probs_TE.gather(1, expert_TK)
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    token_TK = arange_T[:, None].expand(T, k)
+    return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, probs_TE, capacity)
+
+
+def load_balancing_loss(routing: Routing) -> torch.Tensor:
+    """Switch Transformer auxiliary loss: ``E * sum_e f_e * P_e`` (1.0 when perfectly balanced)."""
+    E = routing.probs_TE.shape[1]
+    total = routing.counts_E.sum().clamp(min=1)
+    f_E = routing.counts_E.float() / total
+    P_E = routing.probs_TE.mean(dim=0)
+    return E * torch.sum(f_E * P_E)
+
+
+def z_loss(routing: Routing) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean squared log-partition of the gate logits."""
+    return torch.logsumexp(routing.logits_TE, dim=-1).pow(2).mean()
+
+
+__all__ = ["Routing", "capacity_for", "load_balancing_loss", "route", "z_loss"]

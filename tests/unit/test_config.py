@@ -1,0 +1,102 @@
+"""Typed configs: bad values and unknown keys raise ConfigError naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from expertmesh.platform.config import (
+    ExperimentConfig,
+    ModelConfig,
+    TrainConfig,
+    from_dict,
+    load_config,
+    to_dict,
+)
+from expertmesh.platform.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def field_of(exc_info: pytest.ExceptionInfo[ConfigError]) -> str:
+    return exc_info.value.field
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"n_experts": 4, "top_k": 5}, "top_k"),
+        ({"d_model": 0}, "d_model"),
+        ({"n_layers": -1}, "n_layers"),
+        ({"d_ff": 0}, "d_ff"),
+        ({"vocab_size": 0}, "vocab_size"),
+        ({"router": "random"}, "router"),
+        ({"router": "switch", "top_k": 2}, "top_k"),
+        ({"d_model": 100, "n_heads": 8}, "n_heads"),
+        ({"n_heads": 8, "n_kv_heads": 3}, "n_kv_heads"),
+        ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"aux_loss_weight": -1.0}, "aux_loss_weight"),
+    ],
+)
+def test_bad_model_config_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(**kwargs)
+    assert field_of(err) == field
+    assert str(err.value).startswith(f"{field}: ")
+
+
+def test_bad_train_config_names_the_field() -> None:
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(dtype="float16")  # type: ignore[arg-type]
+    assert field_of(err) == "dtype"
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(min_lr_ratio=2.0)
+    assert field_of(err) == "min_lr_ratio"
+
+
+def test_shipped_tiny_config_loads() -> None:
+    cfg = load_config(REPO / "configs/tiny.yaml")
+    assert cfg.model.n_experts == 8 and cfg.model.top_k == 2 and cfg.model.router == "topk"
+    assert cfg.model.moe_layers == [0, 1, 2, 3]
+
+
+def test_yaml_with_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  d_model: 64\n  n_heads: 4\n  n_kv_heads: 2\ntrain:\n  steps: 10\n")
+    cfg = load_config(path, ["train.steps=3", "model.router=hash", "train.betas=[0.8, 0.9]"])
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.model.d_model == 64 and cfg.model.router == "hash"
+    assert cfg.train.steps == 3 and cfg.train.betas == (0.8, 0.9)
+    assert from_dict(ExperimentConfig, to_dict(cfg)) == cfg  # round trips through plain dicts
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "overrides", "field"),
+    [
+        ("model:\n  n_expert: 4\n", [], "model.n_expert"),
+        ("train:\n  steps: 10\n", ["train.stepz=3"], "train.stepz"),
+        ("bogus:\n  x: 1\n", [], "bogus"),
+        ("model:\n  top_k: 99\n", [], "model.top_k"),
+        ("model:\n  d_model: 0\n", [], "model.d_model"),
+        ("", ["model.router=random"], "model.router"),
+    ],
+)
+def test_yaml_errors_name_the_key(
+    tmp_path: Path, yaml_text: str, overrides: list[str], field: str
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert field_of(err) == field
+
+
+def test_malformed_override_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        load_config(path, ["steps=3"])
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "missing.yaml")
+    assert field_of(err) == "config"
