@@ -1,0 +1,254 @@
+"""Single-process MoE LM training: the step function, the loop, checkpoints and MLflow logging.
+
+``train_step`` is the unit Ray Train workers call; :func:`train` is the loop the
+``expertmesh.pipelines.train`` job runs on one worker.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+from expertmesh.platform import checkpoint as ckpt
+from expertmesh.platform.config import ExperimentConfig, TrainConfig, to_dict
+from expertmesh.platform.data import TokenData, load_tokenizer
+from expertmesh.platform.model import MoETransformer
+from expertmesh.platform.model.moe import LayerStats
+from expertmesh.platform.tracking import CHECKPOINT_ARTIFACT, ModelVersionInfo, Tracker
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * cosine)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not norms or gates' biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
+
+
+def _autocast(cfg: TrainConfig) -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+def train_step(
+    model: MoETransformer,
+    optimizer: torch.optim.Optimizer,
+    batch_BT1: torch.Tensor,
+    step: int,
+    cfg: TrainConfig,
+) -> tuple[dict[str, float], list[LayerStats]]:
+    """One optimisation step on a (B, T+1) token batch; returns scalar metrics and layer stats."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, cfg)
+    inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+    model.train()
+    with _autocast(cfg):
+        out = model(inputs_BT)
+        loss, ce = model.loss(out, targets_BT)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    stats = out.layer_stats
+    dropped = sum(s.dropped_fraction for s in stats) / max(1, len(stats))
+    metrics = {
+        "loss": float(loss),
+        "ce_loss": float(ce),
+        "aux_loss": float(out.aux_loss),
+        "z_loss": float(out.z_loss),
+        "grad_norm": float(grad_norm),
+        "lr": optimizer.param_groups[0]["lr"],
+        "dropped_fraction": dropped,
+    }
+    return metrics, stats
+
+
+def layer_metrics(stats: list[LayerStats]) -> dict[str, float]:
+    """Per-layer aux/z losses and per-expert load fractions, keyed for MLflow."""
+    out: dict[str, float] = {}
+    for s in stats:
+        out[f"aux_loss/L{s.layer}"] = float(s.aux_loss)
+        out[f"z_loss/L{s.layer}"] = float(s.z_loss)
+        for e, frac in enumerate(s.load_fractions()):
+            out[f"load/L{s.layer}/E{e}"] = frac
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: MoETransformer, data: TokenData, cfg: TrainConfig, seed: int = 1234
+) -> dict[str, float]:
+    """Mean validation cross-entropy per domain on fixed (seeded) batches."""
+    model.eval()
+    out: dict[str, float] = {}
+    for domain in data.domains:
+        gen = torch.Generator().manual_seed(seed)
+        losses = []
+        for _ in range(cfg.eval_batches):
+            batch = data.sample(cfg.batch_size, cfg.seq_len, gen, domain=domain)
+            with _autocast(cfg):
+                res = model(batch[:, :-1])
+                _, ce = model.loss(res, batch[:, 1:])
+            losses.append(float(ce))
+        out[f"val_loss/{domain}"] = sum(losses) / len(losses)
+    return out
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainResult:
+    checkpoint_uri: str
+    run_id: str
+    steps: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    model_version: ModelVersionInfo | None = None
+
+
+def _train_state(
+    optimizer: torch.optim.Optimizer, step: int, gen: torch.Generator, run_id: str
+) -> bytes:
+    buf = io.BytesIO()
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "data_rng": gen.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "run_id": run_id,
+    }
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _find_resume(output_dir: str) -> str | None:
+    try:
+        return ckpt.resolve(output_dir)
+    except Exception:  # no checkpoint yet
+        return None
+
+
+def train(
+    cfg: ExperimentConfig,
+    *,
+    tracker: Tracker | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    register: bool = True,
+    stop_after: int | None = None,
+    model_factory: Callable[[], MoETransformer] | None = None,
+    version_tags: dict[str, str] | None = None,
+) -> TrainResult:
+    """Train ``cfg.model`` on ``cfg.data.train_domains``; checkpoint, log and register it.
+
+    Resumes exactly from the latest checkpoint in ``cfg.train.output_dir`` when ``resume``.
+    ``stop_after`` ends the loop early at that step (used to test resumption).
+    """
+    tc = cfg.train
+    tracker = tracker or Tracker()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    train_data = TokenData.load(cfg.data.data_dir, cfg.data.train_domains, "train")
+    val_data = TokenData.load(cfg.data.data_dir, cfg.data.train_domains, "validation")
+    tokenizer_path = f"{cfg.data.data_dir}/tokenizer.json"
+    if load_tokenizer(cfg.data.data_dir).get_vocab_size() > cfg.model.vocab_size:
+        raise ValueError("model.vocab_size is smaller than the tokenizer's vocabulary")
+
+    model = model_factory() if model_factory else MoETransformer(cfg.model)
+    optimizer = make_optimizer(model, tc)
+    gen = torch.Generator().manual_seed(tc.seed)
+    start, run_id = 0, None
+    resume_uri = _find_resume(tc.output_dir) if resume else None
+    if resume_uri:
+        loaded, _ = ckpt.load_model(resume_uri)
+        model.load_state_dict(loaded.state_dict())
+        state = torch.load(io.BytesIO(ckpt.load_train_state(resume_uri) or b""), weights_only=False)
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["data_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, run_id = state["step"], state["run_id"]
+        log.info("resuming from %s at step %d", resume_uri, start)
+
+    end = min(tc.steps, stop_after) if stop_after else tc.steps
+    with tracker.run(tc.experiment, run_name="train", run_id=run_id) as run_id:
+        if start == 0:
+            params = {f"model.{k}": v for k, v in to_dict(cfg.model).items()}
+            params |= {f"train.{k}": v for k, v in to_dict(tc).items()}
+            params |= {"data.train_domains": ",".join(cfg.data.train_domains)}
+            params |= {
+                "n_params": model.num_parameters(),
+                "n_active_params": model.num_parameters(active=True),
+            }
+            tracker.log_params(params)
+            tracker.log_metrics(
+                {f"unigram_entropy/{d}": val_data.unigram_entropy(d) for d in val_data.domains}, 0
+            )
+        bar = tqdm(range(start, end), initial=start, total=end, disable=not progress, desc="train")
+        tokens_per_step = tc.batch_size * tc.seq_len
+        metrics: dict[str, float] = {}
+        t_last, steps_since = time.perf_counter(), 0
+        uri = resume_uri or ""
+        for step in bar:
+            batch = train_data.sample(tc.batch_size, tc.seq_len, gen)
+            metrics, stats = train_step(model, optimizer, batch, step, tc)
+            steps_since += 1
+            done = step + 1
+            if done % tc.log_every == 0 or done == end:
+                now = time.perf_counter()
+                metrics["tokens_per_s"] = steps_since * tokens_per_step / (now - t_last)
+                t_last, steps_since = now, 0
+                tracker.log_metrics(metrics | layer_metrics(stats), done)
+                bar.set_postfix(
+                    loss=f"{metrics['ce_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
+                )
+            if done % tc.eval_every == 0 or done == end:
+                val = evaluate(model, val_data, tc)
+                metrics |= val
+                tracker.log_metrics(val, done)
+            if done % tc.checkpoint_every == 0 or done == end:
+                uri = ckpt.save_checkpoint(
+                    tc.output_dir,
+                    f"step-{done:06d}",
+                    model,
+                    tokenizer_path=tokenizer_path,
+                    version={
+                        "step": done,
+                        "run_id": run_id,
+                        "domains": list(cfg.data.train_domains),
+                    },
+                    train_state=_train_state(optimizer, done, gen, run_id),
+                )
+        result = TrainResult(checkpoint_uri=uri, run_id=run_id, steps=end, metrics=metrics)
+        if register and end == tc.steps:
+            local = ckpt.local_path(uri)
+            artifact_uri = tracker.log_artifacts(local, CHECKPOINT_ARTIFACT) if local else uri
+            tags = {
+                "domains": ",".join(cfg.data.train_domains),
+                "n_experts": str(cfg.model.n_experts),
+                "parent_version": "",
+                "pipeline": "train",
+            } | (version_tags or {})
+            result.model_version = tracker.register_version(
+                tc.registered_model, source=artifact_uri, run_id=run_id, tags=tags
+            )
+            tracker.set_tags({"registered_version": result.model_version.version})
+    return result
