@@ -1,0 +1,235 @@
+"""The generation engine: continuous batching over a slot KV cache, one dispatcher interface.
+
+The same engine runs in process (experts in this process, :class:`LocalDispatcher`) and inside
+the router service actor (experts in shard actors, a Ray dispatcher). Requests added while a
+step runs join the next step; each step is one forward pass over a ragged batch in which new
+requests contribute their whole prompt (prefill) and running ones their last token (decode).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from tokenizers import Tokenizer
+
+from expertmesh.platform.errors import ConfigError
+from expertmesh.platform.model import Dispatcher, KVCache, MoETransformer
+from expertmesh.platform.sampling import SamplingParams, sample_next
+
+EOS_ID = 0
+_ids = itertools.count()
+
+
+@dataclass(kw_only=True, slots=True, eq=False)
+class Sequence:
+    """One request's state; ``text`` is the output so far, with stop strings removed."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "length", "stop" or "eos"
+    slot: int | None = None
+    n_cached: int = 0
+    generator: torch.Generator | None = None
+    expert_counts: torch.Tensor | None = None  # (MoE layers, E) tokens served, when tracked
+    token_experts: list[list[list[int]]] = field(default_factory=list)  # per fed token, per layer
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(kw_only=True, slots=True)
+class StepOutput:
+    seq: Sequence
+    token_id: int
+    text_delta: str
+    finished: bool
+
+
+class Engine:
+    """Continuous-batching generator for a :class:`MoETransformer`."""
+
+    def __init__(
+        self,
+        model: MoETransformer,
+        tokenizer: Tokenizer,
+        *,
+        dispatcher: Dispatcher | None = None,
+        max_batch: int = 64,
+        max_len: int | None = None,
+        max_step_tokens: int = 4096,
+        track_routing: bool = False,
+    ) -> None:
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.dispatcher = dispatcher
+        self.max_len = max_len or self.cfg.max_seq_len
+        self.max_step_tokens = max_step_tokens
+        dtype = next(model.parameters()).dtype
+        self.cache = KVCache(self.cfg, max_batch, self.max_len, dtype)
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.track_routing = track_routing
+        self.n_moe = len(model.moe_layers())
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise ConfigError("prompt", "is empty")
+        return ids
+
+    def add(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Sequence:
+        """Validate and queue a request; it joins the next step."""
+        seq = self.make_sequence(prompt, params, request_id)
+        self.enqueue(seq)
+        return seq
+
+    def enqueue(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def make_sequence(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    ) -> Sequence:
+        """A validated, not yet queued request (raises ConfigError naming what is wrong)."""
+        ids = self.encode(prompt)
+        if max(ids) >= self.cfg.vocab_size or min(ids) < 0:
+            raise ConfigError("prompt", f"token ids must be in [0, {self.cfg.vocab_size})")
+        if len(ids) + params.max_tokens > self.max_len:
+            raise ConfigError(
+                "prompt",
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens",
+            )
+        seq = Sequence(request_id=request_id or f"req-{next(_ids)}", prompt_ids=ids, params=params)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        if self.track_routing:
+            seq.expert_counts = torch.zeros(self.n_moe, self.cfg.n_experts, dtype=torch.long)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq in self.running:
+            self._release(seq)
+        seq.finish_reason = seq.finish_reason or "abort"
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ stepping
+    def _admit(self) -> None:
+        budget = self.max_step_tokens - len(self.running)
+        while self.waiting and self.free_slots:
+            n = len(self.waiting[0].prompt_ids)
+            if n > budget and len(self.running) > 0:
+                break
+            seq = self.waiting.pop(0)
+            seq.slot = self.free_slots.pop()
+            self.running.append(seq)
+            budget -= n
+
+    def _release(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        if seq.slot is not None:
+            self.free_slots.append(seq.slot)
+            seq.slot = None
+
+    @torch.no_grad()
+    def step(self) -> list[StepOutput]:
+        """Run one forward pass for every running sequence; returns one output per sequence."""
+        self._admit()
+        if not self.running:
+            return []
+        seqs = self.running
+        feeds = [s.prompt_ids if s.n_cached == 0 else s.output_ids[-1:] for s in seqs]
+        B, T = len(seqs), max(len(f) for f in feeds)
+        tokens_BT = torch.zeros(B, T, dtype=torch.long)
+        valid_BT = torch.zeros(B, T, dtype=torch.bool)
+        pos_BT = torch.zeros(B, T, dtype=torch.long)
+        wpos_BT = torch.full((B, T), self.cache.scratch_pos, dtype=torch.long)
+        for b, (s, f) in enumerate(zip(seqs, feeds, strict=True)):
+            n = len(f)
+            tokens_BT[b, :n] = torch.tensor(f)
+            valid_BT[b, :n] = True
+            pos_BT[b, :n] = torch.arange(s.n_cached, s.n_cached + n)
+            wpos_BT[b, :n] = pos_BT[b, :n]
+        ragged = not bool(valid_BT.all())
+        out = self.model(
+            tokens_BT,
+            positions_BT=pos_BT,
+            cache=self.cache,
+            slots_B=torch.tensor([s.slot for s in seqs]),
+            dispatcher=self.dispatcher,
+            return_routing=self.track_routing,
+            valid_BT=valid_BT if ragged else None,
+            write_pos_BT=wpos_BT if ragged else None,
+            gather_B=torch.tensor([len(f) - 1 for f in feeds]),
+        )
+        if self.track_routing:
+            self._record_routing(seqs, feeds, valid_BT, out.layer_stats)
+        temps = torch.tensor([s.params.temperature for s in seqs])
+        top_ps = torch.tensor([s.params.top_p for s in seqs])
+        next_B = sample_next(out.logits[:, 0], temps, top_ps, [s.generator for s in seqs])
+        results = []
+        for s, f, tok in zip(list(seqs), feeds, next_B.tolist(), strict=True):
+            s.n_cached += len(f)
+            results.append(self._append(s, tok))
+        return results
+
+    def _append(self, s: Sequence, tok: int) -> StepOutput:
+        s.output_ids.append(tok)
+        p = s.params
+        if tok == EOS_ID and not p.ignore_eos:
+            s.output_ids.pop()
+            s.finish_reason = "eos"
+        text = self.tokenizer.decode(s.output_ids)
+        if text.endswith("\ufffd") and s.finish_reason is None:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next byte
+        for stop in p.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, s.finish_reason = text[:cut], "stop"
+        if s.finish_reason is None and len(s.output_ids) >= p.max_tokens:
+            s.finish_reason = "length"
+        if s.finish_reason is None and len(s.prompt_ids) + len(s.output_ids) >= self.max_len:
+            s.finish_reason = "length"
+        delta = text[len(s.text) :] if text.startswith(s.text) else ""
+        s.text = text
+        if s.finished:
+            self._release(s)
+        return StepOutput(seq=s, token_id=tok, text_delta=delta, finished=s.finished)
+
+    def _record_routing(self, seqs, feeds, valid_BT, stats) -> None:
+        row_N = torch.nonzero(valid_BT)[:, 0]  # row of each real token, row-major
+        E = self.cfg.n_experts
+        per_layer = []
+        for li, st in enumerate(stats):
+            r = st.routing
+            flat = row_N[r.token_idx_A] * E + r.expert_idx_A
+            counts_BE = torch.bincount(flat, minlength=len(seqs) * E).view(len(seqs), E)
+            for b, s in enumerate(seqs):
+                s.expert_counts[li] += counts_BE[b]
+            per_layer.append(st.experts_per_token())
+        starts = [0, *itertools.accumulate(len(f) for f in feeds)]
+        for b, s in enumerate(seqs):
+            for n in range(starts[b], starts[b + 1]):
+                s.token_experts.append([layer[n] for layer in per_layer])
+
+    # ------------------------------------------------------------------ convenience
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams) -> list[Sequence]:
+        """Run ``prompts`` to completion (continuously batched) and return their sequences."""
+        seqs = [self.add(p, params) for p in prompts]
+        while any(not s.finished for s in seqs):
+            self.step()
+        return seqs
