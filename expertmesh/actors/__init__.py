@@ -1,0 +1,1 @@
+"""Ray actors: expert shards, the router service and the controller."""

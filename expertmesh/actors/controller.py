@@ -1,0 +1,476 @@
+"""Controller: a named, detached actor that owns the versioned placement table.
+
+It starts expert shards (spread over nodes with Ray scheduling strategies) and the router,
+and runs a reconcile loop: compare desired with actual state, act in numbered steps, write its
+record down before acting, and rebuild from that record and the named actors after a restart.
+Placement decisions come from the pure functions in :mod:`expertmesh.platform.placement`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from expertmesh.actors import names
+from expertmesh.actors.expert_shard import ExpertShard, ShardResources
+from expertmesh.actors.router import RouterService
+from expertmesh.actors.state import StateStore
+from expertmesh.platform import checkpoint as ckpt
+from expertmesh.platform import placement as pl
+
+log = logging.getLogger(__name__)
+ExpertKey = tuple[int, int]
+
+
+@dataclass(kw_only=True, slots=True)
+class DeploymentSpec:
+    """What the user asked for; the reconcile loop works to keep the cluster like this."""
+
+    model: str  # name clients use
+    checkpoint_uri: str
+    shards: int = 4
+    min_replicas: int = 2
+    shard_resources: ShardResources = field(default_factory=ShardResources)
+    router_num_cpus: float = 0.5
+    max_batch: int = 64
+    call_timeout_s: float = 2.0
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardRecord:
+    shard_id: str
+    node_id: str
+    draining: bool = False
+
+
+class Controller:
+    """Wrapped with ``ray.remote`` (detached, named, restartable) by :func:`start_controller`."""
+
+    def __init__(
+        self,
+        state_uri: str,
+        session: str,
+        *,
+        reconcile_s: float = 0.25,
+        heartbeat_timeout_s: float = 1.0,
+    ) -> None:
+        """``session`` identifies the Ray cluster: a record from another session is stale."""
+        self.store = StateStore(state_uri)
+        self.session = session
+        self.lock = threading.RLock()
+        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
+        self.spec: DeploymentSpec | None = None
+        self.shards: dict[str, ShardRecord] = {}
+        self.handles: dict[str, ray.actor.ActorHandle] = {}
+        self.table = pl.PlacementTable(version=0, replicas={})
+        self.router: ray.actor.ActorHandle | None = None
+        self.next_shard = 0
+        self.reconcile_s = reconcile_s
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.missed: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._restore()
+        self._loop = threading.Thread(target=self._reconcile_loop, daemon=True, name="reconcile")
+        self._loop.start()
+
+    # ------------------------------------------------------------------ record
+    def _event(self, kind: str, message: str, **fields: Any) -> None:
+        ev = {"ts": time.time(), "kind": kind, "message": message, **fields}
+        self.events.append(ev)
+        log.info("%s: %s", kind, message)
+
+    def _save(self) -> None:
+        record = {
+            "session": self.session,
+            "spec": None if self.spec is None else asdict(self.spec),
+            "shards": [asdict(s) for s in self.shards.values()],
+            "table": json.loads(self.table.to_json()),
+            "next_shard": self.next_shard,
+            "events": list(self.events)[-200:],
+        }
+        self.store.write(record)
+
+    def _restore(self) -> None:
+        record = self.store.read()
+        if not record or not record.get("spec") or record.get("session") != self.session:
+            return
+        spec = dict(record["spec"])
+        spec["shard_resources"] = ShardResources(**spec["shard_resources"])
+        self.spec = DeploymentSpec(**spec)
+        self.table = pl.PlacementTable.from_json(json.dumps(record["table"]))
+        self.next_shard = record["next_shard"]
+        self.events.extend(record.get("events", []))
+        for s in record["shards"]:
+            rec = ShardRecord(**s)
+            try:
+                self.handles[rec.shard_id] = ray.get_actor(
+                    names.shard_name(rec.shard_id), namespace=names.NAMESPACE
+                )
+                self.shards[rec.shard_id] = rec
+            except ValueError:  # the shard died while we were down: the reconcile loop heals it
+                self.shards[rec.shard_id] = rec
+                self.missed[rec.shard_id] = 10**6
+        try:
+            self.router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
+        except ValueError:
+            self.router = None
+        self._event(
+            "controller_restarted",
+            f"rebuilt state: {len(self.shards)} shards, table v{self.table.version}",
+        )
+
+    # ------------------------------------------------------------------ shard lifecycle
+    def _alive_nodes(self) -> list[str]:
+        return [
+            n["NodeID"]
+            for n in ray.nodes()
+            if n["Alive"] and n.get("Resources", {}).get("CPU", 0) > 0
+        ]
+
+    def _choose_nodes(self, count: int) -> list[str]:
+        """Nodes for ``count`` new shards: the ones holding fewest shards first (spread)."""
+        nodes = self._alive_nodes()
+        per_node = {n: 0 for n in nodes}
+        for s in self.shards.values():
+            if s.node_id in per_node:
+                per_node[s.node_id] += 1
+        out = []
+        for _ in range(count):
+            node = min(nodes, key=lambda n: (per_node[n], nodes.index(n)))
+            per_node[node] += 1
+            out.append(node)
+        return out
+
+    def _start_shards(self, count: int) -> list[pl.ShardInfo]:
+        assert self.spec is not None
+        res = self.spec.shard_resources
+        cls = ray.remote(ExpertShard)
+        started = []
+        for node in self._choose_nodes(count):
+            sid = f"s{self.next_shard}"
+            self.next_shard += 1
+            handle = cls.options(
+                name=names.shard_name(sid),
+                namespace=names.NAMESPACE,
+                lifetime="detached",
+                num_cpus=res.num_cpus,
+                num_gpus=res.num_gpus,
+                resources=res.resources or {},
+                max_concurrency=4,
+                max_restarts=0,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
+            ).remote(sid, self.spec.checkpoint_uri, [], res.threads)
+            self.handles[sid] = handle
+            started.append((sid, node, handle))
+        ready = ray.get([h.stats.remote() for _, _, h in started], timeout=120)
+        infos = []
+        for (sid, _, _), st in zip(started, ready, strict=True):
+            self.shards[sid] = ShardRecord(shard_id=sid, node_id=st["node_id"])
+            infos.append(pl.ShardInfo(shard_id=sid, node_id=st["node_id"]))
+            self._event(
+                "shard_started", f"shard {sid} started on node {st['node_id'][:8]}", shard=sid
+            )
+        return infos
+
+    def _infos(self, include_draining: bool = False) -> list[pl.ShardInfo]:
+        return [
+            pl.ShardInfo(shard_id=s.shard_id, node_id=s.node_id)
+            for s in self.shards.values()
+            if include_draining or not s.draining
+        ]
+
+    def _apply(self, plan: pl.PlacementPlan, reason: str) -> None:
+        """1) load every add, 2) publish the table, 3) drop what moved away (after routers refresh)."""
+        adds: dict[str, list[ExpertKey]] = {}
+        drops: dict[str, list[ExpertKey]] = {}
+        for m in plan.moves:
+            (adds if m.kind == "add" else drops).setdefault(m.shard_id, []).append(m.expert)
+        refs = [
+            self.handles[s].add_experts.remote(keys)
+            for s, keys in adds.items()
+            if s in self.handles
+        ]
+        ray.get(refs, timeout=120)
+        with self.lock:
+            self.table = pl.PlacementTable(
+                version=self.table.version + 1, replicas=plan.table.replicas
+            )
+            self._save()
+        n_add = sum(map(len, adds.values()))
+        self._event(
+            "placement",
+            f"table v{self.table.version}: +{n_add} replicas ({reason})",
+            version=self.table.version,
+        )
+        if drops:
+            time.sleep(2 * self.reconcile_s + 0.5)  # let routers pick up the new table first
+            for s, keys in drops.items():
+                if (
+                    s in self.handles
+                    and not self.shards.get(s, ShardRecord(shard_id=s, node_id="")).draining
+                ):
+                    with contextlib.suppress(Exception):
+                        self.handles[s].drop_experts.remote(keys)
+
+    # ------------------------------------------------------------------ public API
+    def deploy(self, spec: DeploymentSpec) -> dict[str, Any]:
+        """Start shards and the router for ``spec`` (replacing any current deployment)."""
+        with self.lock:
+            if self.spec is not None:
+                self._teardown()
+            manifest = ckpt.read_manifest(spec.checkpoint_uri)
+            cfg = manifest.config
+            self.spec = spec
+            self._save()  # write down what we are about to do before doing it
+            infos = self._start_shards(spec.shards)
+            experts = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.n_experts)]
+            plan = pl.place(experts, infos, min_replicas=spec.min_replicas)
+            for w in plan.warnings:
+                self._event("warning", w)
+            self._apply(plan, "deploy")
+            self.router = (
+                ray.remote(RouterService)
+                .options(
+                    name=names.ROUTER,
+                    namespace=names.NAMESPACE,
+                    lifetime="detached",
+                    num_cpus=spec.router_num_cpus,
+                    max_concurrency=1000,
+                )
+                .remote(
+                    spec.checkpoint_uri,
+                    ray.get_runtime_context().current_actor,
+                    max_batch=spec.max_batch,
+                    call_timeout_s=spec.call_timeout_s,
+                )
+            )
+            ray.get(self.router.ready.remote(), timeout=120)
+            self._event(
+                "deployed",
+                f"{spec.model}: {spec.shards} shards, {spec.min_replicas} replicas per expert",
+            )
+            self._save()
+            return self.status()
+
+    def scale(self, shards: int) -> dict[str, Any]:
+        """Grow or shrink the shard pool to ``shards``: new shards get the hottest experts first;
+        removed shards are drained (no new dispatches, in-flight calls finish) before they stop."""
+        if self.spec is None:
+            raise RuntimeError("nothing is deployed; deploy a model before scaling")
+        with self.lock:
+            current = self._infos()
+            self.spec.shards = shards
+            self._save()
+            t0 = time.time()
+            if shards > len(current):
+                load = self._expert_load()
+                new = self._start_shards(shards - len(current))
+                plan = pl.scale_out(
+                    self.table, current, new, load, min_replicas=self.spec.min_replicas
+                )
+                self._apply(plan, f"scale out to {shards} shards")
+                self._event(
+                    "scaled_out",
+                    f"{len(current)} -> {shards} shards in {time.time() - t0:.2f}s",
+                    shards=shards,
+                    new=[s.shard_id for s in new],
+                )
+            elif shards < len(current):
+                plan = pl.scale_in(
+                    self.table,
+                    current,
+                    self._expert_load(),
+                    count=len(current) - shards,
+                    min_replicas=self.spec.min_replicas,
+                )
+                for sid in plan.drain:
+                    self.shards[sid].draining = True
+                    self.handles[sid].set_draining.remote(True)
+                self._save()
+                self._apply(plan, f"scale in to {shards} shards")
+                self._stop_drained(plan.drain)
+                self._event(
+                    "scaled_in",
+                    f"{len(current)} -> {shards} shards in {time.time() - t0:.2f}s",
+                    shards=shards,
+                    drained=list(plan.drain),
+                )
+        return self.status()
+
+    def _stop_drained(self, drained: tuple[str, ...]) -> None:
+        """Wait for routers to stop sending (table refresh) and in-flight calls to end, then stop."""
+        time.sleep(2 * self.reconcile_s + 0.5)
+        deadline = time.time() + 10.0
+        for sid in drained:
+            h = self.handles[sid]
+            while time.time() < deadline:
+                try:
+                    if ray.get(h.stats.remote(), timeout=1.0)["queue_depth"] == 0:
+                        break
+                except Exception:
+                    break
+                time.sleep(0.05)
+            ray.kill(h, no_restart=True)
+            self.handles.pop(sid, None)
+            self.shards.pop(sid, None)
+            self._event("shard_stopped", f"shard {sid} drained and stopped", shard=sid)
+        self._save()
+
+    def _expert_load(self) -> dict[ExpertKey, float]:
+        """Tokens each expert has served, summed over replicas (from the shards' counters)."""
+        refs = [h.stats.remote() for s, h in self.handles.items() if s in self.shards]
+        load: dict[ExpertKey, float] = {}
+        for ref in refs:
+            try:
+                st = ray.get(ref, timeout=self.heartbeat_timeout_s)
+            except Exception:
+                continue
+            for k, v in st["tokens_served"].items():
+                layer, expert = map(int, k.split(":"))
+                load[(layer, expert)] = load.get((layer, expert), 0.0) + v
+        return load
+
+    def get_placement(self, known_version: int = -1) -> dict[str, Any] | None:
+        """The table and shard handles, or None if the caller already has ``known_version``."""
+        table = self.table
+        if table.version == known_version:
+            return None
+        live = {s: h for s, h in self.handles.items() if s in self.shards}
+        replicas = [(list(k), [s for s in v if s in live]) for k, v in table.replicas.items()]
+        return {"version": table.version, "replicas": replicas, "handles": live}
+
+    def get_events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        return [e for e in list(self.events) if e["ts"] > since]
+
+    def status(self) -> dict[str, Any]:
+        shard_ids = list(self.shards)
+        refs = {s: self.handles[s].stats.remote() for s in shard_ids if s in self.handles}
+        stats: dict[str, Any] = {}
+        for s, ref in refs.items():
+            try:
+                stats[s] = ray.get(ref, timeout=self.heartbeat_timeout_s)
+            except Exception as exc:
+                stats[s] = {"shard_id": s, "error": type(exc).__name__}
+        load: dict[str, int] = {}
+        for st in stats.values():
+            for k, v in st.get("tokens_served", {}).items():
+                load[k] = load.get(k, 0) + v
+        nodes = [
+            {
+                "node_id": n["NodeID"],
+                "alive": n["Alive"],
+                "address": n.get("NodeManagerAddress"),
+                "cpus": n.get("Resources", {}).get("CPU", 0),
+            }
+            for n in ray.nodes()
+        ]
+        router = None
+        if self.router is not None:
+            try:
+                router = ray.get(self.router.stats.remote(), timeout=2.0)
+            except Exception as exc:
+                router = {"error": type(exc).__name__}
+        return {
+            "model": None if self.spec is None else self.spec.model,
+            "checkpoint_uri": None if self.spec is None else self.spec.checkpoint_uri,
+            "min_replicas": None if self.spec is None else self.spec.min_replicas,
+            "placement_version": self.table.version,
+            "placement": {
+                f"{k[0]}:{k[1]}": list(v) for k, v in sorted(self.table.replicas.items())
+            },
+            "shards": [{**asdict(self.shards[s]), **stats.get(s, {})} for s in shard_ids],
+            "nodes": nodes,
+            "expert_load": load,
+            "router": router,
+        }
+
+    def shutdown(self) -> None:
+        with self.lock:
+            self._teardown()
+            self.spec = None
+            self._save()
+        self._stop.set()
+
+    def _teardown(self) -> None:
+        for h in [self.router, *self.handles.values()]:
+            if h is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(h, no_restart=True)
+        self.router = None
+        self.handles.clear()
+        self.shards.clear()
+        self.table = pl.PlacementTable(version=self.table.version + 1, replicas={})
+        self._event("teardown", "stopped router and shards")
+
+    # ------------------------------------------------------------------ reconcile loop
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self.reconcile_s):
+            try:
+                self.reconcile()
+            except Exception:  # the loop must survive anything
+                log.exception("reconcile failed")
+
+    def reconcile(self) -> None:
+        """One pass: detect dead shards, then restore replication and the shard count."""
+        if self.spec is None:
+            return
+        dead = self._detect_dead()
+        if not dead:
+            return
+        with self.lock:
+            for sid in dead:
+                self._event(
+                    "shard_failed", f"shard {sid} is dead; dropping its replicas", shard=sid
+                )
+                self.shards.pop(sid, None)
+                self.handles.pop(sid, None)
+                self.missed.pop(sid, None)
+            # 1) restore min_replicas on the live shards at once (loads a few experts each)
+            plan = pl.heal(self.table, self._infos(), dead, min_replicas=self.spec.min_replicas)
+            self._apply(plan, f"heal after losing {sorted(dead)}")
+            self._event(
+                "replication_restored", f"every expert has {self.spec.min_replicas}+ replicas again"
+            )
+            # 2) bring the shard count back to what was asked for
+            missing = self.spec.shards - len(self.shards)
+            if missing > 0:
+                new = self._start_shards(missing)
+                plan = pl.rebalance(
+                    self.table,
+                    self._infos(),
+                    {},
+                    min_replicas=self.spec.min_replicas,
+                    num_slots=self.table.total_replicas(),
+                )
+                self._apply(plan, f"replacement shards {[s.shard_id for s in new]}")
+
+    def _detect_dead(self) -> set[str]:
+        refs = {s: h.ping.remote() for s, h in self.handles.items() if s in self.shards}
+        dead = {s for s, n in self.missed.items() if n >= 10**6}
+        if refs:
+            ready, _ = ray.wait(
+                list(refs.values()), num_returns=len(refs), timeout=self.heartbeat_timeout_s
+            )
+            ready_set = set(ready)
+            for s, ref in refs.items():
+                if ref in ready_set:
+                    try:
+                        ray.get(ref)
+                        self.missed[s] = 0
+                        continue
+                    except Exception:
+                        dead.add(s)
+                        continue
+                self.missed[s] = self.missed.get(s, 0) + 1
+                if self.missed[s] >= 3:
+                    dead.add(s)
+        return dead

@@ -1,0 +1,127 @@
+"""Ray-actor dispatcher: the serving transport behind the model's :class:`Dispatcher` interface.
+
+Per MoE layer and step it sends one call per shard carrying all tokens for that shard's experts,
+issues every call before waiting on any, and retries a dead, hung or unreachable replica's work
+on another replica within the same step (per-call deadline), so a shard failure fails no request.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+import torch
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from expertmesh.platform.model import Routing, combine, permute
+
+log = logging.getLogger(__name__)
+ExpertKey = tuple[int, int]
+
+
+class NoReplicaError(RuntimeError):
+    """Every replica of an expert failed or none exists."""
+
+
+@dataclass(kw_only=True, slots=True)
+class PlacementView:
+    """The router's cached copy of the controller's placement table."""
+
+    version: int = -1
+    replicas: dict[ExpertKey, list[str]] = field(default_factory=dict)
+    handles: dict[str, ray.actor.ActorHandle] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True, slots=True)
+class DispatchStats:
+    calls: int = 0
+    retries: int = 0
+    failed_shards: set[str] = field(default_factory=set)
+
+
+class RayDispatcher:
+    """Sends routed tokens to expert shard actors according to a :class:`PlacementView`."""
+
+    def __init__(
+        self, view: PlacementView, *, call_timeout_s: float = 2.0, wire_dtype: str = "float32"
+    ) -> None:
+        self.view = view
+        self.call_timeout_s = call_timeout_s
+        self.wire_dtype = np.dtype(wire_dtype)
+        self.stats = DispatchStats()
+        self.suspect: dict[str, float] = {}  # shard -> time it failed; avoided until refreshed
+        self._rr = itertools.count()
+        self._lock = threading.Lock()
+
+    def update(self, view: PlacementView) -> None:
+        with self._lock:
+            self.view = view
+            self.suspect = {s: t for s, t in self.suspect.items() if s in view.handles}
+
+    def _pick(self, key: ExpertKey, exclude: set[str]) -> str:
+        replicas = self.view.replicas.get(key, [])
+        live = [s for s in replicas if s not in exclude and s not in self.suspect]
+        if not live:  # every replica is suspect: try the suspects before giving up
+            live = [s for s in replicas if s not in exclude]
+        if not live:
+            raise NoReplicaError(f"no live replica of expert {key} (replicas: {replicas})")
+        return live[next(self._rr) % len(live)]
+
+    def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        x_AD = permute(x_TD, routing).detach()
+        x_np = x_AD.to(torch.float32).numpy().astype(self.wire_dtype, copy=False)
+        counts = routing.counts_E.tolist()
+        starts = list(itertools.accumulate([0, *counts[:-1]]))
+        pending = [(e, starts[e], n) for e, n in enumerate(counts) if n]
+        y_np = np.empty_like(x_np)
+        exclude: set[str] = set()
+        while pending:
+            pending = self._round(layer, x_np, y_np, pending, exclude)
+        y_AD = torch.from_numpy(y_np).to(x_TD.dtype)
+        return combine(y_AD, routing, x_TD.shape[0])
+
+    def _round(self, layer, x_np, y_np, items, exclude):
+        by_shard: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+        for e, start, n in items:
+            by_shard[self._pick((layer, e), exclude)].append((e, start, n))
+        refs = {}
+        for shard, group in by_shard.items():
+            parts = [x_np[s : s + n] for _, s, n in group]
+            x_part = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            handle = self.view.handles[shard]
+            refs[shard] = handle.run.remote(
+                layer, x_part, [g[0] for g in group], [g[2] for g in group]
+            )
+        self.stats.calls += len(refs)
+        retry: list[tuple[int, int, int]] = []
+        deadline = time.monotonic() + self.call_timeout_s
+        for shard, ref in refs.items():
+            try:
+                out = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+            except (RayActorError, GetTimeoutError, RayTaskError) as exc:
+                log.warning(
+                    "shard %s failed layer %d (%s); retrying on a replica",
+                    shard,
+                    layer,
+                    type(exc).__name__,
+                )
+                if isinstance(exc, GetTimeoutError):
+                    ray.cancel(ref, force=False)
+                self.suspect[shard] = time.monotonic()
+                self.stats.failed_shards.add(shard)
+                exclude.add(shard)
+                retry.extend(by_shard[shard])
+                continue
+            offset = 0
+            for _, s, n in by_shard[shard]:
+                y_np[s : s + n] = out[offset : offset + n]
+                offset += n
+        if retry:
+            self.stats.retries += 1
+        return retry

@@ -1,0 +1,126 @@
+"""Expert shard: a Ray actor that holds a set of (layer, expert) weights and runs tokens through them.
+
+It loads its experts straight from the checkpoint store (only their files), serves one call per
+(layer, step) carrying every token routed to its experts of that layer, reports per-expert load,
+latency and queue depth, and adds or drops experts while serving.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from expertmesh.platform import checkpoint as ckpt
+from expertmesh.platform.model.experts import run_experts
+
+ExpertKey = tuple[int, int]
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardResources:
+    """What one shard asks Ray for (fractions allowed; custom resources by name)."""
+
+    num_cpus: float = 0.5
+    num_gpus: float = 0.0
+    resources: dict[str, float] | None = None
+    threads: int = 1  # torch intra-op threads inside the shard
+
+
+class ExpertShard:
+    """Hosts expert weights; wrapped with ``ray.remote`` by :func:`shard_actor_class`."""
+
+    def __init__(
+        self, shard_id: str, checkpoint_uri: str, experts: list[ExpertKey], threads: int = 1
+    ) -> None:
+        torch.set_num_threads(max(1, threads))
+        self.shard_id = shard_id
+        self.checkpoint_uri = checkpoint_uri
+        self.weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.tokens_served: dict[ExpertKey, int] = defaultdict(int)
+        self.calls = 0
+        self.busy_s = 0.0
+        self.in_flight = 0
+        self.draining = False
+        self.started_at = time.time()
+        self._lock = threading.Lock()
+        self.add_experts(experts)
+
+    # ------------------------------------------------------------------ placement changes
+    def add_experts(
+        self, experts: list[ExpertKey], checkpoint_uri: str | None = None
+    ) -> list[ExpertKey]:
+        """Load experts from the checkpoint store (skips ones already held); returns what it holds."""
+        uri = checkpoint_uri or self.checkpoint_uri
+        wanted = [tuple(k) for k in experts if tuple(k) not in self.weights]
+        if wanted:
+            loaded = ckpt.load_experts(uri, wanted)
+            with self._lock:
+                for key, t in loaded.items():
+                    w13 = torch.cat([t["w1"], t["w3"]], dim=0).float().contiguous()
+                    self.weights[key] = (w13, t["w2"].float().contiguous())
+        return self.held()
+
+    def drop_experts(self, experts: list[ExpertKey]) -> list[ExpertKey]:
+        with self._lock:
+            for k in experts:
+                self.weights.pop(tuple(k), None)
+        return self.held()
+
+    def held(self) -> list[ExpertKey]:
+        return sorted(self.weights)
+
+    # ------------------------------------------------------------------ serving
+    def run(
+        self, layer: int, x_AD: np.ndarray, experts: list[int], counts: list[int]
+    ) -> np.ndarray:
+        """Rows of ``x_AD`` are grouped by expert: ``counts[i]`` rows for expert ``experts[i]``."""
+        self.in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            try:
+                pairs = [self.weights[(layer, e)] for e in experts]
+            except KeyError as exc:
+                raise LookupError(
+                    f"shard {self.shard_id} does not hold expert {exc.args[0]}"
+                ) from None
+            x = torch.from_numpy(x_AD)
+            dtype = x.dtype
+            y = run_experts(x.float(), counts, [p[0] for p in pairs], [p[1] for p in pairs])
+            for e, n in zip(experts, counts, strict=True):
+                self.tokens_served[(layer, e)] += n
+            return y.to(dtype).numpy()
+        finally:
+            self.in_flight -= 1
+            self.calls += 1
+            self.busy_s += time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ health and stats
+    def ping(self) -> str:
+        return self.shard_id
+
+    def set_draining(self, draining: bool) -> None:
+        self.draining = draining
+
+    def stats(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "shard_id": self.shard_id,
+            "node_id": ctx.get_node_id(),
+            "pid": os.getpid(),
+            "experts": [list(k) for k in self.held()],
+            "tokens_served": {f"{k[0]}:{k[1]}": v for k, v in self.tokens_served.items()},
+            "calls": self.calls,
+            "mean_call_ms": 1000 * self.busy_s / self.calls if self.calls else 0.0,
+            "busy_s": self.busy_s,
+            "queue_depth": self.in_flight,
+            "draining": self.draining,
+            "uptime_s": time.time() - self.started_at,
+        }

@@ -1,0 +1,211 @@
+"""Router service: a Ray actor running the dense part of the model and the continuous-batching loop.
+
+Requests that arrive while a step runs join the next step. The model code is the same as in
+training; only the dispatcher differs (:class:`RayDispatcher` sends tokens to shard actors).
+The router caches the controller's placement table and refreshes it when its version changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import torch
+
+from expertmesh.actors.dispatch import PlacementView, RayDispatcher
+from expertmesh.platform.engine import Engine, Sequence, StepOutput
+from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+def result_of(seq: Sequence, with_routing: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "request_id": seq.request_id,
+        "text": seq.text,
+        "token_ids": list(seq.output_ids),
+        "finish_reason": seq.finish_reason,
+        "prompt_tokens": len(seq.prompt_ids),
+        "completion_tokens": len(seq.output_ids),
+    }
+    if with_routing and seq.expert_counts is not None:
+        out["expert_counts"] = seq.expert_counts.tolist()
+        out["token_experts"] = seq.token_experts
+    return out
+
+
+class RouterService:
+    """Wrapped with ``ray.remote`` by the controller; one asyncio loop, one stepping thread."""
+
+    def __init__(
+        self,
+        checkpoint_uri: str,
+        controller: ray.actor.ActorHandle,
+        *,
+        max_batch: int = 64,
+        threads: int = 1,
+        call_timeout_s: float = 2.0,
+        refresh_s: float = 0.25,
+    ) -> None:
+        torch.set_num_threads(max(1, threads))
+        model, tokenizer = load_for_inference(checkpoint_uri, with_experts=False)
+        self.controller = controller
+        self.dispatcher = RayDispatcher(PlacementView(), call_timeout_s=call_timeout_s)
+        self.engine = Engine(
+            model, tokenizer, dispatcher=self.dispatcher, max_batch=max_batch, track_routing=True
+        )
+        self.refresh_s = refresh_s
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
+        self.pending: deque[Sequence] = deque()
+        self.waiters: dict[str, asyncio.Queue[StepOutput]] = {}
+        self.wake = asyncio.Event()
+        self.loop_task: asyncio.Task | None = None
+        self.refresh_task: asyncio.Task | None = None
+        self.steps = 0
+        self.tokens_out = 0
+        self.started = time.time()
+        self.latencies: deque[float] = deque(maxlen=2048)
+        self._refresh_now()
+
+    # ------------------------------------------------------------------ placement cache
+    def _refresh_now(self) -> bool:
+        update = ray.get(self.controller.get_placement.remote(self.dispatcher.view.version))
+        if update is None:
+            return False
+        self.dispatcher.update(
+            PlacementView(
+                version=update["version"],
+                replicas={tuple(k): list(v) for k, v in update["replicas"]},
+                handles=update["handles"],
+            )
+        )
+        return True
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                update = await self.controller.get_placement.remote(self.dispatcher.view.version)
+            except Exception as exc:  # controller restarting: keep serving on the cached table
+                log.warning("placement refresh failed (%s); serving on cached table", exc)
+                continue
+            if update is not None:
+                self.dispatcher.update(
+                    PlacementView(
+                        version=update["version"],
+                        replicas={tuple(k): list(v) for k, v in update["replicas"]},
+                        handles=update["handles"],
+                    )
+                )
+
+    def _ensure_tasks(self) -> None:
+        if self.loop_task is None or self.loop_task.done():
+            self.loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+        if self.refresh_task is None or self.refresh_task.done():
+            self.refresh_task = asyncio.get_running_loop().create_task(self._refresh_loop())
+
+    # ------------------------------------------------------------------ batching loop
+    async def _step_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self.pending:
+                self.engine.enqueue(self.pending.popleft())
+            if not self.engine.has_work():
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self.executor, self.engine.step)
+            except Exception as exc:  # a step that cannot finish fails only its requests
+                log.exception("step failed")
+                for seq in list(self.engine.running) + list(self.engine.waiting):
+                    self.engine.abort(seq)
+                    q = self.waiters.get(seq.request_id)
+                    if q is not None:
+                        q.put_nowait(exc)  # type: ignore[arg-type]
+                continue
+            self.steps += 1
+            for out in outputs:
+                self.tokens_out += 1
+                q = self.waiters.get(out.seq.request_id)
+                if q is not None:
+                    q.put_nowait(out)
+
+    def _submit(
+        self, prompt: str | list[int], params: dict[str, Any]
+    ) -> tuple[Sequence, asyncio.Queue]:
+        seq = self.engine.make_sequence(prompt, SamplingParams(**params))
+        q: asyncio.Queue = asyncio.Queue()
+        self.waiters[seq.request_id] = q
+        self.pending.append(seq)
+        self._ensure_tasks()
+        self.wake.set()
+        return seq, q
+
+    async def _drain(self, seq: Sequence, q: asyncio.Queue):
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            self.waiters.pop(seq.request_id, None)
+            if not seq.finished:
+                self.engine.abort(seq)
+
+    async def generate(
+        self, prompt: str | list[int], params: dict[str, Any], routing: bool = False
+    ) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        seq, q = self._submit(prompt, params)
+        async for _ in self._drain(seq, q):
+            pass
+        self.latencies.append(time.perf_counter() - t0)
+        return result_of(seq, routing)
+
+    async def generate_stream(self, prompt: str | list[int], params: dict[str, Any]):
+        """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token."""
+        seq, q = self._submit(prompt, params)
+        async for out in self._drain(seq, q):
+            yield {
+                "text": out.text_delta,
+                "token_id": out.token_id,
+                "finish_reason": seq.finish_reason,
+            }
+
+    # ------------------------------------------------------------------ introspection
+    def ready(self) -> bool:
+        return True
+
+    def validate(self, prompt: str | list[int], params: dict[str, Any]) -> int:
+        """Raise the error a request would get; returns its prompt length in tokens."""
+        return len(self.engine.make_sequence(prompt, SamplingParams(**params)).prompt_ids)
+
+    def stats(self) -> dict[str, Any]:
+        lat = sorted(self.latencies)
+        pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0  # noqa: E731
+        d = self.dispatcher.stats
+        return {
+            "steps": self.steps,
+            "tokens_generated": self.tokens_out,
+            "running": len(self.engine.running),
+            "waiting": len(self.engine.waiting) + len(self.pending),
+            "placement_version": self.dispatcher.view.version,
+            "dispatch_calls": d.calls,
+            "dispatch_retries": d.retries,
+            "failed_shards": sorted(d.failed_shards),
+            "latency_p50_s": pct(0.5),
+            "latency_p99_s": pct(0.99),
+            "uptime_s": time.time() - self.started,
+            "model": asdict(self.engine.cfg),
+        }

@@ -1,0 +1,218 @@
+"""The Python SDK: ``expertmesh.connect()`` returns a :class:`Cluster`.
+
+Two transports, one surface: a driver inside the Ray cluster talks to the controller and router
+actors directly; ``connect("http://...")`` talks to the HTTP API. Both offer the same operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from expertmesh.platform.errors import ExpertmeshError
+from expertmesh.platform.sampling import SamplingParams
+
+
+class ClusterError(ExpertmeshError):
+    """An operation on the cluster failed; the message says why."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    expert_counts: list[list[int]] | None = None  # (MoE layer, expert) tokens served
+    token_experts: list[list[list[int]]] | None = None  # per token, per MoE layer: experts
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Completion:
+        return cls(
+            text=d["text"],
+            finish_reason=d.get("finish_reason"),
+            prompt_tokens=d.get("prompt_tokens", 0),
+            completion_tokens=d.get("completion_tokens", 0),
+            token_ids=list(d.get("token_ids", [])),
+            expert_counts=d.get("expert_counts"),
+            token_experts=d.get("token_experts"),
+        )
+
+
+class Cluster:
+    """A handle on an expertmesh deployment inside a Ray cluster."""
+
+    def __init__(self, *, owns_ray: bool) -> None:
+        from expertmesh.actors.launch import get_controller
+
+        self.owns_ray = owns_ray
+        self.controller = get_controller(create=True)
+        self._serve_url: str | None = None
+
+    # ------------------------------------------------------------------ deploy and scale
+    def deploy(
+        self,
+        model: str,
+        *,
+        shards: int = 4,
+        replicas: int = 2,
+        num_cpus: float = 0.5,
+        num_gpus: float = 0.0,
+        resources: dict[str, float] | None = None,
+        max_batch: int = 64,
+    ) -> dict[str, Any]:
+        """Serve ``model`` (a checkpoint URI, or an MLflow registry ``name[/version]``).
+
+        Experts are spread over ``shards`` actors with ``replicas`` copies of each expert.
+
+        Example::
+
+            cluster = expertmesh.connect()
+            cluster.deploy("expertmesh-tiny", shards=4, replicas=2)
+            print(cluster.generate("ROMEO.", max_tokens=32).text)
+        """
+        import ray
+
+        from expertmesh.actors.controller import DeploymentSpec
+        from expertmesh.actors.expert_shard import ShardResources
+        from expertmesh.platform.models import resolve_model
+
+        if shards < 1:
+            raise ClusterError(f"shards must be >= 1, got {shards}")
+        if replicas < 1:
+            raise ClusterError(f"replicas must be >= 1, got {replicas}")
+        resolved = resolve_model(model)
+        spec = DeploymentSpec(
+            model=resolved.name,
+            checkpoint_uri=resolved.checkpoint_uri,
+            shards=shards,
+            min_replicas=replicas,
+            shard_resources=ShardResources(
+                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources
+            ),
+            max_batch=max_batch,
+        )
+        return ray.get(self.controller.deploy.remote(spec))
+
+    def scale(self, shards: int) -> dict[str, Any]:
+        """Grow or shrink the expert shard pool to ``shards`` actors, live."""
+        import ray
+
+        if shards < 1:
+            raise ClusterError(f"shards must be >= 1, got {shards}")
+        return ray.get(self.controller.scale.remote(shards))
+
+    # ------------------------------------------------------------------ generation
+    def _router(self):
+        import ray
+
+        from expertmesh.actors import names
+
+        try:
+            return ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
+        except ValueError:
+            raise ClusterError("no model is deployed; call cluster.deploy(model) first") from None
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        routing: bool = False,
+    ) -> Completion | list[Completion]:
+        """Complete one prompt (returns a Completion) or a list (all sent at once, batched)."""
+        import ray
+
+        params = asdict(
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=tuple(stop or ()),
+                seed=seed,
+                ignore_eos=ignore_eos,
+            )
+        )
+        router = self._router()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        refs = [router.generate.remote(p, params, routing) for p in prompts]
+        try:
+            outs = [Completion.from_dict(d) for d in ray.get(refs)]
+        except ray.exceptions.RayTaskError as exc:
+            raise ClusterError(str(exc.cause if exc.cause else exc)) from None
+        return outs[0] if isinstance(prompt, str) else outs
+
+    def stream(self, prompt: str, **params: Any) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are generated."""
+        import ray
+
+        sp = asdict(SamplingParams(**params))
+        gen = self._router().generate_stream.options(num_returns="streaming").remote(prompt, sp)
+        for ref in gen:
+            yield ray.get(ref)["text"]
+
+    # ------------------------------------------------------------------ state
+    def status(self) -> dict[str, Any]:
+        import ray
+
+        return ray.get(self.controller.status.remote())
+
+    def events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get(self.controller.get_events.remote(since))
+
+    def runs(self, experiment: str = "expertmesh", max_results: int = 20) -> list[dict[str, Any]]:
+        """Recent MLflow runs of ``experiment``."""
+        from expertmesh.platform.tracking import Tracker
+
+        return Tracker().recent_runs(experiment, max_results)
+
+    def serve(self, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> str:
+        """Start the HTTP API (Ray Serve) for this cluster; returns its base URL."""
+        from expertmesh.api.app import start_api
+
+        self._serve_url = start_api(host=host, port=port, token=token)
+        return self._serve_url
+
+    def shutdown(self) -> None:
+        """Stop the deployment (router, shards, API); stops Ray too if this SDK started it."""
+        import ray
+
+        try:
+            ray.get(self.controller.shutdown.remote(), timeout=60)
+            ray.kill(self.controller, no_restart=True)
+        except Exception:
+            pass
+        if self._serve_url:
+            from ray import serve
+
+            serve.shutdown()
+        if self.owns_ray:
+            ray.shutdown()
+
+
+def connect(address: str | None = None, token: str | None = None) -> Cluster | Any:
+    """Connect to expertmesh.
+
+    Args:
+        address: None starts the embedded default (local Ray on loopback, local MLflow store);
+            a Ray address (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``) joins that cluster;
+            ``"http://host:port"`` talks to a running expertmesh HTTP API.
+        token: bearer token for the HTTP API (default: ``EXPERTMESH_TOKEN``).
+    """
+    if address and address.startswith(("http://", "https://")):
+        from expertmesh.client import HttpCluster
+
+        return HttpCluster(address, token=token)
+    from expertmesh.runtime import init_ray
+
+    owns = init_ray(address)
+    return Cluster(owns_ray=owns)
