@@ -1,10 +1,24 @@
-"""``expertmesh`` command line: a thin layer over the SDK and the pipelines."""
+"""``expertmesh`` command line: a thin layer over the SDK and the pipelines.
+
+expertmesh up [--model NAME_OR_URI] [--shards 4] [--replicas 2] [--port 8000] [--foreground]
+expertmesh status [--json]
+expertmesh generate "prompt" [--max-tokens N] [--temperature T] [--stream] [--json]
+expertmesh scale N
+expertmesh down
+expertmesh data prepare | train
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from expertmesh.api.local import UpOptions
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
@@ -22,6 +36,118 @@ def _train(args: argparse.Namespace) -> int:
 
     overrides = [arg for item in args.set for arg in ("--set", item)]
     return train.main(["--config", args.config, *overrides])
+
+
+# ---------------------------------------------------------------------- serving commands
+def _up_options(args: argparse.Namespace) -> UpOptions:
+    from expertmesh.api.local import UpOptions
+
+    return UpOptions(
+        model=args.model,
+        shards=args.shards,
+        replicas=args.replicas,
+        host=args.host,
+        port=args.port,
+        token=args.token,
+        timeout_s=args.timeout,
+    )
+
+
+def _up(args: argparse.Namespace) -> int:
+    from expertmesh.api import local
+
+    if args.foreground:
+        return local.run_foreground(_up_options(args))
+    rec = local.start_background(_up_options(args))
+    print(f"expertmesh is up: API {rec.url} (pid {rec.pid}, log {local.log_file()})")
+    print(f"token: {rec.token}")
+    print(f"try:   curl -H 'Authorization: Bearer <token>' {rec.url}/v1/models")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from expertmesh.api import local
+
+    status = local.attach().status()
+    print(json.dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from expertmesh.api import local
+
+    cluster = local.attach()
+    params: dict[str, Any] = {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "stop": args.stop or None,
+        "seed": args.seed,
+        "ignore_eos": args.ignore_eos,
+    }
+    if args.stream:
+        for piece in cluster.stream(args.prompt, **params):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    out = cluster.generate(args.prompt, **params)
+    print(json.dumps(asdict(out)) if args.json else out.text)
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    from expertmesh.api import local
+
+    print(format_status(local.attach().scale(args.shards)))
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    from expertmesh.api import local
+
+    pid = local.stop_background(timeout_s=args.timeout)
+    print(f"expertmesh is down (pid {pid} exited)")
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """A compact view: the model, one row per shard, and a layer x expert grid of
+    ``replicas/tokens served``."""
+    nodes = status.get("nodes") or []
+    alive = sum(1 for n in nodes if n.get("alive"))
+    lines = [
+        f"model {status.get('model')}  placement v{status.get('placement_version')}  "
+        f"nodes {alive}/{len(nodes)} alive  min replicas {status.get('min_replicas')}"
+    ]
+    router = status.get("router") or {}
+    if "steps" in router:
+        lines.append(
+            f"router: {router['tokens_generated']} tokens in {router['steps']} steps, "
+            f"{router['running']} running, {router['waiting']} waiting, "
+            f"p50 {router['latency_p50_s'] * 1000:.0f} ms"
+        )
+    lines.append(f"{'SHARD':<7}{'NODE':<10}{'PID':>8}{'EXPERTS':>9}{'TOKENS':>9}{'STATE':>10}")
+    for sh in status.get("shards", []):
+        state = "error" if "error" in sh else "draining" if sh.get("draining") else "ok"
+        tokens = sum((sh.get("tokens_served") or {}).values())
+        lines.append(
+            f"{sh['shard_id']:<7}{sh.get('node_id', '')[:8]:<10}{sh.get('pid', '-')!s:>8}"
+            f"{len(sh.get('experts') or []):>9}{tokens:>9}{state:>10}"
+        )
+    placement: dict[str, list[str]] = status.get("placement") or {}
+    load: dict[str, int] = status.get("expert_load") or {}
+    keys = [tuple(map(int, k.split(":"))) for k in placement]
+    layers = sorted({k[0] for k in keys})
+    n_experts = 1 + max((k[1] for k in keys), default=-1)
+    if layers:
+        lines.append("experts (replicas/tokens): " + " ".join(f"E{e:<8}" for e in range(n_experts)))
+        for layer in layers:
+            cells = []
+            for e in range(n_experts):
+                key = f"{layer}:{e}"
+                cells.append(f"{len(placement.get(key, []))}/{load.get(key, 0)}".ljust(9))
+            lines.append(f"{'layer ' + str(layer):<27}" + " ".join(cells))
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +168,43 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model (runs expertmesh.pipelines.train)")
     with_config(tr)
     tr.set_defaults(func=_train)
+
+    up = sub.add_parser("up", help="start local Ray, deploy a model and serve the HTTP API")
+    up.add_argument("--model", default="expertmesh-tiny", help="registry name[/version] or URI")
+    up.add_argument("--shards", type=int, default=4, help="expert shard actors")
+    up.add_argument("--replicas", type=int, default=2, help="copies of every expert")
+    up.add_argument("--host", default="127.0.0.1", help="address the API binds (loopback)")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--token", default=None, help="API token (default: EXPERTMESH_TOKEN/random)")
+    up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for start")
+    up.add_argument(
+        "--foreground", action="store_true", help="serve in this process until SIGTERM/Ctrl-C"
+    )
+    up.set_defaults(func=_up)
+
+    st = sub.add_parser("status", help="shards, experts, replicas and load of the running API")
+    st.add_argument("--json", action="store_true", help="print the full status as JSON")
+    st.set_defaults(func=_status)
+
+    gen = sub.add_parser("generate", help="complete a prompt on the running API")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they come")
+    gen.add_argument("--json", action="store_true", help="print the completion as JSON")
+    gen.set_defaults(func=_generate)
+
+    sc = sub.add_parser("scale", help="grow or shrink the expert shard pool, live")
+    sc.add_argument("shards", type=int)
+    sc.set_defaults(func=_scale)
+
+    down = sub.add_parser("down", help="stop what `expertmesh up` started")
+    down.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for exit")
+    down.set_defaults(func=_down)
     return parser
 
 

@@ -6,6 +6,7 @@ is visible here.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -16,6 +17,22 @@ def home() -> Path:
     Defaults to ``.state`` in the current directory.
     """
     return Path(os.environ.get("EXPERTMESH_HOME", ".state")).resolve()
+
+
+def ray_temp_dir() -> Path:
+    """``EXPERTMESH_RAY_TMP``: Ray's session files for a local cluster (default: <home>/ray).
+
+    Unix socket paths may not exceed 107 bytes and Ray nests ~70 under this folder, so a default
+    that would be too long moves to a short folder under /tmp named after the home's hash.
+    """
+    explicit = os.environ.get("EXPERTMESH_RAY_TMP")
+    if explicit:
+        return Path(explicit).resolve()
+    path = home() / "ray"
+    if len(str(path)) > 36:
+        digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
+        path = Path("/tmp") / f"expertmesh-ray-{digest}"
+    return path
 
 
 def mlflow_tracking_uri() -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from expertmesh import envs
@@ -20,14 +21,23 @@ FAST_HEALTH_CHECKS: dict[str, int] = {
 class LocalRayOptions:
     """How to start the embedded single-machine Ray cluster."""
 
-    num_cpus: int = 16  # logical CPUs: shards and the router take fractions of one
+    # NOTE: logical CPUs; shards and the router take fractions of one. Ray prestarts one Python
+    # worker per logical CPU, so a large number costs seconds of start-up on a small machine.
+    num_cpus: int = 4
     dashboard: bool = False  # the dashboard costs ~1 GB; `ray job submit` needs it
-    dashboard_port: int = 8265
+    dashboard_port: int | None = None  # None: a free port
     object_store_memory: int = 512 * 1024**2
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def temp_dir() -> str:
-    path = envs.home() / "ray"
+    path = envs.ray_temp_dir()
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
@@ -47,11 +57,12 @@ def init_ray(address: str | None = None, local: LocalRayOptions | None = None) -
         return False
     envs.apply_local_ray_env()
     opts = local or LocalRayOptions()
+    port = opts.dashboard_port or free_port()
     ray.init(
         num_cpus=opts.num_cpus,
         include_dashboard=opts.dashboard,
         dashboard_host="127.0.0.1",
-        dashboard_port=opts.dashboard_port,
+        dashboard_port=port,
         object_store_memory=opts.object_store_memory,
         namespace="expertmesh",
         log_to_driver=False,

@@ -12,6 +12,7 @@ from typing import Any
 
 from expertmesh.platform.errors import ExpertmeshError
 from expertmesh.platform.sampling import SamplingParams
+from expertmesh.runtime import LocalRayOptions
 
 
 class ClusterError(ExpertmeshError):
@@ -58,7 +59,7 @@ class Cluster:
         *,
         shards: int = 4,
         replicas: int = 2,
-        num_cpus: float = 0.5,
+        num_cpus: float = 0.25,
         num_gpus: float = 0.0,
         resources: dict[str, float] | None = None,
         max_batch: int = 64,
@@ -199,7 +200,12 @@ class Cluster:
             ray.shutdown()
 
 
-def connect(address: str | None = None, token: str | None = None) -> Cluster | Any:
+def connect(
+    address: str | None = None,
+    token: str | None = None,
+    *,
+    local: LocalRayOptions | None = None,
+) -> Cluster | Any:
     """Connect to expertmesh.
 
     Args:
@@ -207,6 +213,7 @@ def connect(address: str | None = None, token: str | None = None) -> Cluster | A
             a Ray address (``"auto"``, ``"ray://host:10001"``, ``"host:6379"``) joins that cluster;
             ``"http://host:port"`` talks to a running expertmesh HTTP API.
         token: bearer token for the HTTP API (default: ``EXPERTMESH_TOKEN``).
+        local: how to start the embedded local cluster (logical CPUs, dashboard on/off).
     """
     if address and address.startswith(("http://", "https://")):
         from expertmesh.client import HttpCluster
@@ -214,5 +221,5 @@ def connect(address: str | None = None, token: str | None = None) -> Cluster | A
         return HttpCluster(address, token=token)
     from expertmesh.runtime import init_ray
 
-    owns = init_ray(address)
+    owns = init_ray(address, local)
     return Cluster(owns_ray=owns)

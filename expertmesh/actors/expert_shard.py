@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from expertmesh.actors.metrics import ShardMetrics
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.model.experts import run_experts
 
@@ -26,7 +27,7 @@ ExpertKey = tuple[int, int]
 class ShardResources:
     """What one shard asks Ray for (fractions allowed; custom resources by name)."""
 
-    num_cpus: float = 0.5
+    num_cpus: float = 0.25
     num_gpus: float = 0.0
     resources: dict[str, float] | None = None
     threads: int = 1  # torch intra-op threads inside the shard
@@ -49,6 +50,7 @@ class ExpertShard:
         self.draining = False
         self.started_at = time.time()
         self._lock = threading.Lock()
+        self.metrics = ShardMetrics(shard_id)
         self.add_experts(experts)
 
     # ------------------------------------------------------------------ placement changes
@@ -94,6 +96,7 @@ class ExpertShard:
             y = run_experts(x.float(), counts, [p[0] for p in pairs], [p[1] for p in pairs])
             for e, n in zip(experts, counts, strict=True):
                 self.tokens_served[(layer, e)] += n
+            self.metrics.record(layer, experts, counts, time.perf_counter() - t0)
             return y.to(dtype).numpy()
         finally:
             self.in_flight -= 1

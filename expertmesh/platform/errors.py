@@ -11,6 +11,12 @@ class ConfigError(ExpertmeshError, ValueError):
     def __init__(self, field: str, message: str) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.reason = message
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        # NOTE: the default pickling replays ``args`` (one string) into a two-argument
+        # ``__init__`` and fails, so Ray could not carry this error back from an actor.
+        return (type(self), (self.field, self.reason))
 
 
 class CheckpointError(ExpertmeshError):

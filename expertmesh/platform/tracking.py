@@ -179,3 +179,25 @@ class Tracker:
         if info is None:
             raise LookupError(f"no registered model named {name!r} in MLflow at {self.uri}")
         return info
+
+    def recent_runs(self, experiment: str, max_results: int = 20) -> list[dict[str, Any]]:
+        """The newest runs of ``experiment`` as plain dicts (params, latest metrics, tags)."""
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            return []
+        runs = self.client.search_runs(
+            [exp.experiment_id], max_results=max_results, order_by=["attributes.start_time DESC"]
+        )
+        return [
+            {
+                "run_id": r.info.run_id,
+                "run_name": r.info.run_name,
+                "status": r.info.status,
+                "start_time": r.info.start_time,
+                "end_time": r.info.end_time,
+                "params": dict(r.data.params),
+                "metrics": dict(r.data.metrics),
+                "tags": {k: v for k, v in r.data.tags.items() if not k.startswith("mlflow.")},
+            }
+            for r in runs
+        ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,10 +74,10 @@ def train_step(
     stats = out.layer_stats
     dropped = sum(s.dropped_fraction for s in stats) / max(1, len(stats))
     metrics = {
-        "loss": float(loss),
-        "ce_loss": float(ce),
-        "aux_loss": float(out.aux_loss),
-        "z_loss": float(out.z_loss),
+        "loss": float(loss.detach()),
+        "ce_loss": float(ce.detach()),
+        "aux_loss": float(out.aux_loss.detach()),
+        "z_loss": float(out.z_loss.detach()),
         "grad_norm": float(grad_norm),
         "lr": optimizer.param_groups[0]["lr"],
         "dropped_fraction": dropped,
@@ -137,6 +138,29 @@ def _train_state(
     }
     torch.save(state, buf)
     return buf.getvalue()
+
+
+def _log_checkpoint(
+    tracker: Tracker,
+    model: MoETransformer,
+    tokenizer_path: str,
+    result: TrainResult,
+    cfg: ExperimentConfig,
+) -> str:
+    """Log the weights (without optimizer state) as run artifacts; returns their artifact URI."""
+    with tempfile.TemporaryDirectory(prefix="expertmesh-ckpt-") as tmp:
+        local = ckpt.save_checkpoint(
+            tmp,
+            "model",
+            model,
+            tokenizer_path=tokenizer_path,
+            version={
+                "step": result.steps,
+                "run_id": result.run_id,
+                "domains": list(cfg.data.train_domains),
+            },
+        )
+        return tracker.log_artifacts(local, CHECKPOINT_ARTIFACT)
 
 
 def _find_resume(output_dir: str) -> str | None:
@@ -239,8 +263,7 @@ def train(
                 )
         result = TrainResult(checkpoint_uri=uri, run_id=run_id, steps=end, metrics=metrics)
         if register and end == tc.steps:
-            local = ckpt.local_path(uri)
-            artifact_uri = tracker.log_artifacts(local, CHECKPOINT_ARTIFACT) if local else uri
+            artifact_uri = _log_checkpoint(tracker, model, tokenizer_path, result, cfg)
             tags = {
                 "domains": ",".join(cfg.data.train_domains),
                 "n_experts": str(cfg.model.n_experts),

@@ -1,0 +1,120 @@
+"""The HTTP API: a FastAPI app served by a Ray Serve ingress deployment.
+
+The app is built inside the Serve replica (``__serve_build_asgi_app__``) from
+:class:`ApiSettings`; it reaches the controller and router actors by name. The replica keeps
+only a SHA-256 digest of the token.
+
+Example::
+
+    cluster = expertmesh.connect()
+    cluster.deploy("expertmesh-tiny", shards=4)
+    url = cluster.serve(port=8000)  # token: EXPERTMESH_TOKEN, else generated (see api.json)
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from fastapi import FastAPI
+from ray import serve
+
+from expertmesh import envs
+from expertmesh.api import info
+from expertmesh.api.deps import ApiSettings, Services, token_digest
+from expertmesh.api.errors import install_error_handlers
+from expertmesh.api.limits import BodySizeLimit
+from expertmesh.api.routes import cluster, completions, health, models
+from expertmesh.sdk import ClusterError
+
+APP_NAME = "expertmesh-api"
+
+
+def create_app(settings: ApiSettings) -> FastAPI:
+    """The FastAPI app (routes per resource, JSON errors, body size limit)."""
+    # NOTE: no /docs or /openapi.json: every route but health needs the token, and FastAPI's
+    # docs routes cannot take one.
+    app = FastAPI(title="expertmesh", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.services = Services(settings)
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    for module in (health, completions, models, cluster):
+        app.include_router(module.router)
+    return app
+
+
+@serve.deployment(
+    name="ApiIngress",
+    num_replicas=1,
+    max_ongoing_requests=256,  # streams and batched prompts wait on the router, not on CPU
+    ray_actor_options={"num_cpus": 0.25},
+)
+@serve.ingress()
+class ApiIngress:
+    """The Serve replica; it builds the app once its settings arrive."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.settings)
+
+
+def _wait_healthy(url: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            resp = httpx.get(f"{url}/api/health", timeout=2.0, trust_env=False)
+            if resp.status_code == 200 and "model_ready" in resp.json():
+                return
+        except (httpx.HTTPError, ValueError) as exc:
+            last = exc
+        time.sleep(0.2)
+    raise ClusterError(
+        f"the API did not answer on {url} within {timeout_s:.0f}s ({last}); is the port "
+        "taken by another program, or Serve already running on another port?"
+    )
+
+
+def start_api(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+    *,
+    max_body_bytes: int = 1024 * 1024,
+    max_prompts: int = 64,
+) -> str:
+    """Serve the API on ``host:port`` (loopback unless told otherwise); returns its base URL.
+
+    Args:
+        host: address Serve's HTTP proxy binds; "0.0.0.0" exposes the API to the network.
+        port: the proxy's port.
+        token: the bearer token clients must send; default ``EXPERTMESH_TOKEN``, else a new
+            random one. It is written to ``$EXPERTMESH_HOME/api.json`` (mode 0600).
+        max_body_bytes: larger request bodies get 413.
+        max_prompts: most prompts one completion request may carry.
+
+    Returns:
+        The base URL, e.g. ``"http://127.0.0.1:8000"``.
+    """
+    token = token or envs.api_token() or secrets.token_urlsafe(24)
+    settings = ApiSettings(
+        token_sha256=token_digest(token), max_body_bytes=max_body_bytes, max_prompts=max_prompts
+    )
+    try:
+        serve.start(http_options={"host": host, "port": port})
+    except Exception as exc:  # the proxy could not bind: say so without Ray's traceback
+        cause = getattr(exc, "cause", None) or exc
+        raise ClusterError(
+            f"cannot serve the API on {host}:{port} ({cause}); is the port taken? "
+            "choose another one (--port)"
+        ) from None
+    serve.run(ApiIngress.bind(settings), name=APP_NAME, route_prefix="/")
+    client_host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    url = f"http://{client_host}:{port}"
+    _wait_healthy(url, timeout_s=60.0)
+    info.write_info(info.api_file(), info.ApiInfo(url=url, token=token))
+    return url

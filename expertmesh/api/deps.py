@@ -1,0 +1,179 @@
+"""Dependencies of the routes: settings, bearer-token auth and the cluster's actors.
+
+Routes take them as ``Annotated`` aliases (``ServicesDep``, ``SettingsDep``); every router but
+health's carries :func:`require_token`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import ray
+from fastapi import Depends, Header, Request
+
+from expertmesh.actors import names
+from expertmesh.api.errors import ApiError
+from expertmesh.platform.errors import ConfigError
+
+NO_MODEL = (
+    "no model is deployed; start one with `expertmesh up --model NAME_OR_URI` or "
+    "`expertmesh.connect().deploy(model)`"
+)
+
+
+def token_digest(token: str) -> str:
+    """What the server keeps of the token (the replica never holds the token itself)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(kw_only=True, slots=True)
+class ApiSettings:
+    """Fixed for the life of the API deployment."""
+
+    token_sha256: str
+    max_body_bytes: int = 1024 * 1024
+    max_prompts: int = 64  # prompts per completion request
+    model_cache_s: float = 5.0  # how long a looked-up deployed model name is trusted
+
+
+@dataclass(kw_only=True, slots=True)
+class DeployedModel:
+    name: str
+    checkpoint_uri: str | None
+
+
+class NotDeployed(ApiError):
+    """The controller or router actor does not exist (nothing deployed in this Ray cluster)."""
+
+    def __init__(self) -> None:
+        super().__init__(503, NO_MODEL)
+
+
+class Services:
+    """Named Ray actors (controller, router), looked up once and again after they restart."""
+
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self._handles: dict[str, ray.actor.ActorHandle] = {}
+        self._model: tuple[float, DeployedModel | None] | None = None
+
+    async def _actor(self, name: str) -> ray.actor.ActorHandle:
+        handle = self._handles.get(name)
+        if handle is None:
+            try:
+                handle = await asyncio.to_thread(ray.get_actor, name, namespace=names.NAMESPACE)
+            except ValueError:
+                raise NotDeployed() from None
+            self._handles[name] = handle
+        return handle
+
+    async def call(self, actor: str, method: str, *args: Any) -> Any:
+        """``await actor.method.remote(*args)``; errors come back as :class:`ApiError`."""
+        try:
+            return await _invoke(await self._actor(actor), method, args)
+        except ray.exceptions.RayActorError:
+            self._handles.pop(actor, None)  # redeployed or restarting: look it up once more
+        try:
+            return await _invoke(await self._actor(actor), method, args)
+        except ray.exceptions.RayActorError:
+            self._handles.pop(actor, None)
+            raise ApiError(
+                503, f"the {actor} actor is unavailable (restarting?); retry shortly"
+            ) from None
+
+    async def stream(self, prompt: str, params: dict[str, Any]) -> Any:
+        """The router's per-token generator (an async iterator of object refs)."""
+        handle = await self._actor(names.ROUTER)
+        return handle.generate_stream.options(num_returns="streaming").remote(prompt, params)
+
+    async def has_router(self) -> bool:
+        """Whether a router is up now (a fresh lookup: the cached handle may be of a dead one)."""
+        self._handles.pop(names.ROUTER, None)
+        try:
+            await self._actor(names.ROUTER)
+        except NotDeployed:
+            return False
+        return True
+
+    async def deployed_model(self, *, fresh: bool = False) -> DeployedModel | None:
+        """The deployed model's name, from the controller (cached ``model_cache_s``)."""
+        now = time.monotonic()
+        if not fresh and self._model and now - self._model[0] < self.settings.model_cache_s:
+            return self._model[1]
+        try:
+            status = await self.call(names.CONTROLLER, "status")
+        except NotDeployed:
+            status = {}
+        model = None
+        if status.get("model"):
+            model = DeployedModel(name=status["model"], checkpoint_uri=status["checkpoint_uri"])
+        self._model = (now, model)
+        return model
+
+    async def require_model(self, requested: str | None, *, fresh: bool = False) -> DeployedModel:
+        """The deployed model if ``requested`` names it (or is None); else 404 / 503."""
+        model = await self.deployed_model(fresh=fresh)
+        if model is None or requested not in (None, model.name):
+            model = await self.deployed_model(fresh=True)  # maybe it was just (re)deployed
+        if model is None:
+            raise ApiError(503, NO_MODEL)
+        if requested not in (None, model.name):
+            raise ApiError(
+                404,
+                f"model {requested!r} is not deployed; this cluster serves {model.name!r} "
+                "(see GET /v1/models)",
+                param="model",
+            )
+        return model
+
+
+async def _invoke(handle: ray.actor.ActorHandle, method: str, args: tuple[Any, ...]) -> Any:
+    try:
+        return await getattr(handle, method).remote(*args)
+    except ray.exceptions.RayTaskError as exc:  # the method raised: its own error, as JSON
+        raise as_api_error(exc.cause if exc.cause is not None else exc) from None
+
+
+def as_api_error(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ConfigError):
+        return ApiError(400, str(exc), param=exc.field)
+    return ApiError(500, f"{type(exc).__name__}: {exc}")
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_settings(request: Request) -> ApiSettings:
+    return request.app.state.services.settings
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+
+HOW_TO_AUTH = (
+    "send the API token as 'Authorization: Bearer <token>' (`expertmesh up` prints it; it is "
+    "also in $EXPERTMESH_HOME/cluster.json)"
+)
+
+
+async def require_token(
+    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+) -> None:
+    """401 unless the request carries the API's bearer token."""
+    challenge = {"WWW-Authenticate": "Bearer"}
+    if not authorization:
+        raise ApiError(401, f"missing API token: {HOW_TO_AUTH}", headers=challenge)
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, f"malformed Authorization header: {HOW_TO_AUTH}", headers=challenge)
+    given = token_digest(token.strip())
+    if not secrets.compare_digest(given, settings.token_sha256):
+        raise ApiError(401, f"invalid API token: {HOW_TO_AUTH}", headers=challenge)

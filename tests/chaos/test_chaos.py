@@ -1,0 +1,109 @@
+"""Chaos under steady load: shard kills, controller kill, scaling. Zero failed requests."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import ray
+
+import expertmesh
+from expertmesh.actors import names
+from expertmesh.platform.engine import Engine
+from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.sampling import SamplingParams
+from tests.chaos.load import SteadyLoad, wait_replicated
+from tests.integration.helpers import PROMPTS, tiny_checkpoint
+
+pytestmark = [pytest.mark.chaos, pytest.mark.integration]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(state_home, tmp_path_factory) -> str:
+    return tiny_checkpoint(tmp_path_factory.mktemp("chaos-ckpt"))
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint) -> dict[str, list[int]]:
+    model, tok = load_for_inference(checkpoint)
+    seqs = Engine(model, tok).generate(
+        PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
+    )
+    return {p: s.output_ids for p, s in zip(PROMPTS, seqs, strict=True)}
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoint):
+    c = expertmesh.connect()
+    yield c
+    c.shutdown()
+
+
+def _gen(cluster):
+    return lambda p: cluster.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
+
+
+def test_kill_shard_under_load(cluster, checkpoint, expected) -> None:
+    cluster.deploy(checkpoint, shards=4, replicas=2)
+    with SteadyLoad(_gen(cluster), expected, clients=4) as load:
+        load.wait_for(20)
+        victim = cluster.status()["shards"][0]["shard_id"]
+        ray.kill(ray.get_actor(names.shard_name(victim), namespace=names.NAMESPACE))
+        restored = wait_replicated(cluster.status, 2, timeout=15)
+        n = load.report.ok
+        load.wait_for(n + 20)
+    r = load.report
+    assert r.failed == 0, r.errors[:3]
+    assert r.wrong == 0
+    assert r.ok >= 40
+    assert restored < 15
+    kinds = [e["kind"] for e in cluster.events()]
+    assert "shard_failed" in kinds and "replication_restored" in kinds
+    assert len(cluster.status()["shards"]) == 4  # a replacement shard was started
+
+
+def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> None:
+    cluster.deploy(checkpoint, shards=4, replicas=2)
+    before = cluster.status()
+    with SteadyLoad(_gen(cluster), expected, clients=3) as load:
+        load.wait_for(10)
+        ray.kill(cluster.controller, no_restart=False)  # Ray restarts it; it rebuilds its state
+        n = load.report.ok
+        load.wait_for(n + 20, timeout=60)
+        after = cluster.status()  # answered by the restarted controller
+        assert after["placement"] == before["placement"]
+        assert {s["shard_id"] for s in after["shards"]} == {s["shard_id"] for s in before["shards"]}
+        assert any(e["kind"] == "controller_restarted" for e in cluster.events())
+        # the rebuilt controller still heals
+        victim = after["shards"][1]["shard_id"]
+        ray.kill(ray.get_actor(names.shard_name(victim), namespace=names.NAMESPACE))
+        wait_replicated(cluster.status, 2, timeout=15)
+        n = load.report.ok
+        load.wait_for(n + 10)
+    assert load.report.failed == 0, load.report.errors[:3]
+    assert load.report.wrong == 0
+
+
+def test_scale_out_and_in_under_load(cluster, checkpoint, expected) -> None:
+    cluster.deploy(checkpoint, shards=2, replicas=2)
+    with SteadyLoad(_gen(cluster), expected, clients=4) as load:
+        load.wait_for(10)
+        t0 = time.monotonic()
+        st = cluster.scale(6)
+        assert len(st["shards"]) == 6
+        new = {s["shard_id"] for s in st["shards"]} - {"s0", "s1"}
+        # new shards hold experts and serve dispatches
+        load.wait_for(load.report.ok + 20)
+        served = {s["shard_id"]: s["calls"] for s in cluster.status()["shards"]}
+        assert all(served[s] > 0 for s in new), served
+        st = cluster.scale(2)
+        assert len(st["shards"]) == 2
+        n = load.report.ok
+        load.wait_for(n + 20)
+        elapsed = time.monotonic() - t0
+    assert load.report.failed == 0, load.report.errors[:3]
+    assert load.report.wrong == 0
+    assert elapsed < 90
+    placement = cluster.status()["placement"]
+    assert all(len(v) == 2 for v in placement.values())  # 2 shards, 2 replicas each
