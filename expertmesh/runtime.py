@@ -59,6 +59,7 @@ def init_ray(address: str | None = None, local: LocalRayOptions | None = None) -
     opts = local or LocalRayOptions()
     port = opts.dashboard_port or free_port()
     ray.init(
+        address="local",  # always a new cluster: never join one found in Ray's temp folder
         num_cpus=opts.num_cpus,
         include_dashboard=opts.dashboard,
         dashboard_host="127.0.0.1",

@@ -17,6 +17,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 # Ray's session files stay in the project's own folder (short enough for Unix socket paths)
 os.environ.setdefault("EXPERTMESH_RAY_TMP", str(REPO / ".state" / "ray"))
+# ...including the files Ray's own test utilities put under its default temp folder
+os.environ.setdefault("RAY_TMPDIR", str(REPO / ".state"))
+(REPO / ".state" / "ray").mkdir(parents=True, exist_ok=True)
 
 
 @pytest.fixture(scope="session")

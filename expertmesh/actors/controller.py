@@ -453,6 +453,9 @@ class Controller:
         assert self.spec is not None
         t0 = time.time()
         with self.lock:
+            dead = {s for s in dead if s in self.shards and not self.shards[s].draining}
+            if not dead:  # stopped on purpose (scale-in) while the health check ran
+                return
             for sid in dead:
                 self._event(
                     "shard_failed", f"shard {sid} is dead; dropping its replicas", shard=sid
@@ -617,7 +620,12 @@ class Controller:
         self.scale(target)
 
     def _detect_dead(self) -> set[str]:
-        refs = {s: h.ping.remote() for s, h in self.handles.items() if s in self.shards}
+        live = {
+            s: h
+            for s, h in self.handles.items()
+            if s in self.shards and not self.shards[s].draining
+        }
+        refs = {s: h.ping.remote() for s, h in live.items()}
         dead = {s for s, n in self.missed.items() if n >= 10**6}
         alive_nodes = set(self._alive_nodes())
         dead |= {s for s, rec in self.shards.items() if rec.node_id not in alive_nodes}

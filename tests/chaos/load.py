@@ -94,3 +94,14 @@ def wait_replicated(
             return time.monotonic() - t0
         time.sleep(0.1)
     raise AssertionError(f"replication not restored within {timeout}s: {st['placement']}")
+
+
+def wait_shards(status_fn: Callable[[], dict], count: int, timeout: float = 30.0) -> dict:
+    """The status once ``count`` live shards serve (replacements take a few seconds to start)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        st = status_fn()
+        if len([s for s in st["shards"] if "error" not in s]) == count:
+            return st
+        time.sleep(0.2)
+    raise AssertionError(f"expected {count} shards within {timeout}s, have {len(st['shards'])}")

@@ -12,7 +12,7 @@ from expertmesh.actors import names
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.models import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
-from tests.chaos.load import SteadyLoad, wait_replicated
+from tests.chaos.load import SteadyLoad, wait_replicated, wait_shards
 from tests.integration.helpers import PROMPTS, tiny_checkpoint
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
@@ -60,7 +60,7 @@ def test_kill_shard_under_load(cluster, checkpoint, expected) -> None:
     assert restored < 15
     kinds = [e["kind"] for e in cluster.events()]
     assert "shard_failed" in kinds and "replication_restored" in kinds
-    assert len(cluster.status()["shards"]) == 4  # a replacement shard was started
+    wait_shards(cluster.status, 4)  # a replacement shard was started
 
 
 def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> None:
