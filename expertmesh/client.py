@@ -39,7 +39,9 @@ class HttpCluster:
         timeout_s: per request; scaling and long generations can take minutes.
     """
 
-    def __init__(self, base_url: str, token: str | None = None, *, timeout_s: float = 600.0):
+    def __init__(
+        self, base_url: str, token: str | None = None, *, timeout_s: float = 600.0
+    ) -> None:
         from expertmesh.api.info import saved_token
 
         self.base_url = base_url.rstrip("/")

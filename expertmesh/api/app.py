@@ -47,7 +47,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     name="ApiIngress",
     num_replicas=1,
     max_ongoing_requests=256,  # streams and batched prompts wait on the router, not on CPU
-    ray_actor_options={"num_cpus": 0.25},
+    ray_actor_options={"num_cpus": 0.1},  # it waits on actors; shards need the CPUs
 )
 @serve.ingress()
 class ApiIngress:

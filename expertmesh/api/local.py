@@ -157,7 +157,8 @@ def start_background(opts: UpOptions) -> info.ApiInfo:
         env["EXPERTMESH_TOKEN"] = opts.token
     log_path = log_file()
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # it shows the token
+    with os.fdopen(fd, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "expertmesh.cli", *argv, "--foreground"],
             stdin=subprocess.DEVNULL,

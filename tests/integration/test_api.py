@@ -1,0 +1,321 @@
+"""The HTTP API over a real local Ray cluster: real requests on 127.0.0.1, checked against the
+in-process engine and the Ray-native SDK."""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+import expertmesh
+from expertmesh.platform.engine import Engine
+from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.sampling import SamplingParams
+from tests.integration.helpers import PROMPTS as ALL_PROMPTS
+from tests.integration.helpers import tiny_checkpoint
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+PROMPTS = ALL_PROMPTS[:3]
+MODEL = "v1"  # what the API calls the checkpoint: its folder's name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Served:
+    cluster: expertmesh.Cluster
+    url: str
+    http: httpx.Client
+    engine: Engine
+
+
+@pytest.fixture(scope="module")
+def served(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """One local Ray cluster for the module: 2 shards x 1 replica, and the API on a free port."""
+    uri = tiny_checkpoint(tmp_path_factory.mktemp("api-model"))
+    model, tok = load_for_inference(uri)
+    # NOTE: Ray's own temp folder: in a shared one, ray.init() joins whatever cluster another
+    # session started there last (its ray_current_cluster file) instead of starting ours
+    with (
+        tempfile.TemporaryDirectory(prefix="emapi-") as ray_tmp,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)
+        cluster = expertmesh.connect()
+        try:
+            cluster.deploy(uri, shards=2, replicas=1)
+            url = cluster.serve(port=free_port(), token=TOKEN)
+            with httpx.Client(base_url=url, timeout=120.0) as http:
+                yield Served(cluster=cluster, url=url, http=http, engine=Engine(model, tok))
+        finally:
+            cluster.shutdown()
+
+
+def complete(s: Served, **body: object) -> httpx.Response:
+    return s.http.post("/v1/completions", json={"model": MODEL, **body}, headers=AUTH)
+
+
+def error_of(resp: httpx.Response) -> dict:
+    body = resp.json()
+    assert set(body) == {"error"}, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert body["error"]["code"] == resp.status_code
+    return body["error"]
+
+
+def oracle(s: Served, prompts: list[str], max_tokens: int) -> list[str]:
+    """Greedy completions from the in-process engine (experts in this process, no Ray)."""
+    params = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
+    return [seq.text for seq in s.engine.generate(list(prompts), params)]
+
+
+# ---------------------------------------------------------------------- completions
+def test_single_completion_matches_engine_and_sdk(served: Served) -> None:
+    resp = complete(served, prompt=PROMPTS[0], max_tokens=10, temperature=0, ignore_eos=True)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["id"].startswith("cmpl-") and isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["index"] == 0 and choice["logprobs"] is None
+    assert choice["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 10
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 10
+    assert choice["text"] == oracle(served, PROMPTS[:1], 10)[0]
+    sdk = served.cluster.generate(PROMPTS[0], max_tokens=10, temperature=0.0, ignore_eos=True)
+    assert choice["text"] == sdk.text
+
+
+def test_default_max_tokens_is_16_like_openai(served: Served) -> None:
+    body = complete(served, prompt=PROMPTS[1], temperature=0, ignore_eos=True).json()
+    assert body["usage"]["completion_tokens"] == 16
+
+
+def test_list_prompt_gives_one_choice_per_prompt(served: Served) -> None:
+    resp = complete(served, prompt=PROMPTS, max_tokens=6, temperature=0, ignore_eos=True)
+    assert resp.status_code == 200, resp.text
+    choices = resp.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2]
+    assert [c["text"] for c in choices] == oracle(served, PROMPTS, 6)
+    assert resp.json()["usage"]["completion_tokens"] == 18
+
+
+def test_routing_extension_reports_experts(served: Served) -> None:
+    body = complete(
+        served, prompt=PROMPTS[0], max_tokens=4, temperature=0, expertmesh_routing=True
+    ).json()
+    routing = body["choices"][0]["expertmesh_routing"]
+    counts = routing["expert_counts"]
+    assert len(counts) == 2 and len(counts[0]) == 8  # (MoE layers, experts)
+    assert routing["token_experts"] and all(len(t) == 2 for t in routing["token_experts"])
+
+
+def test_stream_sends_sse_chunks_and_done(served: Served) -> None:
+    body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0}
+    body |= {"stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    with served.http.stream("POST", "/v1/completions", json=body, headers=AUTH) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        raw = resp.read().decode()
+    events = [e for e in raw.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events), raw
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    token_chunks, usage_chunk = chunks[:-1], chunks[-1]
+    assert len(token_chunks) == 8
+    assert all(c["object"] == "text_completion" and c["model"] == MODEL for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert [c["choices"][0]["finish_reason"] for c in token_chunks] == [None] * 7 + ["length"]
+    text = "".join(c["choices"][0]["text"] for c in token_chunks)
+    assert text == oracle(served, PROMPTS[2:], 8)[0]
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["completion_tokens"] == 8
+
+
+# ---------------------------------------------------------------------- models and cluster
+def test_models_lists_the_deployed_model(served: Served) -> None:
+    body = served.http.get("/v1/models", headers=AUTH).json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == [MODEL]
+    assert body["data"][0]["object"] == "model"
+
+
+def test_cluster_status_and_events(served: Served) -> None:
+    status = served.http.get("/api/cluster", headers=AUTH).json()
+    assert status["model"] == MODEL
+    assert len(status["shards"]) >= 2 and status["nodes"][0]["alive"]
+    assert len(status["placement"]) == 16  # 2 MoE layers x 8 experts, 1 replica each
+    assert status["router"]["tokens_generated"] > 0
+    assert sum(status["expert_load"].values()) > 0
+    events = served.http.get("/api/events", headers=AUTH).json()
+    assert any(e["kind"] == "deployed" for e in events)
+    last = max(e["ts"] for e in events)
+    assert served.http.get("/api/events", params={"since": last}, headers=AUTH).json() == []
+
+
+def test_health_needs_no_token(served: Served) -> None:
+    resp = served.http.get("/api/health")
+    assert resp.status_code == 200 and resp.json() == {"status": "ok", "model_ready": True}
+
+
+def test_sdk_over_http_equals_ray_native_sdk(served: Served) -> None:
+    remote = expertmesh.connect(served.url, token=TOKEN)
+    kwargs = {"max_tokens": 8, "ignore_eos": True}
+    native = served.cluster.generate(PROMPTS, **kwargs)
+    over_http = remote.generate(PROMPTS, **kwargs)
+    assert [c.text for c in over_http] == [c.text for c in native]
+    assert [c.token_ids for c in over_http] == [c.token_ids for c in native]
+    assert [c.prompt_tokens for c in over_http] == [c.prompt_tokens for c in native]
+    assert "".join(remote.stream(PROMPTS[1], **kwargs)) == native[1].text
+    assert remote.status()["model"] == MODEL
+    with pytest.raises(expertmesh.ClusterError, match="temperature"):
+        remote.generate("hello", temperature=9.0)
+
+
+def test_scale_shards_two_to_three(served: Served) -> None:
+    resp = served.http.put("/api/shards", json={"shards": 3}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert len(resp.json()["shards"]) == 3
+    assert any(e["kind"] == "scaled_out" for e in served.cluster.events())
+    after = complete(served, prompt=PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True)
+    assert after.json()["choices"][0]["text"] == oracle(served, PROMPTS[:1], 6)[0]
+
+
+# ---------------------------------------------------------------------- errors
+def test_missing_and_wrong_token_are_401(served: Served) -> None:
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic abc"}):
+        for method, path in (("GET", "/v1/models"), ("GET", "/api/cluster")):
+            resp = served.http.request(method, path, headers=headers)
+            assert resp.status_code == 401
+            assert "Authorization: Bearer" in error_of(resp)["message"]
+    resp = served.http.post("/v1/completions", json={"prompt": "x"})
+    assert resp.status_code == 401 and resp.headers["www-authenticate"] == "Bearer"
+
+
+def test_malformed_json_is_400(served: Served) -> None:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    resp = served.http.post("/v1/completions", content=b'{"prompt": "x",', headers=headers)
+    assert resp.status_code == 400
+    assert "not valid JSON" in error_of(resp)["message"]
+
+
+def test_unknown_model_is_404_naming_the_deployed_one(served: Served) -> None:
+    resp = served.http.post("/v1/completions", json={"model": "gpt-9", "prompt": "x"}, headers=AUTH)
+    assert resp.status_code == 404
+    err = error_of(resp)
+    assert err["param"] == "model" and "gpt-9" in err["message"]
+    assert MODEL in err["message"]
+
+
+def test_prompt_too_long_is_400_naming_the_limit(served: Served) -> None:
+    context = served.engine.cfg.max_seq_len
+    resp = complete(served, prompt="To be, or not to be " * context, max_tokens=4)
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["param"] == "prompt" and f"context of {context} tokens" in err["message"]
+    resp = complete(served, prompt=["To be", "To be, or not to be " * context], max_tokens=4)
+    assert "prompt[1]" in error_of(resp)["message"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 7.5),
+        ("temperature", "hot"),
+        ("top_p", 0.0),
+        ("top_p", 1.5),
+        ("max_tokens", 0),
+        ("max_tokens", "many"),
+        ("max_tokens", 2.5),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("stop", 3),
+        ("prompt", 42),
+        ("prompt", []),
+        ("stream", "yes"),
+        ("seed", "x"),
+        ("n", 2),
+    ],
+)
+def test_invalid_parameters_are_400_naming_the_field(
+    served: Served, field: str, value: object
+) -> None:
+    body = {"prompt": "hello", "max_tokens": 4, field: value}
+    resp = served.http.post("/v1/completions", json=body, headers=AUTH)
+    assert resp.status_code == 400, resp.text
+    err = error_of(resp)
+    assert err["param"] == field and err["message"].startswith(field), err
+    assert err["type"] == "invalid_request_error"
+
+
+def test_invalid_scale_and_events_params_are_400(served: Served) -> None:
+    resp = served.http.put("/api/shards", json={"shards": 0}, headers=AUTH)
+    assert resp.status_code == 400 and error_of(resp)["param"] == "shards"
+    resp = served.http.get("/api/events", params={"since": "yesterday"}, headers=AUTH)
+    assert resp.status_code == 400 and error_of(resp)["param"] == "since"
+
+
+def test_oversized_body_is_413(served: Served) -> None:
+    big = {"prompt": "x" * (1024 * 1024 + 10)}
+    resp = served.http.post("/v1/completions", json=big, headers=AUTH)
+    assert resp.status_code == 413
+    assert "1048576 bytes" in error_of(resp)["message"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the bytes themselves are counted
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"y" * 32768
+        yield b'"}'
+
+    resp = served.http.post("/v1/completions", content=chunks(), headers=AUTH)
+    assert resp.status_code == 413
+    assert "limit is 1048576 bytes" in error_of(resp)["message"]
+
+
+def test_unknown_route_is_json_404(served: Served) -> None:
+    resp = served.http.get("/v2/nothing", headers=AUTH)
+    assert resp.status_code == 404 and "/v1/completions" in error_of(resp)["message"]
+
+
+def test_client_disconnect_stops_the_stream(served: Served) -> None:
+    def router_stats() -> dict:
+        return served.http.get("/api/cluster", headers=AUTH).json()["router"]
+
+    before = router_stats()["tokens_generated"]
+    body = {"prompt": PROMPTS[0], "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with served.http.stream("POST", "/v1/completions", json=body, headers=AUTH) as resp:
+        lines = resp.iter_lines()
+        assert next(lines).startswith("data: {")  # the first token is out; now hang up
+    deadline = time.monotonic() + 10.0
+    while router_stats()["running"]:
+        assert time.monotonic() < deadline, "the router kept generating for a gone client"
+        time.sleep(0.1)
+    # streamed token by token (not buffered to the end) and cancelled: far fewer than 200
+    assert router_stats()["tokens_generated"] - before < 100
+
+
+# NOTE: keep last: it tears the deployment down (the API itself stays up).
+def test_without_a_deployment_requests_get_503(served: Served) -> None:
+    served.cluster.controller.shutdown.remote()
+    deadline = time.monotonic() + 30
+    while served.http.get("/api/health").json()["model_ready"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    resp = complete(served, prompt="hello")
+    assert resp.status_code == 503
+    assert "expertmesh up --model" in error_of(resp)["message"]
+    resp = served.http.put("/api/shards", json={"shards": 2}, headers=AUTH)
+    assert resp.status_code == 503 and "deploy" in error_of(resp)["message"]
+    assert served.http.get("/v1/models", headers=AUTH).json()["data"] == []
