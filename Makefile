@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format venv clean-state bench
+.PHONY: demo test lint format venv bench vllm-env
 
 venv: $(STAMP)
 
@@ -40,7 +40,13 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# vLLM for CPUs in its own venv: the reference engine bench/serving.py compares against
+vllm-env:
+	bash bench/vllm_env.sh
+
 bench: $(STAMP)
 	$(PY) bench/moe_layer.py
 	$(PY) bench/quality_moe_vs_dense.py
 	$(PY) bench/placement_sim.py
+	$(PY) bench/serving.py
+	$(PY) bench/chaos.py

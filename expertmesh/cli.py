@@ -50,6 +50,7 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
         port=args.port,
         token=args.token,
         timeout_s=args.timeout,
+        dashboard_port=args.dashboard_port,
     )
 
 
@@ -177,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--token", default=None, help="API token (default: EXPERTMESH_TOKEN/random)")
     up.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for start")
+    up.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=None,
+        help="also start Ray's dashboard on this port (needed by `ray job submit`; ~1 GB)",
+    )
     up.add_argument(
         "--foreground", action="store_true", help="serve in this process until SIGTERM/Ctrl-C"
     )

@@ -38,6 +38,7 @@ class UpOptions:
     port: int = 8000
     token: str | None = None
     timeout_s: float = 180.0
+    dashboard_port: int | None = None  # Ray dashboard (needed by `ray job submit`); None: off
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -112,7 +113,17 @@ def run_foreground(opts: UpOptions) -> int:
     check_port_free(opts.host, opts.port)
     stop = threading.Event()
     url = None
-    cluster = connect()
+    from expertmesh.runtime import LocalRayOptions
+
+    dashboard = opts.dashboard_port is not None
+    cluster = connect(
+        local=LocalRayOptions(dashboard=dashboard, dashboard_port=opts.dashboard_port)
+    )
+    if dashboard:
+        print(
+            f"Ray dashboard (for `ray job submit`): http://127.0.0.1:{opts.dashboard_port}",
+            flush=True,
+        )
     # NOTE: after connect(): ray.init installs its own SIGTERM handler (sys.exit) in a driver
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -152,6 +163,8 @@ def start_background(opts: UpOptions) -> info.ApiInfo:
     check_port_free(opts.host, opts.port)
     argv = ["up", "--model", opts.model, "--shards", str(opts.shards)]
     argv += ["--replicas", str(opts.replicas), "--host", opts.host, "--port", str(opts.port)]
+    if opts.dashboard_port is not None:
+        argv += ["--dashboard-port", str(opts.dashboard_port)]
     env = dict(os.environ)
     if opts.token:  # through the environment: argv is visible to every user in `ps`
         env["EXPERTMESH_TOKEN"] = opts.token

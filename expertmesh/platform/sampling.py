@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from expertmesh.platform.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(kw_only=True, slots=True)
@@ -43,6 +45,8 @@ def sample_next(
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
     """Pick one token per row; rows with temperature 0 are greedy. Returns (B,) int64."""
+    import torch  # NOTE: here, not at the top, so the SDK and CLI import without torch
+
     logits_BV = logits_BV.float()
     greedy_B = logits_BV.argmax(dim=-1)
     sampled = temperature_B > 0
