@@ -21,13 +21,15 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh.actors import names
+from expertmesh.actors.elastic import ElasticOps
 from expertmesh.actors.expert_shard import ExpertShard, ShardResources
+from expertmesh.actors.health import HealthOps
 from expertmesh.actors.metrics import ControllerMetrics
 from expertmesh.actors.router import RouterService
 from expertmesh.actors.state import StateStore
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
-from expertmesh.platform.autoscale import AutoscaleConfig, AutoscaleState, LoadSnapshot, autoscale
+from expertmesh.platform.autoscale import AutoscaleConfig, AutoscaleState
 
 log = logging.getLogger(__name__)
 ExpertKey = tuple[int, int]
@@ -54,7 +56,7 @@ class ShardRecord:
     draining: bool = False
 
 
-class Controller:
+class Controller(HealthOps, ElasticOps):
     """Wrapped with ``ray.remote`` (detached, named, restartable) by :func:`start_controller`."""
 
     def __init__(
@@ -277,84 +279,6 @@ class Controller:
             self._save()
             return self.status()
 
-    def scale(self, shards: int) -> dict[str, Any]:
-        """Grow or shrink the shard pool to ``shards``: new shards get the hottest experts first;
-        removed shards are drained (no new dispatches, in-flight calls finish) before they stop."""
-        if self.spec is None:
-            raise RuntimeError("nothing is deployed; deploy a model before scaling")
-        with self.lock:
-            current = self._infos()
-            self.spec.shards = shards
-            self._save()
-            t0 = time.time()
-            if shards > len(current):
-                load = self._expert_load()
-                new = self._start_shards(shards - len(current))
-                plan = pl.scale_out(
-                    self.table, current, new, load, min_replicas=self.spec.min_replicas
-                )
-                self._apply(plan, f"scale out to {shards} shards")
-                self._event(
-                    "scaled_out",
-                    f"{len(current)} -> {shards} shards in {time.time() - t0:.2f}s",
-                    shards=shards,
-                    new=[s.shard_id for s in new],
-                )
-            elif shards < len(current):
-                plan = pl.scale_in(
-                    self.table,
-                    current,
-                    self._expert_load(),
-                    count=len(current) - shards,
-                    min_replicas=self.spec.min_replicas,
-                )
-                for sid in plan.drain:
-                    self.shards[sid].draining = True
-                    self.handles[sid].set_draining.remote(True)
-                self._save()
-                self._apply(plan, f"scale in to {shards} shards")
-                self._stop_drained(plan.drain)
-                self._event(
-                    "scaled_in",
-                    f"{len(current)} -> {shards} shards in {time.time() - t0:.2f}s",
-                    shards=shards,
-                    drained=list(plan.drain),
-                )
-        return self.status()
-
-    def _stop_drained(self, drained: tuple[str, ...]) -> None:
-        """Wait for routers to stop sending (table refresh) and in-flight calls to end, then stop."""
-        time.sleep(2 * self.reconcile_s + 0.5)
-        deadline = time.time() + 10.0
-        for sid in drained:
-            h = self.handles[sid]
-            while time.time() < deadline:
-                try:
-                    if ray.get(h.stats.remote(), timeout=1.0)["queue_depth"] == 0:
-                        break
-                except Exception:
-                    break
-                time.sleep(0.05)
-            ray.kill(h, no_restart=True)
-            self.handles.pop(sid, None)
-            self.shards.pop(sid, None)
-            self._event("shard_stopped", f"shard {sid} drained and stopped", shard=sid)
-        self._save()
-
-    def _expert_load(self) -> dict[ExpertKey, float]:
-        """Tokens each expert has served, summed over replicas (from the shards' counters)."""
-        refs = [h.stats.remote() for s, h in self.handles.items() if s in self.shards]
-        load: dict[ExpertKey, float] = {}
-        for ref in refs:
-            try:
-                st = ray.get(ref, timeout=self.heartbeat_timeout_s)
-            except Exception:
-                continue
-            for k, v in st["tokens_served"].items():
-                layer, expert = map(int, k.split(":"))
-                load[(layer, expert)] = load.get((layer, expert), 0.0) + v
-        return load
-
     def get_placement(self, known_version: int = -1) -> dict[str, Any] | None:
         """The table and shard handles, or None if the caller already has ``known_version``."""
         table = self.table
@@ -427,223 +351,3 @@ class Controller:
         self.shards.clear()
         self.table = pl.PlacementTable(version=self.table.version + 1, replicas={})
         self._event("teardown", "stopped router and shards")
-
-    # ------------------------------------------------------------------ reconcile loop
-    def _reconcile_loop(self) -> None:
-        while not self._stop.wait(self.reconcile_s):
-            try:
-                self.reconcile()
-            except Exception:  # the loop must survive anything
-                log.exception("reconcile failed")
-
-    def reconcile(self) -> None:
-        """One pass: 1) dead shards, 2) load sample, 3) node changes, 4) autoscaling."""
-        if self.spec is None:
-            return
-        dead = self._detect_dead()
-        if dead:
-            self._heal(dead)
-        now = time.time()
-        if now - self.load_sampled_at >= self.load_period_s:
-            self._sample_load(now)
-            self._watch_nodes()
-            self._autoscale_tick(now)
-
-    def _heal(self, dead: set[str]) -> None:
-        assert self.spec is not None
-        t0 = time.time()
-        with self.lock:
-            dead = {s for s in dead if s in self.shards and not self.shards[s].draining}
-            if not dead:  # stopped on purpose (scale-in) while the health check ran
-                return
-            for sid in dead:
-                self._event(
-                    "shard_failed", f"shard {sid} is dead; dropping its replicas", shard=sid
-                )
-                handle = self.handles.pop(sid, None)
-                if handle is not None:  # fence it: a hung shard must not come back half-alive
-                    with contextlib.suppress(Exception):
-                        ray.kill(handle, no_restart=True)
-                self.shards.pop(sid, None)
-                self.missed.pop(sid, None)
-            # 1) restore min_replicas on the live shards at once (loads a few experts each)
-            plan = pl.heal(
-                self.table,
-                self._infos(),
-                dead,
-                load=self.load_ema,
-                min_replicas=self.spec.min_replicas,
-            )
-            self._apply(plan, f"heal after losing {sorted(dead)}")
-            short = [k for k, v in self.table.replicas.items() if len(v) < self.spec.min_replicas]
-            self._event(
-                "replication_restored",
-                f"{len(self.table.replicas) - len(short)}/{len(self.table.replicas)} experts at "
-                f"{self.spec.min_replicas}+ replicas, {time.time() - t0:.2f}s after detection",
-                seconds=time.time() - t0,
-                short=len(short),
-            )
-            # 2) bring the shard count back to what was asked for
-            missing = self.spec.shards - len(self._infos())
-            if missing > 0:
-                new = self._start_shards(missing)
-                plan = pl.rebalance(
-                    self.table,
-                    self._infos(),
-                    self.load_ema,
-                    min_replicas=self.spec.min_replicas,
-                    num_slots=self.table.total_replicas(),
-                )
-                self._apply(plan, f"replacement shards {[s.shard_id for s in new]}")
-
-    def _sample_load(self, now: float) -> None:
-        """Per-expert tokens/s (EMA, for EPLB) and per-shard busy fraction (for autoscaling)."""
-        refs = {s: h.stats.remote() for s, h in self.handles.items() if s in self.shards}
-        dt = max(1e-3, now - self.load_sampled_at) if self.load_sampled_at else None
-        observed: dict[ExpertKey, float] = {}
-        totals: dict[ExpertKey, float] = {}
-        for sid, ref in refs.items():
-            try:
-                st = ray.get(ref, timeout=self.heartbeat_timeout_s)
-            except Exception:
-                continue
-            prev_busy = self.prev_busy.get(sid)
-            if dt and prev_busy is not None:
-                self.shard_busy[sid] = min(1.0, max(0.0, (st["busy_s"] - prev_busy) / dt))
-            self.prev_busy[sid] = st["busy_s"]
-            for k, v in st["tokens_served"].items():
-                layer, expert = map(int, k.split(":"))
-                totals[(layer, expert)] = totals.get((layer, expert), 0.0) + v
-        if dt:
-            for key, total in totals.items():
-                observed[key] = max(0.0, total - self.prev_tokens.get(key, 0.0)) / dt
-            self.load_ema = pl.update_load_ema(self.load_ema, observed, 0.3)
-        self.prev_tokens = totals
-        self.load_sampled_at = now
-        self.metrics.record(self.table, self.shard_busy)
-
-    def _watch_nodes(self) -> None:
-        """A node joining gets a shard (moved from the most crowded node); leaving is logged."""
-        alive = set(self._alive_nodes())
-        if not self.known_nodes:
-            self.known_nodes = alive
-            return
-        joined, left = alive - self.known_nodes, self.known_nodes - alive
-        self.known_nodes = alive
-        for node in left:
-            self._event("node_left", f"node {node[:8]} left the cluster", node=node)
-        for node in joined:
-            self._event("node_joined", f"node {node[:8]} joined the cluster", node=node)
-        if joined and self.spec is not None:
-            self.rebalance_shards()
-
-    def rebalance_shards(self) -> None:
-        """Move shards from crowded nodes to empty ones (make-before-break), then rebalance."""
-        assert self.spec is not None
-        with self.lock:
-            per_node: dict[str, list[str]] = {n: [] for n in self._alive_nodes()}
-            for s in self._infos():
-                per_node.setdefault(s.node_id, []).append(s.shard_id)
-            moves = 0
-            while True:
-                crowded = max(per_node, key=lambda n: len(per_node[n]))
-                empty = min(per_node, key=lambda n: len(per_node[n]))
-                if len(per_node[crowded]) - len(per_node[empty]) < 2:
-                    break
-                new = self._start_shards(1, nodes=[empty])
-                plan = pl.scale_out(
-                    self.table,
-                    self._infos(),
-                    new,
-                    self.load_ema,
-                    num_slots=self.table.total_replicas(),
-                    min_replicas=self.spec.min_replicas,
-                )
-                self._apply(plan, f"spread to node {empty[:8]}")
-                victim = per_node[crowded].pop()
-                per_node[empty].append(new[0].shard_id)
-                plan = pl.scale_in(
-                    self.table,
-                    self._infos(include_draining=True),
-                    self.load_ema,
-                    shard_ids=[victim],
-                    min_replicas=self.spec.min_replicas,
-                )
-                self.shards[victim].draining = True
-                self._apply(plan, f"move shard {victim} off node {crowded[:8]}")
-                self._stop_drained((victim,))
-                moves += 1
-            if moves:
-                self._event(
-                    "rebalanced", f"moved {moves} shard(s) to spread over {len(per_node)} nodes"
-                )
-
-    def rebalance(self) -> dict[str, Any]:
-        """Re-fit replica counts to the measured load (hot experts get more replicas)."""
-        assert self.spec is not None
-        with self.lock:
-            plan = pl.rebalance(
-                self.table, self._infos(), self.load_ema, min_replicas=self.spec.min_replicas
-            )
-            if plan.moves:
-                self._apply(plan, "rebalance to measured load")
-                self._event("rebalanced", f"{len(plan.moves)} replica moves to follow load")
-        return {"moves": len(plan.moves), "version": self.table.version}
-
-    def set_autoscaling(self, config: AutoscaleConfig | None) -> None:
-        """Turn the autoscaling policy on (with ``config``) or off (None)."""
-        self.autoscale_cfg = config
-        self.autoscale_state = AutoscaleState()
-        self._event("autoscaling", "enabled" if config else "disabled")
-
-    def _autoscale_tick(self, now: float) -> None:
-        cfg = self.autoscale_cfg
-        if cfg is None or self.spec is None:
-            return
-        current = self._infos()
-        snapshot = LoadSnapshot(
-            num_shards=len(current),
-            shard_load={s.shard_id: self.shard_busy.get(s.shard_id, 0.0) for s in current},
-            num_experts=len(self.table.replicas),
-        )
-        target, self.autoscale_state = autoscale(snapshot, self.autoscale_state, cfg, now)
-        if target == len(current):
-            return
-        self._event(
-            "autoscale", f"{len(current)} -> {target} shards: {self.autoscale_state.reason}"
-        )
-        res = self.spec.shard_resources
-        with contextlib.suppress(Exception):  # only meaningful where an autoscaler runs (KubeRay)
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[{"CPU": res.num_cpus, **(res.resources or {})}] * target)
-        self.scale(target)
-
-    def _detect_dead(self) -> set[str]:
-        live = {
-            s: h
-            for s, h in self.handles.items()
-            if s in self.shards and not self.shards[s].draining
-        }
-        refs = {s: h.ping.remote() for s, h in live.items()}
-        dead = {s for s, n in self.missed.items() if n >= 10**6}
-        alive_nodes = set(self._alive_nodes())
-        dead |= {s for s, rec in self.shards.items() if rec.node_id not in alive_nodes}
-        if refs:
-            ready, _ = ray.wait(
-                list(refs.values()), num_returns=len(refs), timeout=self.heartbeat_timeout_s
-            )
-            ready_set = set(ready)
-            for s, ref in refs.items():
-                if ref in ready_set:
-                    try:
-                        ray.get(ref)
-                        self.missed[s] = 0
-                        continue
-                    except Exception:
-                        dead.add(s)
-                        continue
-                self.missed[s] = self.missed.get(s, 0) + 1
-                if self.missed[s] >= 3:
-                    dead.add(s)
-        return dead
