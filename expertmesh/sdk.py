@@ -105,6 +105,38 @@ class Cluster:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         return ray.get(self.controller.scale.remote(shards))
 
+    def autoscale(
+        self,
+        *,
+        enabled: bool = True,
+        min_shards: int = 2,
+        max_shards: int = 16,
+        target_utilisation: float = 0.7,
+        upscale_cooldown_s: float = 30.0,
+        downscale_cooldown_s: float = 300.0,
+        downscale_delay_s: float = 120.0,
+    ) -> None:
+        """Let the controller size the shard pool from measured shard load (busy fraction).
+
+        On a real cluster it also asks Ray's autoscaler for the resources, which KubeRay turns
+        into pods. ``enabled=False`` turns it off.
+        """
+        import ray
+
+        from expertmesh.platform.autoscale import AutoscaleConfig
+
+        cfg = None
+        if enabled:
+            cfg = AutoscaleConfig(
+                min_shards=min_shards,
+                max_shards=max_shards,
+                target_utilisation=target_utilisation,
+                upscale_cooldown_s=upscale_cooldown_s,
+                downscale_cooldown_s=downscale_cooldown_s,
+                downscale_delay_s=downscale_delay_s,
+            )
+        ray.get(self.controller.set_autoscaling.remote(cfg))
+
     # ------------------------------------------------------------------ generation
     def _router(self):
         import ray

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 
 import pytest
@@ -63,6 +66,25 @@ def test_kill_shard_under_load(cluster, checkpoint, expected) -> None:
     wait_shards(cluster.status, 4)  # a replacement shard was started
 
 
+def test_hung_shard_is_bypassed_and_replaced(cluster, checkpoint, expected) -> None:
+    cluster.deploy(checkpoint, shards=4, replicas=2)
+    victim = cluster.status()["shards"][2]
+    with SteadyLoad(_gen(cluster), expected, clients=4) as load:
+        load.wait_for(10)
+        # a real hang: the shard's process stops answering (not dead, so Ray sees nothing)
+        os.kill(victim["pid"], signal.SIGSTOP)
+        try:
+            restored = wait_replicated(cluster.status, 2, timeout=20)
+            load.wait_for(load.report.ok + 20)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # fenced already: ray.kill'ed
+                os.kill(victim["pid"], signal.SIGCONT)
+    assert load.report.failed == 0, load.report.errors[:3]
+    assert load.report.wrong == 0
+    assert restored < 20
+    assert victim["shard_id"] not in {s["shard_id"] for s in cluster.status()["shards"]}
+
+
 def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> None:
     cluster.deploy(checkpoint, shards=4, replicas=2)
     before = cluster.status()
@@ -107,3 +129,31 @@ def test_scale_out_and_in_under_load(cluster, checkpoint, expected) -> None:
     assert elapsed < 90
     placement = cluster.status()["placement"]
     assert all(len(v) == 2 for v in placement.values())  # 2 shards, 2 replicas each
+
+
+def test_autoscaling_follows_load(cluster, checkpoint, expected) -> None:
+    cluster.deploy(checkpoint, shards=2, replicas=2)
+    # aggressive settings so the test is short: any sustained load wants more shards
+    cluster.autoscale(
+        min_shards=2,
+        max_shards=4,
+        target_utilisation=0.05,
+        upscale_cooldown_s=0.0,
+        downscale_cooldown_s=0.0,
+        downscale_delay_s=3.0,
+    )
+    with SteadyLoad(_gen(cluster), expected, clients=6, max_seconds=90) as load:
+        deadline = time.monotonic() + 60
+        while len(cluster.status()["shards"]) < 3 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        grown = len(cluster.status()["shards"])
+    assert grown >= 3
+    assert load.report.failed == 0, load.report.errors[:3]
+    assert load.report.wrong == 0
+    # idle: back to the minimum
+    deadline = time.monotonic() + 60
+    while len(cluster.status()["shards"]) > 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert len(cluster.status()["shards"]) == 2
+    assert any(e["kind"] == "autoscale" for e in cluster.events())
+    cluster.autoscale(enabled=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import ray
 from ray.cluster_utils import Cluster as RayTestCluster
@@ -96,5 +98,15 @@ def test_remove_node_under_load(ray_nodes, cluster, checkpoint, expected, gracef
     assert restored < 20
     st = wait_shards(cluster.status, 4)  # replacements start on the nodes that are left
     assert victim_id not in {s["node_id"] for s in st["shards"]}
-    workers.append(rc.add_node(**_node_args(), num_cpus=2))  # back to 3 nodes for the next case
+    joined = rc.add_node(**_node_args(), num_cpus=2)  # back to 3 nodes for the next case
+    workers.append(joined)
     rc.wait_for_nodes()
+    # a node joining triggers rebalancing: a shard moves onto it (make-before-break)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if joined.node_id in {s["node_id"] for s in cluster.status()["shards"]}:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("no shard moved to the node that joined")
+    assert any(e["kind"] == "node_joined" for e in cluster.events())
