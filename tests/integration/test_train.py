@@ -21,14 +21,14 @@ def test_tiny_model_learns_and_is_tracked(state_home, prepared_data, tmp_path) -
         model=base.model,  # the tiny.yaml shape, trained briefly on smaller batches
         data=prepared_data,
         train=TrainConfig(
-            steps=240,
-            batch_size=8,
+            steps=300,
+            batch_size=16,
             seq_len=64,
             lr=3e-3,
             warmup_steps=20,
-            eval_every=120,
+            eval_every=150,
             eval_batches=4,
-            checkpoint_every=120,
+            checkpoint_every=150,
             log_every=20,
             output_dir=str(tmp_path / "ckpt"),
             experiment="test-train",
@@ -40,11 +40,15 @@ def test_tiny_model_learns_and_is_tracked(state_home, prepared_data, tmp_path) -
     result = train(cfg, tracker=tracker, progress=False)
 
     val = TokenData.load(prepared_data.data_dir, prepared_data.train_domains, "validation")
+    # a unigram model cannot beat the unigram entropy: these margins need learned context
+    # (300 steps of 1k tokens; the demo's full run goes much lower)
     for domain in prepared_data.train_domains:
         entropy = val.unigram_entropy(domain)
         loss = result.metrics[f"val_loss/{domain}"]
-        # a unigram model cannot beat the unigram entropy; context must buy well over a nat
-        assert loss < entropy - 1.0, (domain, loss, entropy)
+        assert loss < entropy - 0.75, (domain, loss, entropy)
+    weights = {d: val.n_tokens(d) / val.n_tokens() for d in prepared_data.train_domains}
+    mixed = sum(w * result.metrics[f"val_loss/{d}"] for d, w in weights.items())
+    assert mixed < val.unigram_entropy() - 1.25, (mixed, val.unigram_entropy())
 
     # MLflow's own client is the oracle for what was logged
     client = mlflow.MlflowClient(tracking_uri=tracker.uri)
@@ -52,7 +56,7 @@ def test_tiny_model_learns_and_is_tracked(state_home, prepared_data, tmp_path) -
     assert run.info.status == "FINISHED"
     assert run.data.params["model.n_experts"] == "8"
     history = client.get_metric_history(result.run_id, "ce_loss")
-    assert [m.step for m in history][-1] == 240
+    assert [m.step for m in history][-1] == 300
     assert history[-1].value < history[0].value - 1.0
     for name in ("aux_loss/L0", "z_loss/L3", "load/L2/E7", "dropped_fraction", "tokens_per_s"):
         assert name in run.data.metrics, name
