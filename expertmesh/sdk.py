@@ -51,6 +51,7 @@ class Cluster:
         self.owns_ray = owns_ray
         self.controller = get_controller(create=True)
         self._serve_url: str | None = None
+        self.api_token: str | None = None  # the HTTP API's bearer token, once serve() ran
 
     # ------------------------------------------------------------------ deploy and scale
     def deploy(
@@ -210,9 +211,14 @@ class Cluster:
 
     def serve(self, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> str:
         """Start the HTTP API (Ray Serve) for this cluster; returns its base URL."""
+        from expertmesh.api import info
         from expertmesh.api.app import start_api
 
         self._serve_url = start_api(host=host, port=port, token=token)
+        saved = info.read_info(info.api_file())
+        self.api_token = (
+            saved.token if saved is not None and saved.url == self._serve_url else token
+        )
         return self._serve_url
 
     def shutdown(self) -> None:

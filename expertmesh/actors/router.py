@@ -139,9 +139,9 @@ class RouterService:
                     q.put_nowait(out)
 
     def _submit(
-        self, prompt: str | list[int], params: dict[str, Any]
+        self, prompt: str | list[int], params: dict[str, Any], trace: bool = False
     ) -> tuple[Sequence, asyncio.Queue]:
-        seq = self.engine.make_sequence(prompt, SamplingParams(**params))
+        seq = self.engine.make_sequence(prompt, SamplingParams(**params), trace=trace)
         q: asyncio.Queue = asyncio.Queue()
         self.waiters[seq.request_id] = q
         self.pending.append(seq)
@@ -167,7 +167,7 @@ class RouterService:
         self, prompt: str | list[int], params: dict[str, Any], routing: bool = False
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        seq, q = self._submit(prompt, params)
+        seq, q = self._submit(prompt, params, trace=routing)
         async for _ in self._drain(seq, q):
             pass
         self.latencies.append(time.perf_counter() - t0)

@@ -100,7 +100,7 @@ def run_demo(
         by_domain[domain] = outs[i : i + len(ps)]
         i += len(ps)
     n_tok = sum(c.completion_tokens for c in outs)
-    token = getattr(cluster, "api_token", None)
+    token = cluster.api_token
     return cluster, DemoResult(
         completions=by_domain, tokens_per_s=n_tok / elapsed, api_url=url, token=token
     )

@@ -37,6 +37,7 @@ class Sequence:
     generator: torch.Generator | None = None
     expert_counts: torch.Tensor | None = None  # (MoE layers, E) tokens served, when tracked
     token_experts: list[list[list[int]]] = field(default_factory=list)  # per fed token, per layer
+    trace: bool = False  # record token_experts (costs Python time per token; counts are cheap)
 
     @property
     def finished(self) -> bool:
@@ -98,7 +99,12 @@ class Engine:
         self.waiting.append(seq)
 
     def make_sequence(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        *,
+        trace: bool = False,
     ) -> Sequence:
         """A validated, not yet queued request (raises ConfigError naming what is wrong)."""
         ids = self.encode(prompt)
@@ -110,7 +116,9 @@ class Engine:
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
                 f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens",
             )
-        seq = Sequence(request_id=request_id or f"req-{next(_ids)}", prompt_ids=ids, params=params)
+        seq = Sequence(
+            request_id=request_id or f"req-{next(_ids)}", prompt_ids=ids, params=params, trace=trace
+        )
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         if self.track_routing:
@@ -211,20 +219,28 @@ class Engine:
         return StepOutput(seq=s, token_id=tok, text_delta=delta, finished=s.finished)
 
     def _record_routing(self, seqs, feeds, valid_BT, stats) -> None:
+        """Per-sequence expert counts (vectorised); per-token experts only for traced sequences."""
         row_N = torch.nonzero(valid_BT)[:, 0]  # row of each real token, row-major
-        E = self.cfg.n_experts
-        per_layer = []
-        for li, st in enumerate(stats):
-            r = st.routing
-            flat = row_N[r.token_idx_A] * E + r.expert_idx_A
-            counts_BE = torch.bincount(flat, minlength=len(seqs) * E).view(len(seqs), E)
-            for b, s in enumerate(seqs):
-                s.expert_counts[li] += counts_BE[b]
-            per_layer.append(st.experts_per_token())
+        B, E = len(seqs), self.cfg.n_experts
+        counts_BLE = torch.stack(
+            [
+                torch.bincount(
+                    row_N[st.routing.token_idx_A] * E + st.routing.expert_idx_A, minlength=B * E
+                ).view(B, E)
+                for st in stats
+            ],
+            dim=1,
+        )
+        for b, s in enumerate(seqs):
+            s.expert_counts += counts_BLE[b]
+        if not any(s.trace for s in seqs):
+            return
+        per_layer = [st.experts_per_token() for st in stats]
         starts = [0, *itertools.accumulate(len(f) for f in feeds)]
         for b, s in enumerate(seqs):
-            for n in range(starts[b], starts[b + 1]):
-                s.token_experts.append([layer[n] for layer in per_layer])
+            if s.trace:
+                for n in range(starts[b], starts[b + 1]):
+                    s.token_experts.append([layer[n] for layer in per_layer])
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: list[str | list[int]], params: SamplingParams) -> list[Sequence]:

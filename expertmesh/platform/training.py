@@ -89,8 +89,8 @@ def layer_metrics(stats: list[LayerStats]) -> dict[str, float]:
     """Per-layer aux/z losses and per-expert load fractions, keyed for MLflow."""
     out: dict[str, float] = {}
     for s in stats:
-        out[f"aux_loss/L{s.layer}"] = float(s.aux_loss)
-        out[f"z_loss/L{s.layer}"] = float(s.z_loss)
+        out[f"aux_loss/L{s.layer}"] = float(s.aux_loss.detach())
+        out[f"z_loss/L{s.layer}"] = float(s.z_loss.detach())
         for e, frac in enumerate(s.load_fractions()):
             out[f"load/L{s.layer}/E{e}"] = frac
     return out
