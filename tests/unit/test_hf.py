@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # NOTE: set before transformers is imported
@@ -104,8 +106,15 @@ def test_export_bfloat16_matches_transformers_in_bfloat16(tmp_path: Path) -> Non
     assert hf.model.embed_tokens.weight.dtype == torch.bfloat16
     assert torch.equal(hf.model.embed_tokens.weight, model.embed_tokens.weight)
     tokens_BT = torch.randint(0, 300, (2, 400))  # long: a bf16-rounded RoPE would show (~0.03)
+    reference = copy.deepcopy(model).float()  # the same bf16 weights, computed in float32
     with torch.no_grad():
-        assert max_diff(model(tokens_BT).logits, hf(tokens_BT).logits) <= 1e-2
+        ours, theirs = model(tokens_BT).logits, hf(tokens_BT).logits
+        exact = reference(tokens_BT).logits
+    # NOTE: on CPUs without a native bf16 matmul expertmesh multiplies experts in float32, so
+    # it is compared with both: no further from the float32 result than transformers' own bf16
+    # (which a bf16-rounded RoPE would break), and close to transformers.
+    assert max_diff(ours, exact) <= max(1.25 * max_diff(theirs, exact), 1e-2)
+    assert max_diff(ours, theirs) <= 3e-2
 
 
 @pytest.mark.parametrize("original_format", [True, False])

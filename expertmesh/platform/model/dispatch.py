@@ -32,7 +32,7 @@ def combine(y_AD: torch.Tensor, routing: Routing, n_tokens: int) -> torch.Tensor
     """Scale expert outputs by their gate weights and scatter-add them back to tokens: (T, D)."""
     weighted_AD = y_AD * routing.weight_A.to(y_AD.dtype)[:, None]
     out_TD = y_AD.new_zeros(n_tokens, y_AD.shape[1])
-    return out_TD.index_add(0, routing.token_idx_A, weighted_AD)
+    return out_TD.index_add_(0, routing.token_idx_A, weighted_AD)  # in place: no (T, D) copy
 
 
 class LocalDispatcher:

@@ -59,8 +59,7 @@ def _sorted_routing(
         keep = order[rank < capacity]
         n_dropped = expert_A.numel() - keep.numel()
         expert_A, weight_A, token_A = expert_A[keep], weight_A[keep], token_A[keep]
-    order = torch.argsort(expert_A, stable=True)
-    expert_A = expert_A[order]
+    expert_A, order = torch.sort(expert_A, stable=True)
     return Routing(
         token_idx_A=token_A[order],
         expert_idx_A=expert_A,
