@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # NOTE: set before transformers is imported
