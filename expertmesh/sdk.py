@@ -53,6 +53,24 @@ class Cluster:
         self._serve_url: str | None = None
         self.api_token: str | None = None  # the HTTP API's bearer token, once serve() ran
 
+    def _call(self, method: str, *args: Any, timeout_s: float = 60.0) -> Any:
+        """Call the controller, waiting out a restart (Ray restarts it if it dies)."""
+        import time
+
+        import ray
+        from ray.exceptions import ActorUnavailableError
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return ray.get(getattr(self.controller, method).remote(*args))
+            except ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"the expertmesh controller did not come back within {timeout_s:.0f}s"
+                    ) from None
+                time.sleep(0.2)
+
     # ------------------------------------------------------------------ deploy and scale
     def deploy(
         self,
@@ -75,7 +93,6 @@ class Cluster:
             cluster.deploy("expertmesh-tiny", shards=4, replicas=2)
             print(cluster.generate("ROMEO.", max_tokens=32).text)
         """
-        import ray
 
         from expertmesh.actors.controller import DeploymentSpec
         from expertmesh.actors.expert_shard import ShardResources
@@ -96,15 +113,14 @@ class Cluster:
             ),
             max_batch=max_batch,
         )
-        return ray.get(self.controller.deploy.remote(spec))
+        return self._call("deploy", spec)
 
     def scale(self, shards: int) -> dict[str, Any]:
         """Grow or shrink the expert shard pool to ``shards`` actors, live."""
-        import ray
 
         if shards < 1:
             raise ClusterError(f"shards must be >= 1, got {shards}")
-        return ray.get(self.controller.scale.remote(shards))
+        return self._call("scale", shards)
 
     def autoscale(
         self,
@@ -122,7 +138,6 @@ class Cluster:
         On a real cluster it also asks Ray's autoscaler for the resources, which KubeRay turns
         into pods. ``enabled=False`` turns it off.
         """
-        import ray
 
         from expertmesh.platform.autoscale import AutoscaleConfig
 
@@ -136,7 +151,7 @@ class Cluster:
                 downscale_cooldown_s=downscale_cooldown_s,
                 downscale_delay_s=downscale_delay_s,
             )
-        ray.get(self.controller.set_autoscaling.remote(cfg))
+        self._call("set_autoscaling", cfg)
 
     # ------------------------------------------------------------------ generation
     def _router(self):
@@ -194,14 +209,12 @@ class Cluster:
 
     # ------------------------------------------------------------------ state
     def status(self) -> dict[str, Any]:
-        import ray
 
-        return ray.get(self.controller.status.remote())
+        return self._call("status")
 
     def events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        import ray
 
-        return ray.get(self.controller.get_events.remote(since))
+        return self._call("get_events", since)
 
     def runs(self, experiment: str = "expertmesh", max_results: int = 20) -> list[dict[str, Any]]:
         """Recent MLflow runs of ``experiment``."""
