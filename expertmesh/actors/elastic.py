@@ -110,10 +110,11 @@ class ElasticOps:
                 empty = min(per_node, key=lambda n: len(per_node[n]))
                 if len(per_node[crowded]) - len(per_node[empty]) < 2:
                     break
+                existing = self._infos()  # before the new shard joins self.shards
                 new = self._start_shards(1, nodes=[empty])
                 plan = pl.scale_out(
                     self.table,
-                    self._infos(),
+                    existing,
                     new,
                     self.load_ema,
                     num_slots=self.table.total_replicas(),
