@@ -47,7 +47,10 @@ def ray_nodes():
         initialize_head=True,
         head_node_args={
             **_node_args(),
-            "num_cpus": 1,
+            # room for the router beside head-node shards even while a torn-down deployment's
+            # actors are still releasing their CPUs (else the router's soft affinity falls back
+            # to a worker node, which these tests then remove)
+            "num_cpus": 2,
             "include_dashboard": False,
             "_system_config": dict(FAST_HEALTH_CHECKS),
         },
