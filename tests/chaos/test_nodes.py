@@ -99,7 +99,7 @@ def test_remove_node_under_load(ray_nodes, cluster, checkpoint, expected, gracef
     assert r.failed == 0, r.errors[:3]
     assert r.wrong == 0
     assert restored < 20
-    st = wait_shards(cluster.status, 4)  # replacements start on the nodes that are left
+    st = wait_shards(cluster.status, 4, timeout=90)  # replacements start on the nodes left
     assert victim_id not in {s["node_id"] for s in st["shards"]}
     joined = rc.add_node(**_node_args(), num_cpus=2)  # back to 3 nodes for the next case
     workers.append(joined)
