@@ -20,7 +20,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from expertmesh.actors import names
+from expertmesh.actors import names, nodes
 from expertmesh.actors.elastic import ElasticOps
 from expertmesh.actors.expert_shard import ExpertShard, ShardResources
 from expertmesh.actors.health import HealthOps
@@ -245,12 +245,6 @@ class Controller(HealthOps, ElasticOps):
             cfg = manifest.config
             self.spec = spec
             self._save()  # write down what we are about to do before doing it
-            infos = self._start_shards(spec.shards)
-            experts = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.n_experts)]
-            plan = pl.place(experts, infos, min_replicas=spec.min_replicas)
-            for w in plan.warnings:
-                self._event("warning", w)
-            self._apply(plan, "deploy")
             self.router = (
                 ray.remote(RouterService)
                 .options(
@@ -259,10 +253,9 @@ class Controller(HealthOps, ElasticOps):
                     lifetime="detached",
                     num_cpus=spec.router_num_cpus,
                     max_concurrency=1000,
-                    # the router sits with the controller (the head node), apart from the shards
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(
-                        ray.get_runtime_context().get_node_id(), soft=True
-                    ),
+                    # the router sits with the controller on the head node, apart from the
+                    # shards; it starts first so that the shards cannot take the head's capacity
+                    scheduling_strategy=nodes.on_head(),
                 )
                 .remote(
                     spec.checkpoint_uri,
@@ -271,6 +264,13 @@ class Controller(HealthOps, ElasticOps):
                     call_timeout_s=spec.call_timeout_s,
                 )
             )
+            infos = self._start_shards(spec.shards)
+            experts = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.n_experts)]
+            plan = pl.place(experts, infos, min_replicas=spec.min_replicas)
+            for w in plan.warnings:
+                self._event("warning", w)
+            self._apply(plan, "deploy")
+            # the router started before the table existed: make it fetch the table now
             ray.get(self.router.ready.remote(), timeout=120)
             self._event(
                 "deployed",
@@ -305,10 +305,11 @@ class Controller(HealthOps, ElasticOps):
         for st in stats.values():
             for k, v in st.get("tokens_served", {}).items():
                 load[k] = load.get(k, 0) + v
-        nodes = [
+        node_rows = [
             {
                 "node_id": n["NodeID"],
                 "alive": n["Alive"],
+                "head": nodes.HEAD_RESOURCE in n.get("Resources", {}),
                 "address": n.get("NodeManagerAddress"),
                 "cpus": n.get("Resources", {}).get("CPU", 0),
             }
@@ -329,7 +330,8 @@ class Controller(HealthOps, ElasticOps):
                 f"{k[0]}:{k[1]}": list(v) for k, v in sorted(self.table.replicas.items())
             },
             "shards": [{**asdict(rec), **stats.get(s, {})} for s, rec in records.items()],
-            "nodes": nodes,
+            "nodes": node_rows,
+            "controller_node_id": ray.get_runtime_context().get_node_id(),
             "expert_load": load,
             "router": router,
         }
@@ -348,6 +350,18 @@ class Controller(HealthOps, ElasticOps):
                     ray.kill(h, no_restart=True)
         self.router = None
         self.handles.clear()
+        _wait_name_free(names.ROUTER)  # ray.kill is asynchronous; the next deploy reuses the name
         self.shards.clear()
         self.table = pl.PlacementTable(version=self.table.version + 1, replicas={})
         self._event("teardown", "stopped router and shards")
+
+
+def _wait_name_free(name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=names.NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"actor {name!r} still registered {timeout:.0f}s after it was killed")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import uuid
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh import envs
-from expertmesh.actors import names
+from expertmesh.actors import names, nodes
 from expertmesh.actors.controller import Controller
 
 
@@ -33,10 +32,9 @@ def get_controller(create: bool = True, state_uri: str | None = None) -> ray.act
             max_task_retries=0,
             max_concurrency=32,
             num_cpus=0,
-            # the control plane lives on the driver's (head) node, not beside the shards
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True
-            ),
+            # the control plane lives on the head node, not beside the shards. NOTE: hard: Ray
+            # ignores a soft node affinity for an actor that asks for no resources
+            scheduling_strategy=nodes.on_head(soft=False),
         )
         .remote(uri, uuid.uuid4().hex)
     )

@@ -76,7 +76,11 @@ class RouterService:
 
     # ------------------------------------------------------------------ placement cache
     def _refresh_now(self) -> bool:
-        update = ray.get(self.controller.get_placement.remote(self.dispatcher.view.version))
+        return self._take(
+            ray.get(self.controller.get_placement.remote(self.dispatcher.view.version))
+        )
+
+    def _take(self, update: dict[str, Any] | None) -> bool:
         if update is None:
             return False
         self.dispatcher.update(
@@ -96,14 +100,7 @@ class RouterService:
             except Exception as exc:  # controller restarting: keep serving on the cached table
                 log.warning("placement refresh failed (%s); serving on cached table", exc)
                 continue
-            if update is not None:
-                self.dispatcher.update(
-                    PlacementView(
-                        version=update["version"],
-                        replicas={tuple(k): list(v) for k, v in update["replicas"]},
-                        handles=update["handles"],
-                    )
-                )
+            self._take(update)
 
     def _ensure_tasks(self) -> None:
         if self.loop_task is None or self.loop_task.done():
@@ -184,8 +181,11 @@ class RouterService:
             }
 
     # ------------------------------------------------------------------ introspection
-    def ready(self) -> bool:
-        return True
+    async def ready(self) -> int:
+        """Fetch the current placement now (the controller calls this once it has published the
+        table of a new deployment); returns the table version held."""
+        self._take(await self.controller.get_placement.remote(self.dispatcher.view.version))
+        return self.dispatcher.view.version
 
     def validate(self, prompt: str | list[int], params: dict[str, Any]) -> int:
         """Raise the error a request would get; returns its prompt length in tokens."""
@@ -207,5 +207,6 @@ class RouterService:
             "latency_p50_s": pct(0.5),
             "latency_p99_s": pct(0.99),
             "uptime_s": time.time() - self.started,
+            "node_id": ray.get_runtime_context().get_node_id(),
             "model": asdict(self.engine.cfg),
         }

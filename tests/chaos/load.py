@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 
@@ -82,13 +82,21 @@ class SteadyLoad:
 
 
 def wait_replicated(
-    status_fn: Callable[[], dict], min_replicas: int, timeout: float = 20.0
+    status_fn: Callable[[], dict],
+    min_replicas: int,
+    timeout: float = 20.0,
+    gone: Iterable[str] = (),
 ) -> float:
-    """Seconds until every expert has ``min_replicas`` replicas on live shards (or raise)."""
+    """Seconds until every expert has ``min_replicas`` replicas on live shards (or raise).
+
+    ``gone`` names shards just killed: ``ray.kill`` is asynchronous, so for a moment a killed
+    shard still answers; its replicas must not count.
+    """
     t0 = time.monotonic()
+    gone = set(gone)
     while time.monotonic() - t0 < timeout:
         st = status_fn()
-        live = {s["shard_id"] for s in st["shards"] if "error" not in s}
+        live = {s["shard_id"] for s in st["shards"] if "error" not in s} - gone
         counts = [len(set(v) & live) for v in st["placement"].values()]
         if counts and min(counts) >= min_replicas:
             return time.monotonic() - t0
@@ -105,3 +113,14 @@ def wait_shards(status_fn: Callable[[], dict], count: int, timeout: float = 30.0
             return st
         time.sleep(0.2)
     raise AssertionError(f"expected {count} shards within {timeout}s, have {len(st['shards'])}")
+
+
+def wait_event(events_fn: Callable[[], list[dict]], kind: str, timeout: float = 10.0) -> dict:
+    """The first event of ``kind`` (the controller logs some just after publishing a table)."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        for ev in events_fn():
+            if ev["kind"] == kind:
+                return ev
+        time.sleep(0.1)
+    raise AssertionError(f"no {kind!r} event within {timeout}s")

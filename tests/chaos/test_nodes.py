@@ -79,7 +79,11 @@ def test_shards_spread_over_nodes_and_generate(cluster, checkpoint, expected) ->
     assert len({s["node_id"] for s in st["shards"]}) == 3
     outs = cluster.generate(PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True)
     assert [o.token_ids for o in outs] == [expected[p] for p in PROMPTS]
-    node_of = {s["shard_id"]: s["node_id"] for s in cluster.status()["shards"]}
+    st = cluster.status()
+    head = [n["node_id"] for n in st["nodes"] if n["head"]]
+    # the control plane sits on the head node, which these tests never remove
+    assert head == [st["router"]["node_id"]] == [st["controller_node_id"]]
+    node_of = {s["shard_id"]: s["node_id"] for s in st["shards"]}
     for replicas in cluster.status()["placement"].values():  # anti-affinity across nodes
         assert len({node_of[s] for s in replicas}) == len(replicas)
 
@@ -92,8 +96,9 @@ def test_remove_node_under_load(ray_nodes, cluster, checkpoint, expected, gracef
     victim_id = victim.node_id
     with SteadyLoad(_gen(cluster), expected, clients=4) as load:
         load.wait_for(15)
+        lost = [s["shard_id"] for s in cluster.status()["shards"] if s["node_id"] == victim_id]
         rc.remove_node(victim, allow_graceful=graceful)
-        restored = wait_replicated(cluster.status, 2, timeout=20)
+        restored = wait_replicated(cluster.status, 2, timeout=20, gone=lost)
         load.wait_for(load.report.ok + 20)
     r = load.report
     assert r.failed == 0, r.errors[:3]
