@@ -106,8 +106,10 @@ def interleaved_median(
         once = time.perf_counter() - t0
         calls[name] = max(1, min(50, int(budget_s / rounds / len(fns) / max(once, 1e-6))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    names = list(fns)
+    for i in range(rounds):
+        for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
+            fn = fns[name]
             t0 = time.perf_counter()
             for _ in range(calls[name]):
                 fn()

@@ -79,22 +79,28 @@ def model_configs() -> dict[str, ModelConfig]:
     }
 
 
-def check_active_params(cfgs: dict[str, ModelConfig]) -> None:
-    """Raise unless the MoE's active parameters equal the dense model's plus the gate weights."""
-    dense = MoETransformer(cfgs["dense"]).num_parameters()
+def param_counts(cfgs: dict[str, ModelConfig]) -> dict[str, tuple[int, int]]:
+    """(total, active) parameters per model; raises unless the MoE's active parameters equal the
+    dense model's plus the gate weights."""
+    counts: dict[str, tuple[int, int]] = {}
+    for name, cfg in cfgs.items():
+        model = MoETransformer(cfg)
+        counts[name] = (model.num_parameters(), model.num_parameters(active=True))
     moe_cfg = cfgs["moe"]
-    moe_active = MoETransformer(moe_cfg).num_parameters(active=True)
     gates = len(moe_cfg.moe_layers) * moe_cfg.d_model * moe_cfg.n_experts
+    dense, moe_active = counts["dense"][1], counts["moe"][1]
     if moe_active != dense + gates:
         raise RuntimeError(
             f"active parameters differ: moe {moe_active} != dense {dense} + gates {gates}"
         )
+    return counts
 
 
 def run_one(
     name: str,
     model: ModelConfig,
     data: DataConfig,
+    counts: tuple[int, int],
     args: argparse.Namespace,
     tracker: Tracker,
     checkpoint_root: Path,
@@ -121,11 +127,10 @@ def run_one(
     train_s = time.perf_counter() - t0
     tracker.client.update_run(res.run_id, name=f"{name}-{args.steps}steps")
     tracker.client.set_tag(res.run_id, "bench.model", name)
-    built = MoETransformer(model)
     return Result(
         model=name,
-        total_params=built.num_parameters(),
-        active_params=built.num_parameters(active=True),
+        total_params=counts[0],
+        active_params=counts[1],
         val_loss={d: res.metrics[f"val_loss/{d}"] for d in data.train_domains},
         train_s=train_s,
         run_id=res.run_id,
@@ -172,7 +177,7 @@ def format_table(results: list[Result], entropy: dict[str, float]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=400, help="training steps per model")
+    p.add_argument("--steps", type=int, default=600, help="training steps per model")
     p.add_argument("--batch", type=int, default=16, help="sequences per batch")
     p.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (both models)")
@@ -192,7 +197,7 @@ def main() -> None:
     val = TokenData.load(data.data_dir, data.train_domains, "validation")
     entropy = {d: val.unigram_entropy(d) for d in data.train_domains}
     cfgs = model_configs()
-    check_active_params(cfgs)
+    counts = param_counts(cfgs)
     tracker = Tracker()
     print(f"MLflow: {tracker.uri} (experiment {EXPERIMENT!r})")
     print(
@@ -202,7 +207,7 @@ def main() -> None:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="expertmesh-bench-ckpt-") as ckpt_root:
         for name, model in cfgs.items():
-            r = run_one(name, model, data, args, tracker, Path(ckpt_root))
+            r = run_one(name, model, data, counts[name], args, tracker, Path(ckpt_root))
             print(f"  {name}: trained and evaluated in {r.train_s:.0f} s (run {r.run_id})")
             results.append(r)
     print()

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.model import MoELayer, run_experts
+from expertmesh.platform.model import experts as experts_module
 
 E, D, FF = 6, 32, 48
 
@@ -48,11 +49,12 @@ def random_case(counts: list[int], dtype: torch.dtype, seed: int) -> tuple:
     return x_AD, expert_A, w13, w2
 
 
-# zero-row experts first, in the middle and last; one-row slices (a matrix-vector product);
-# slices either side of the kernel's thin/thick switch (8 rows); thick slices
+THIN, NATIVE = experts_module._THIN_SLICE_ROWS, experts_module._NATIVE_LOW_PRECISION_ROWS
+# zero-row experts first, in the middle and last; one-row slices; slices either side of the
+# kernel's switches (bf16 kept native up to NATIVE rows; W @ x^T up to THIN rows); thick slices
 CASES = [
-    [0, 1, 8, 0, 9, 2],
-    [7, 3, 12, 5, 10, 4],
+    [0, 1, NATIVE, 0, NATIVE + 1, 2],
+    [7, THIN, THIN + 1, 5, 10, 0],
     [0, 0, 0, 0, 0, 1],
     [1, 1, 0, 1, 0, 0],
     [0, 150, 0, 0, 0, 150],

@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# NOTE: measured on a 2-core AVX2 EPYC (MKL): for a slice of a few rows, reading the weights is
-# the cost, and MKL streams W (M, K) up to 1.8x faster computing ``W @ x^T`` (``x^T`` a transposed
-# view) than ``x @ W^T``; from about 12 rows on, ``x @ W^T`` is as fast or faster.
-_THIN_SLICE_ROWS = 8
+# NOTE: measured on a 2-core AVX2 EPYC with 2 threads (MKL): for slices of a few rows MKL runs
+# ``x @ W^T`` on one core but ``W @ x^T`` (``x^T`` a transposed view) on both: 2.2x faster at 2-4
+# rows, 1.4x at 9, transposing copy included. From ~14 rows on, ``x @ W^T`` is as fast or faster.
+_THIN_SLICE_ROWS = 12
+# PyTorch's generic bf16/fp16 matmul costs about one vectorised matrix-vector product per row;
+# up to 3 rows that is cheaper than converting the expert's weights to float32 first.
+_NATIVE_LOW_PRECISION_ROWS = 3
 
 
 def run_experts(
@@ -65,14 +68,13 @@ def _linear(
 
     ``w_buf`` (in the matmul dtype) receives ``w`` when the two dtypes differ.
     """
+    n = x_nK.shape[0]
     if w_MK.dtype != out.dtype:
-        if x_nK.shape[0] == 1:
-            # NOTE: one row is a matrix-vector product, which PyTorch vectorises in bf16/fp16
-            # too; it reads the weights once, cheaper than converting them
-            return out.copy_(torch.mv(w_MK, x_nK[0].to(w_MK.dtype)))
+        if n <= _NATIVE_LOW_PRECISION_ROWS:
+            return out.copy_(torch.mm(x_nK.to(w_MK.dtype), w_MK.t()))
         assert w_buf is not None
         w_MK = w_buf.copy_(w_MK)
-    if x_nK.shape[0] <= _THIN_SLICE_ROWS:
+    if n <= _THIN_SLICE_ROWS:
         return out.copy_(torch.mm(w_MK, x_nK.t()).t())
     return torch.mm(x_nK, w_MK.t(), out=out)
 
@@ -82,8 +84,9 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype :func:`run_experts` multiplies in: ``dtype``, or float32 where it would be slow.
 
     On x86 CPUs without AVX512-BF16/AMX (oneDNN's test), PyTorch's bfloat16 and float16 matmuls
-    fall back to a generic kernel ~9x slower than float32 MKL; converting one expert's weights at
-    a time to float32 costs less than that at every batch size.
+    fall back to a generic kernel (measured on an AVX2 EPYC: ~18 GFLOP/s against ~160 for float32
+    MKL on 2 cores); for slices of more than a few rows, converting the expert's weights to
+    float32 first is cheaper.
     """
     if device.type != "cpu" or dtype not in (torch.bfloat16, torch.float16):
         return dtype
