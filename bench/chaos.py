@@ -151,8 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         lt.start()
         time.sleep(2.0)
-        before = {s["shard_id"] for s in cluster.status()["shards"]}
-        t0 = time.perf_counter()
+        # scale from a settled cluster: healed, and the warm spare pool refilled after the kills
+        settle0 = time.perf_counter()
+        while time.perf_counter() - settle0 < 30 and not (
+            replicated(cluster, 2) and cluster.status()["spares"]
+        ):
+            time.sleep(0.2)
+        before_st = cluster.status()
+        before = {s["shard_id"] for s in before_st["shards"]}
+        spares_before = before_st["spares"]
+        t0, wall0 = time.perf_counter(), time.time()
         out_thread = threading.Thread(target=cluster.scale, args=(6,))
         out_thread.start()
         first_dispatch = None
@@ -164,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(0.02)
         out_thread.join()
         scale_out_s = time.perf_counter() - t0
+        scale_events = [
+            f"  +{e['ts'] - wall0:5.2f}s {e['kind']}: {e['message']}"
+            for e in cluster.events(since=wall0)
+        ]
         time.sleep(2.0)
         t0 = time.perf_counter()
         cluster.scale(2)
@@ -194,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{first_dispatch if first_dispatch is None else round(first_dispatch, 2)}s "
         f"(target <= 3s); whole scale-out {scale_out_s:.2f}s"
     )
+    print(f"  warm spares at the request: {spares_before}; controller events:")
+    print("\n".join(scale_events))
     print(
         f"scale-in 6->2: {scale_in_s:.2f}s; requests during scaling: {len(scale.latencies)} ok, "
         f"{scale.failed} failed, {scale.wrong} wrong"

@@ -46,6 +46,7 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
         model=args.model,
         shards=args.shards,
         replicas=args.replicas,
+        warm_shards=args.warm_shards,
         host=args.host,
         port=args.port,
         token=args.token,
@@ -174,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", default="expertmesh-tiny", help="registry name[/version] or URI")
     up.add_argument("--shards", type=int, default=4, help="expert shard actors")
     up.add_argument("--replicas", type=int, default=2, help="copies of every expert")
+    up.add_argument(
+        "--warm-shards",
+        type=int,
+        default=1,
+        help="spare shard actors kept started for fast scale-out and healing",
+    )
     up.add_argument("--host", default="127.0.0.1", help="address the API binds (loopback)")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--token", default=None, help="API token (default: EXPERTMESH_TOKEN/random)")

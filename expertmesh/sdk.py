@@ -82,10 +82,13 @@ class Cluster:
         num_gpus: float = 0.0,
         resources: dict[str, float] | None = None,
         max_batch: int = 64,
+        warm_shards: int = 1,
     ) -> dict[str, Any]:
         """Serve ``model`` (a checkpoint URI, or an MLflow registry ``name[/version]``).
 
-        Experts are spread over ``shards`` actors with ``replicas`` copies of each expert.
+        Experts are spread over ``shards`` actors with ``replicas`` copies of each expert;
+        ``warm_shards`` more actors are kept started (holding no experts) so that scaling out
+        and replacing a failed shard take an already running process.
 
         Example::
 
@@ -102,6 +105,8 @@ class Cluster:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         if replicas < 1:
             raise ClusterError(f"replicas must be >= 1, got {replicas}")
+        if warm_shards < 0:
+            raise ClusterError(f"warm_shards must be >= 0, got {warm_shards}")
         resolved = resolve_model(model)
         spec = DeploymentSpec(
             model=resolved.name,
@@ -112,6 +117,7 @@ class Cluster:
                 num_cpus=num_cpus, num_gpus=num_gpus, resources=resources
             ),
             max_batch=max_batch,
+            warm_shards=warm_shards,
         )
         return self._call("deploy", spec)
 

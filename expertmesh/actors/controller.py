@@ -26,6 +26,7 @@ from expertmesh.actors.expert_shard import ExpertShard, ShardResources
 from expertmesh.actors.health import HealthOps
 from expertmesh.actors.metrics import ControllerMetrics
 from expertmesh.actors.router import RouterService
+from expertmesh.actors.spares import SpareOps
 from expertmesh.actors.state import StateStore
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
@@ -47,6 +48,7 @@ class DeploymentSpec:
     router_num_cpus: float = 0.25
     max_batch: int = 64
     call_timeout_s: float = 2.0
+    warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
 
 
 @dataclass(kw_only=True, slots=True)
@@ -56,7 +58,7 @@ class ShardRecord:
     draining: bool = False
 
 
-class Controller(HealthOps, ElasticOps):
+class Controller(HealthOps, ElasticOps, SpareOps):
     """Wrapped with ``ray.remote`` (detached, named, restartable) by :func:`start_controller`."""
 
     def __init__(
@@ -77,6 +79,9 @@ class Controller(HealthOps, ElasticOps):
         self.handles: dict[str, ray.actor.ActorHandle] = {}
         self.table = pl.PlacementTable(version=0, replicas={})
         self.router: ray.actor.ActorHandle | None = None
+        self.spares: dict[str, ray.actor.ActorHandle] = {}
+        self.refilling = False
+        self.generation = 0  # bumped by every teardown: stale spare refills are discarded
         self.next_shard = 0
         self.reconcile_s = reconcile_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
@@ -107,6 +112,7 @@ class Controller(HealthOps, ElasticOps):
             "session": self.session,
             "spec": None if self.spec is None else asdict(self.spec),
             "shards": [asdict(s) for s in self.shards.values()],
+            "spares": list(self.spares),
             "table": json.loads(self.table.to_json()),
             "next_shard": self.next_shard,
             "events": list(self.events)[-200:],
@@ -133,6 +139,9 @@ class Controller(HealthOps, ElasticOps):
             except ValueError:  # the shard died while we were down: the reconcile loop heals it
                 self.shards[rec.shard_id] = rec
                 self.missed[rec.shard_id] = 10**6
+        for sid in record.get("spares", []):
+            with contextlib.suppress(ValueError):  # a spare that died meanwhile is just gone
+                self.spares[sid] = ray.get_actor(names.shard_name(sid), namespace=names.NAMESPACE)
         try:
             self.router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
         except ValueError:
@@ -151,7 +160,7 @@ class Controller(HealthOps, ElasticOps):
         ]
 
     def _choose_nodes(self, count: int) -> list[str]:
-        """Nodes for ``count`` new shards: the ones holding fewest shards first (spread)."""
+        """Nodes for ``count`` new shards: the ones holding fewest shards (and spares) first."""
         nodes = self._alive_nodes()
         per_node = {n: 0 for n in nodes}
         for s in self.shards.values():
@@ -164,14 +173,19 @@ class Controller(HealthOps, ElasticOps):
             out.append(node)
         return out
 
-    def _start_shards(self, count: int, nodes: list[str] | None = None) -> list[pl.ShardInfo]:
+    def _spawn_shards(
+        self, count: int, nodes: list[str] | None
+    ) -> list[tuple[str, ray.actor.ActorHandle, str]]:
+        """Start ``count`` empty shard actors and wait until they answer: (id, handle, node)."""
         assert self.spec is not None
         res = self.spec.shard_resources
         cls = ray.remote(ExpertShard)
         started = []
-        for node in nodes or self._choose_nodes(count):
-            sid = f"s{self.next_shard}"
-            self.next_shard += 1
+        with self.lock:
+            targets = nodes or self._choose_nodes(count)
+            ids = [f"s{self.next_shard + i}" for i in range(len(targets))]
+            self.next_shard += len(targets)
+        for sid, node in zip(ids, targets, strict=True):
             handle = cls.options(
                 name=names.shard_name(sid),
                 namespace=names.NAMESPACE,
@@ -183,16 +197,18 @@ class Controller(HealthOps, ElasticOps):
                 max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
             ).remote(sid, self.spec.checkpoint_uri, [], res.threads)
-            self.handles[sid] = handle
-            started.append((sid, node, handle))
-        ready = ray.get([h.stats.remote() for _, _, h in started], timeout=120)
+            started.append((sid, handle))
+        ready = ray.get([h.stats.remote() for _, h in started], timeout=120)
+        return [(sid, h, st["node_id"]) for (sid, h), st in zip(started, ready, strict=True)]
+
+    def _start_shards(self, count: int, nodes: list[str] | None = None) -> list[pl.ShardInfo]:
+        """Start ``count`` new shards and put them in service (prefer :meth:`_take_shards`)."""
         infos = []
-        for (sid, _, _), st in zip(started, ready, strict=True):
-            self.shards[sid] = ShardRecord(shard_id=sid, node_id=st["node_id"])
-            infos.append(pl.ShardInfo(shard_id=sid, node_id=st["node_id"]))
-            self._event(
-                "shard_started", f"shard {sid} started on node {st['node_id'][:8]}", shard=sid
-            )
+        for sid, handle, node in self._spawn_shards(count, nodes):
+            self.handles[sid] = handle
+            self.shards[sid] = ShardRecord(shard_id=sid, node_id=node)
+            infos.append(pl.ShardInfo(shard_id=sid, node_id=node))
+            self._event("shard_started", f"shard {sid} started on node {node[:8]}", shard=sid)
         return infos
 
     def _infos(self, include_draining: bool = False) -> list[pl.ShardInfo]:
@@ -277,6 +293,7 @@ class Controller(HealthOps, ElasticOps):
                 f"{spec.model}: {spec.shards} shards, {spec.min_replicas} replicas per expert",
             )
             self._save()
+            self._refill_spares_soon()
             return self.status()
 
     def get_placement(self, known_version: int = -1) -> dict[str, Any] | None:
@@ -330,6 +347,7 @@ class Controller(HealthOps, ElasticOps):
                 f"{k[0]}:{k[1]}": list(v) for k, v in sorted(self.table.replicas.items())
             },
             "shards": [{**asdict(rec), **stats.get(s, {})} for s, rec in records.items()],
+            "spares": sorted(self.spares),
             "nodes": node_rows,
             "controller_node_id": ray.get_runtime_context().get_node_id(),
             "expert_load": load,
@@ -344,12 +362,14 @@ class Controller(HealthOps, ElasticOps):
         self._stop.set()
 
     def _teardown(self) -> None:
-        for h in [self.router, *self.handles.values()]:
+        self.generation += 1
+        for h in [self.router, *self.handles.values(), *self.spares.values()]:
             if h is not None:
                 with contextlib.suppress(Exception):
                     ray.kill(h, no_restart=True)
         self.router = None
         self.handles.clear()
+        self.spares.clear()
         _wait_name_free(names.ROUTER)  # ray.kill is asynchronous; the next deploy reuses the name
         self.shards.clear()
         self.table = pl.PlacementTable(version=self.table.version + 1, replicas={})

@@ -31,16 +31,30 @@ class ElasticOps:
             t0 = time.time()
             if shards > len(current):
                 load = self._expert_load()
-                new = self._start_shards(shards - len(current))
-                plan = pl.scale_out(
-                    self.table, current, new, load, min_replicas=self.spec.min_replicas
-                )
-                self._apply(plan, f"scale out to {shards} shards")
+                # warm spares serve at once; shards still to start join in a second step
+                ready = self._take_spares(shards - len(current))
+                if ready:
+                    plan = pl.scale_out(
+                        self.table, current, ready, load, min_replicas=self.spec.min_replicas
+                    )
+                    self._apply(plan, f"scale out to {shards} shards: {len(ready)} warm spares")
+                started = []
+                if len(current) + len(ready) < shards:
+                    started = self._start_shards(shards - len(current) - len(ready))
+                    plan = pl.scale_out(
+                        self.table,
+                        current + ready,
+                        started,
+                        load,
+                        min_replicas=self.spec.min_replicas,
+                    )
+                    self._apply(plan, f"scale out to {shards} shards")
+                self._save()
                 self._event(
                     "scaled_out",
                     f"{len(current)} -> {shards} shards in {time.time() - t0:.2f}s",
                     shards=shards,
-                    new=[s.shard_id for s in new],
+                    new=[s.shard_id for s in ready + started],
                 )
             elif shards < len(current):
                 plan = pl.scale_in(
@@ -111,7 +125,7 @@ class ElasticOps:
                 if len(per_node[crowded]) - len(per_node[empty]) < 2:
                     break
                 existing = self._infos()  # before the new shard joins self.shards
-                new = self._start_shards(1, nodes=[empty])
+                new = self._take_shards(1, nodes=[empty])
                 plan = pl.scale_out(
                     self.table,
                     existing,

@@ -36,6 +36,7 @@ class HealthOps:
         now = time.time()
         if now - self.load_sampled_at >= self.load_period_s:
             self._sample_load(now)
+            self._check_spares()
             self._watch_nodes()
             self._autoscale_tick(now)
 
@@ -76,7 +77,7 @@ class HealthOps:
             # 2) bring the shard count back to what was asked for
             missing = self.spec.shards - len(self._infos())
             if missing > 0:
-                new = self._start_shards(missing)
+                new = self._take_shards(missing)
                 plan = pl.rebalance(
                     self.table,
                     self._infos(),

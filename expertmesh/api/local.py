@@ -34,6 +34,7 @@ class UpOptions:
     model: str
     shards: int = 4
     replicas: int = 2
+    warm_shards: int = 1
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
@@ -131,7 +132,9 @@ def run_foreground(opts: UpOptions) -> int:
         print(
             f"deploying {opts.model}: {opts.shards} shards x {opts.replicas} replicas", flush=True
         )
-        cluster.deploy(opts.model, shards=opts.shards, replicas=opts.replicas)
+        cluster.deploy(
+            opts.model, shards=opts.shards, replicas=opts.replicas, warm_shards=opts.warm_shards
+        )
         if not stop.is_set():
             url = cluster.serve(host=opts.host, port=opts.port, token=opts.token)
             saved = info.read_info(info.api_file())
@@ -162,7 +165,8 @@ def start_background(opts: UpOptions) -> info.ApiInfo:
         raise ClusterError(f"expertmesh is already up at {rec.url} (pid {rec.pid})")
     check_port_free(opts.host, opts.port)
     argv = ["up", "--model", opts.model, "--shards", str(opts.shards)]
-    argv += ["--replicas", str(opts.replicas), "--host", opts.host, "--port", str(opts.port)]
+    argv += ["--replicas", str(opts.replicas), "--warm-shards", str(opts.warm_shards)]
+    argv += ["--host", opts.host, "--port", str(opts.port)]
     if opts.dashboard_port is not None:
         argv += ["--dashboard-port", str(opts.dashboard_port)]
     env = dict(os.environ)

@@ -108,14 +108,29 @@ def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> Non
     assert load.report.wrong == 0
 
 
+def wait_spares(cluster, count: int, timeout: float = 30.0) -> list[str]:
+    """The warm spares once there are ``count`` (they start in the background)."""
+    deadline = time.monotonic() + timeout
+    while len(spares := cluster.status()["spares"]) != count and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(spares) == count, spares
+    return spares
+
+
 def test_scale_out_and_in_under_load(cluster, checkpoint, expected) -> None:
-    cluster.deploy(checkpoint, shards=2, replicas=2)
+    st = cluster.deploy(checkpoint, shards=2, replicas=2)
+    first = {s["shard_id"] for s in st["shards"]}
+    [spare] = wait_spares(cluster, 1)  # a warm spare is started after the deployment
     with SteadyLoad(_gen(cluster), expected, clients=4) as load:
         load.wait_for(10)
-        t0 = time.monotonic()
+        t0, since = time.monotonic(), time.time()
         st = cluster.scale(6)
         assert len(st["shards"]) == 6
-        new = {s["shard_id"] for s in st["shards"]} - {"s0", "s1"}
+        new = {s["shard_id"] for s in st["shards"]} - first
+        assert spare in new  # the spare went into service first
+        events = cluster.events(since=since)
+        taken = [e for e in events if e["kind"] == "shard_started" and e.get("spare")]
+        assert [e["shard"] for e in taken] == [spare]
         # new shards hold experts and serve dispatches
         load.wait_for(load.report.ok + 20)
         served = {s["shard_id"]: s["calls"] for s in cluster.status()["shards"]}
@@ -130,6 +145,18 @@ def test_scale_out_and_in_under_load(cluster, checkpoint, expected) -> None:
     assert elapsed < 90
     placement = cluster.status()["placement"]
     assert all(len(v) == 2 for v in placement.values())  # 2 shards, 2 replicas each
+    [refill] = wait_spares(cluster, 1)  # the pool was topped up again
+    assert refill != spare and all(refill not in v for v in placement.values())
+
+
+def test_no_warm_spares_when_turned_off(cluster, checkpoint, expected) -> None:
+    cluster.deploy(checkpoint, shards=2, replicas=2, warm_shards=0)
+    st = cluster.scale(3)  # starts a new shard process instead
+    assert len(st["shards"]) == 3
+    time.sleep(1.0)  # the reconcile loop would have started a spare by now
+    assert cluster.status()["spares"] == []
+    outs = cluster.generate(PROMPTS[:2], max_tokens=MAX_TOKENS, ignore_eos=True)
+    assert [o.token_ids for o in outs] == [expected[p] for p in PROMPTS[:2]]
 
 
 def test_autoscaling_follows_load(cluster, checkpoint, expected) -> None:
