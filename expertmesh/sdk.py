@@ -83,12 +83,14 @@ class Cluster:
         resources: dict[str, float] | None = None,
         max_batch: int = 64,
         warm_shards: int = 1,
+        router_threads: int = 1,
     ) -> dict[str, Any]:
         """Serve ``model`` (a checkpoint URI, or an MLflow registry ``name[/version]``).
 
         Experts are spread over ``shards`` actors with ``replicas`` copies of each expert;
         ``warm_shards`` more actors are kept started (holding no experts) so that scaling out
-        and replacing a failed shard take an already running process.
+        and replacing a failed shard take an already running process. ``router_threads`` is
+        the number of torch threads the router's dense part (attention, gates) runs on.
 
         Example::
 
@@ -105,6 +107,8 @@ class Cluster:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         if replicas < 1:
             raise ClusterError(f"replicas must be >= 1, got {replicas}")
+        if router_threads < 1:
+            raise ClusterError(f"router_threads must be >= 1, got {router_threads}")
         if warm_shards < 0:
             raise ClusterError(f"warm_shards must be >= 0, got {warm_shards}")
         resolved = resolve_model(model)
@@ -118,6 +122,7 @@ class Cluster:
             ),
             max_batch=max_batch,
             warm_shards=warm_shards,
+            router_threads=router_threads,
         )
         return self._call("deploy", spec)
 

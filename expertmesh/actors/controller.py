@@ -46,6 +46,7 @@ class DeploymentSpec:
     min_replicas: int = 2
     shard_resources: ShardResources = field(default_factory=ShardResources)
     router_num_cpus: float = 0.25
+    router_threads: int = 1  # torch intra-op threads for the router's dense part
     max_batch: int = 64
     call_timeout_s: float = 2.0
     warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
@@ -277,6 +278,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                     spec.checkpoint_uri,
                     ray.get_runtime_context().current_actor,
                     max_batch=spec.max_batch,
+                    threads=spec.router_threads,
                     call_timeout_s=spec.call_timeout_s,
                 )
             )

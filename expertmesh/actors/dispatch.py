@@ -64,14 +64,20 @@ class RayDispatcher:
             self.view = view
             self.suspect = {s: t for s, t in self.suspect.items() if s in view.handles}
 
-    def _pick(self, key: ExpertKey, exclude: set[str]) -> str:
-        replicas = self.view.replicas.get(key, [])
-        live = [s for s in replicas if s not in exclude and s not in self.suspect]
-        if not live:  # every replica is suspect: try the suspects before giving up
-            live = [s for s in replicas if s not in exclude]
-        if not live:
-            raise NoReplicaError(f"no live replica of expert {key} (replicas: {replicas})")
-        return live[next(self._rr) % len(live)]
+    def _assign(self, layer: int, experts: list[int], exclude: set[str]) -> dict[int, str]:
+        """A shard for each expert of ``layer``: few shards, rotated between steps."""
+        options: dict[int, list[str]] = {}
+        for e in experts:
+            replicas = self.view.replicas.get((layer, e), [])
+            live = [s for s in replicas if s not in exclude and s not in self.suspect]
+            if not live:  # every replica is suspect: try the suspects before giving up
+                live = [s for s in replicas if s not in exclude]
+            if not live:
+                raise NoReplicaError(
+                    f"no live replica of expert {(layer, e)} (replicas: {replicas})"
+                )
+            options[e] = live
+        return cover(options, next(self._rr))
 
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         x_AD = permute(x_TD, routing).detach()
@@ -88,8 +94,9 @@ class RayDispatcher:
 
     def _round(self, layer, x_np, y_np, items, exclude):
         by_shard: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+        shard_of = self._assign(layer, [e for e, _, _ in items], exclude)
         for e, start, n in items:
-            by_shard[self._pick((layer, e), exclude)].append((e, start, n))
+            by_shard[shard_of[e]].append((e, start, n))
         refs = {}
         for shard, group in by_shard.items():
             parts = [x_np[s : s + n] for _, s, n in group]
@@ -125,3 +132,30 @@ class RayDispatcher:
         if retry:
             self.stats.retries += 1
         return retry
+
+
+def cover(options: dict[int, list[str]], turn: int) -> dict[int, str]:
+    """Pick one shard per expert from ``options`` (expert -> candidate shards) so that few shards
+    are called: greedy set cover, ties broken by a shard order rotated by ``turn``.
+
+    Every shard call costs a round trip whatever it carries, so a step that needs all 8 experts
+    of a layer calls e.g. 2 shards that hold them between them instead of 4; rotating the
+    tie-break spreads the steps (and their load) over all the replicas.
+    """
+    shards = sorted({s for cands in options.values() for s in cands})
+    if not shards:
+        return {}
+    k = turn % len(shards)
+    order = {s: i for i, s in enumerate(shards[k:] + shards[:k])}
+    left = set(options)
+    out: dict[int, str] = {}
+    while left:
+        gain: dict[str, int] = defaultdict(int)
+        for e in left:
+            for s in options[e]:
+                gain[s] += 1
+        best = min(gain, key=lambda s: (-gain[s], order[s]))
+        for e in [e for e in left if best in options[e]]:
+            out[e] = best
+            left.discard(e)
+    return out
