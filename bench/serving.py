@@ -76,7 +76,11 @@ async def bench_in_process(uri: str, prompts: dict[int, list[str]]) -> dict[int,
 
 
 def bench_distributed(
-    uri: str, prompts: dict[int, list[str]], shards: int, router_threads: int
+    uri: str,
+    prompts: dict[int, list[str]],
+    shards: int,
+    router_threads: int = 1,
+    micro_batches: int = 1,
 ) -> dict[int, LoadResult]:
     import ray
 
@@ -85,7 +89,13 @@ def bench_distributed(
 
     cluster = expertmesh.connect()
     try:
-        cluster.deploy(uri, shards=shards, replicas=2, router_threads=router_threads)
+        cluster.deploy(
+            uri,
+            shards=shards,
+            replicas=2,
+            router_threads=router_threads,
+            micro_batches=micro_batches,
+        )
         router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
         params = {
             "max_tokens": MAX_TOKENS,
@@ -138,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--router-threads", type=int, default=1, help="torch threads of the router")
+    p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step")
     p.add_argument("--skip-vllm", action="store_true")
     p.add_argument("--out", help="also write the figures as JSON here")
     args = p.parse_args(argv)
@@ -155,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     print("(a) in-process engine ...", flush=True)
     results["in-process"] = asyncio.run(bench_in_process(uri, prompts))
     print(f"(b) distributed engine, {args.shards} shards ...", flush=True)
-    results["distributed"] = bench_distributed(uri, prompts, args.shards, args.router_threads)
+    results["distributed"] = bench_distributed(
+        uri, prompts, args.shards, args.router_threads, args.micro_batches
+    )
     print("(c) vLLM-CPU ...", flush=True)
     results["vllm"] = None if args.skip_vllm else bench_vllm(uri, prompts)
 

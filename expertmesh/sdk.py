@@ -84,13 +84,16 @@ class Cluster:
         max_batch: int = 64,
         warm_shards: int = 1,
         router_threads: int = 1,
+        micro_batches: int = 1,
     ) -> dict[str, Any]:
         """Serve ``model`` (a checkpoint URI, or an MLflow registry ``name[/version]``).
 
         Experts are spread over ``shards`` actors with ``replicas`` copies of each expert;
         ``warm_shards`` more actors are kept started (holding no experts) so that scaling out
         and replacing a failed shard take an already running process. ``router_threads`` is
-        the number of torch threads the router's dense part (attention, gates) runs on.
+        the number of torch threads the router's dense part (attention, gates) runs on;
+        ``micro_batches`` splits each step's batch so that one part's dense layers run while
+        another's tokens are with the expert shards.
 
         Example::
 
@@ -107,6 +110,8 @@ class Cluster:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         if replicas < 1:
             raise ClusterError(f"replicas must be >= 1, got {replicas}")
+        if micro_batches < 1:
+            raise ClusterError(f"micro_batches must be >= 1, got {micro_batches}")
         if router_threads < 1:
             raise ClusterError(f"router_threads must be >= 1, got {router_threads}")
         if warm_shards < 0:
@@ -123,6 +128,7 @@ class Cluster:
             max_batch=max_batch,
             warm_shards=warm_shards,
             router_threads=router_threads,
+            micro_batches=micro_batches,
         )
         return self._call("deploy", spec)
 

@@ -47,6 +47,7 @@ class DeploymentSpec:
     shard_resources: ShardResources = field(default_factory=ShardResources)
     router_num_cpus: float = 0.25
     router_threads: int = 1  # torch intra-op threads for the router's dense part
+    micro_batches: int = 1  # >1 splits a step's batch to overlap dense compute with shard calls
     max_batch: int = 64
     call_timeout_s: float = 2.0
     warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
@@ -279,6 +280,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                     ray.get_runtime_context().current_actor,
                     max_batch=spec.max_batch,
                     threads=spec.router_threads,
+                    micro_batches=spec.micro_batches,
                     call_timeout_s=spec.call_timeout_s,
                 )
             )

@@ -51,6 +51,7 @@ class RouterService:
         *,
         max_batch: int = 64,
         threads: int = 1,
+        micro_batches: int = 1,
         call_timeout_s: float = 2.0,
         refresh_s: float = 0.25,
     ) -> None:
@@ -59,7 +60,12 @@ class RouterService:
         self.controller = controller
         self.dispatcher = RayDispatcher(PlacementView(), call_timeout_s=call_timeout_s)
         self.engine = Engine(
-            model, tokenizer, dispatcher=self.dispatcher, max_batch=max_batch, track_routing=True
+            model,
+            tokenizer,
+            dispatcher=self.dispatcher,
+            max_batch=max_batch,
+            track_routing=True,
+            micro_batches=micro_batches,
         )
         self.refresh_s = refresh_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
@@ -197,6 +203,7 @@ class RouterService:
         d = self.dispatcher.stats
         return {
             "steps": self.steps,
+            "overlapped_steps": self.engine.overlapped_steps,
             "tokens_generated": self.tokens_out,
             "running": len(self.engine.running),
             "waiting": len(self.engine.waiting) + len(self.pending),

@@ -9,6 +9,7 @@ requests contribute their whole prompt (prefill) and running ones their last tok
 from __future__ import annotations
 
 import itertools
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,7 @@ from expertmesh.platform.model import Dispatcher, KVCache, MoETransformer
 from expertmesh.platform.sampling import SamplingParams, sample_next
 
 EOS_ID = 0
+MIN_MICRO_BATCH = 8  # rows; below this a split costs more than the overlap gains
 _ids = itertools.count()
 
 
@@ -65,6 +67,7 @@ class Engine:
         max_len: int | None = None,
         max_step_tokens: int = 4096,
         track_routing: bool = False,
+        micro_batches: int = 1,
     ) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
@@ -79,6 +82,15 @@ class Engine:
         self.running: list[Sequence] = []
         self.track_routing = track_routing
         self.n_moe = len(model.moe_layers())
+        if micro_batches < 1:
+            raise ConfigError("micro_batches", f"must be >= 1, got {micro_batches}")
+        self.micro_batches = micro_batches
+        self.overlapped_steps = 0  # steps that ran as several micro-batches
+        self._pool = (
+            ThreadPoolExecutor(micro_batches, thread_name_prefix="micro-batch")
+            if micro_batches > 1
+            else None
+        )
 
     # ------------------------------------------------------------------ requests
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -161,6 +173,36 @@ class Engine:
             return []
         seqs = self.running
         feeds = [s.prompt_ids if s.n_cached == 0 else s.output_ids[-1:] for s in seqs]
+        parts = self._split(len(seqs))
+        if len(parts) == 1:
+            logits_BV = self._forward(seqs, feeds)
+        else:
+            # NOTE: overlap: while one micro-batch waits on remote experts (the GIL released),
+            # another runs its dense layers; rows are independent, so outputs do not change
+            assert self._pool is not None
+            self.overlapped_steps += 1
+            futures = [self._pool.submit(self._forward, seqs[a:b], feeds[a:b]) for a, b in parts]
+            logits_BV = torch.cat([f.result() for f in futures])
+        temps = torch.tensor([s.params.temperature for s in seqs])
+        top_ps = torch.tensor([s.params.top_p for s in seqs])
+        next_B = sample_next(logits_BV, temps, top_ps, [s.generator for s in seqs])
+        results = []
+        for s, f, tok in zip(list(seqs), feeds, next_B.tolist(), strict=True):
+            s.n_cached += len(f)
+            results.append(self._append(s, tok))
+        return results
+
+    def _split(self, n: int) -> list[tuple[int, int]]:
+        """Row ranges of the micro-batches: one unless overlap is on and the batch is large."""
+        k = min(self.micro_batches, n // MIN_MICRO_BATCH) if self.micro_batches > 1 else 1
+        if k <= 1:
+            return [(0, n)]
+        bounds = [round(i * n / k) for i in range(k + 1)]
+        return list(itertools.pairwise(bounds))
+
+    @torch.no_grad()  # grad mode is per thread: micro-batches run in pool threads
+    def _forward(self, seqs: list[Sequence], feeds: list[list[int]]) -> torch.Tensor:
+        """One forward pass for ``seqs`` (fed ``feeds``); the next-token logits, (B, V)."""
         B, T = len(seqs), max(len(f) for f in feeds)
         tokens_BT = torch.zeros(B, T, dtype=torch.long)
         valid_BT = torch.zeros(B, T, dtype=torch.bool)
@@ -186,14 +228,7 @@ class Engine:
         )
         if self.track_routing:
             self._record_routing(seqs, feeds, valid_BT, out.layer_stats)
-        temps = torch.tensor([s.params.temperature for s in seqs])
-        top_ps = torch.tensor([s.params.top_p for s in seqs])
-        next_B = sample_next(out.logits[:, 0], temps, top_ps, [s.generator for s in seqs])
-        results = []
-        for s, f, tok in zip(list(seqs), feeds, next_B.tolist(), strict=True):
-            s.n_cached += len(f)
-            results.append(self._append(s, tok))
-        return results
+        return out.logits[:, 0]
 
     def _append(self, s: Sequence, tok: int) -> StepOutput:
         s.output_ids.append(tok)

@@ -29,7 +29,7 @@ def checkpoint(state_home, tmp_path_factory) -> str:
 def cluster(checkpoint):
     # the dashboard is on here only because Ray's state API (used below) is served by it
     c = expertmesh.connect(local=LocalRayOptions(dashboard=True))
-    c.deploy(checkpoint, shards=4, replicas=2)
+    c.deploy(checkpoint, shards=4, replicas=2, micro_batches=2)  # overlap path on
     yield c
     c.shutdown()
 
@@ -70,9 +70,9 @@ def test_distributed_greedy_equals_in_process(cluster, checkpoint) -> None:
 
 def test_continuous_batching_matches_requests_run_alone(cluster, checkpoint) -> None:
     params = SamplingParams(max_tokens=16, ignore_eos=True)
-    prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)]
+    prompts = [f"{p} {i}" for i, p in enumerate(PROMPTS * 4)]
     alone = [in_process(checkpoint, [p], params)[0] for p in prompts]
-    steps_before = cluster.status()["router"]["steps"]
+    before = cluster.status()["router"]
     # staggered, concurrent callers: later requests join steps that are already running
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         futures = [
@@ -80,9 +80,11 @@ def test_continuous_batching_matches_requests_run_alone(cluster, checkpoint) -> 
         ]
         outs = [f.result(timeout=120) for f in futures]
     assert [o.token_ids for o in outs] == alone
-    steps = cluster.status()["router"]["steps"] - steps_before
-    # 15 requests x 16 tokens run alone would take 240 steps; batched they share steps
-    assert steps < len(prompts) * 16 / 2
+    after = cluster.status()["router"]
+    # 20 requests x 16 tokens run alone would take 320 steps; batched they share steps
+    assert after["steps"] - before["steps"] < len(prompts) * 16 / 2
+    # steps of >= 16 sequences ran as 2 overlapped micro-batches, with the same tokens
+    assert after["overlapped_steps"] > before["overlapped_steps"]
 
 
 def test_sampling_options(cluster) -> None:
