@@ -50,3 +50,4 @@ bench: $(STAMP)
 	$(PY) bench/placement_sim.py
 	$(PY) bench/serving.py
 	$(PY) bench/chaos.py
+	$(PY) bench/ray_rpc.py
