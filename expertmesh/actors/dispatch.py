@@ -11,7 +11,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,6 +39,36 @@ class PlacementView:
 
 
 @dataclass(kw_only=True, slots=True)
+class AdaptiveDeadline:
+    """How long a shard call may take before its work is retried on another replica.
+
+    ``floor_s`` while calls are fast; when the machine is starved and every call is slow, a fixed
+    deadline would fire on slow-but-alive shards and retrying their work would add yet more load,
+    so the deadline follows ``factor`` x the 95th percentile of recent call times (up to
+    ``ceiling_s``). A truly hung shard is also fenced by the controller's heartbeats.
+    """
+
+    floor_s: float = 2.0
+    factor: float = 4.0
+    ceiling_s: float = 30.0
+    min_samples: int = 16
+    recent: deque[float] = field(default_factory=lambda: deque(maxlen=256))
+    lock: threading.Lock = field(default_factory=threading.Lock)  # micro-batches share it
+
+    def observe(self, seconds: float) -> None:
+        with self.lock:
+            self.recent.append(seconds)
+
+    def current(self) -> float:
+        with self.lock:
+            ordered = sorted(self.recent)
+        if len(ordered) < self.min_samples:
+            return self.floor_s
+        p95 = ordered[int(0.95 * (len(ordered) - 1))]
+        return min(self.ceiling_s, max(self.floor_s, self.factor * p95))
+
+
+@dataclass(kw_only=True, slots=True)
 class DispatchStats:
     calls: int = 0
     retries: int = 0
@@ -53,6 +83,7 @@ class RayDispatcher:
     ) -> None:
         self.view = view
         self.call_timeout_s = call_timeout_s
+        self.deadline = AdaptiveDeadline(floor_s=call_timeout_s)
         self.wire_dtype = np.dtype(wire_dtype)
         self.stats = DispatchStats()
         self.suspect: dict[str, float] = {}  # shard -> time it failed; avoided until refreshed
@@ -98,6 +129,7 @@ class RayDispatcher:
         for e, start, n in items:
             by_shard[shard_of[e]].append((e, start, n))
         refs = {}
+        issued = time.monotonic()
         for shard, group in by_shard.items():
             parts = [x_np[s : s + n] for _, s, n in group]
             x_part = parts[0] if len(parts) == 1 else np.concatenate(parts)
@@ -107,7 +139,7 @@ class RayDispatcher:
             )
         self.stats.calls += len(refs)
         retry: list[tuple[int, int, int]] = []
-        deadline = time.monotonic() + self.call_timeout_s
+        deadline = issued + self.deadline.current()
         for shard, ref in refs.items():
             try:
                 out = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
@@ -125,6 +157,7 @@ class RayDispatcher:
                 exclude.add(shard)
                 retry.extend(by_shard[shard])
                 continue
+            self.deadline.observe(time.monotonic() - issued)
             offset = 0
             for _, s, n in by_shard[shard]:
                 y_np[s : s + n] = out[offset : offset + n]

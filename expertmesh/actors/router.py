@@ -210,6 +210,7 @@ class RouterService:
             "placement_version": self.dispatcher.view.version,
             "dispatch_calls": d.calls,
             "dispatch_retries": d.retries,
+            "call_deadline_s": self.dispatcher.deadline.current(),
             "failed_shards": sorted(d.failed_shards),
             "latency_p50_s": pct(0.5),
             "latency_p99_s": pct(0.99),

@@ -7,6 +7,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+MAX_TOKENS = 8  # new tokens per load request
+
 
 @dataclass
 class LoadReport:
@@ -124,3 +126,8 @@ def wait_event(events_fn: Callable[[], list[dict]], kind: str, timeout: float = 
                 return ev
         time.sleep(0.1)
     raise AssertionError(f"no {kind!r} event within {timeout}s")
+
+
+def greedy(cluster) -> Callable[[str], list[int]]:
+    """The request every load client sends: greedy, MAX_TOKENS tokens, EOS ignored."""
+    return lambda p: cluster.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids

@@ -12,28 +12,17 @@ import ray
 
 import expertmesh
 from expertmesh.actors import names
-from expertmesh.platform.engine import Engine
-from expertmesh.platform.models import load_for_inference
-from expertmesh.platform.sampling import SamplingParams
-from tests.chaos.load import SteadyLoad, wait_event, wait_replicated, wait_shards
-from tests.integration.helpers import PROMPTS, tiny_checkpoint
+from tests.chaos.load import (
+    MAX_TOKENS,
+    SteadyLoad,
+    greedy,
+    wait_event,
+    wait_replicated,
+    wait_shards,
+)
+from tests.integration.helpers import PROMPTS
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
-MAX_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def checkpoint(state_home, tmp_path_factory) -> str:
-    return tiny_checkpoint(tmp_path_factory.mktemp("chaos-ckpt"))
-
-
-@pytest.fixture(scope="module")
-def expected(checkpoint) -> dict[str, list[int]]:
-    model, tok = load_for_inference(checkpoint)
-    seqs = Engine(model, tok).generate(
-        PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-    )
-    return {p: s.output_ids for p, s in zip(PROMPTS, seqs, strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +32,9 @@ def cluster(checkpoint):
     c.shutdown()
 
 
-def _gen(cluster):
-    return lambda p: cluster.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
-
-
 def test_kill_shard_under_load(cluster, checkpoint, expected) -> None:
     cluster.deploy(checkpoint, shards=4, replicas=2)
-    with SteadyLoad(_gen(cluster), expected, clients=4) as load:
+    with SteadyLoad(greedy(cluster), expected, clients=4) as load:
         load.wait_for(20)
         victim = cluster.status()["shards"][0]["shard_id"]
         ray.kill(ray.get_actor(names.shard_name(victim), namespace=names.NAMESPACE))
@@ -70,7 +55,7 @@ def test_kill_shard_under_load(cluster, checkpoint, expected) -> None:
 def test_hung_shard_is_bypassed_and_replaced(cluster, checkpoint, expected) -> None:
     cluster.deploy(checkpoint, shards=4, replicas=2)
     victim = cluster.status()["shards"][2]
-    with SteadyLoad(_gen(cluster), expected, clients=4) as load:
+    with SteadyLoad(greedy(cluster), expected, clients=4) as load:
         load.wait_for(10)
         # a real hang: the shard's process stops answering (not dead, so Ray sees nothing)
         os.kill(victim["pid"], signal.SIGSTOP)
@@ -89,7 +74,7 @@ def test_hung_shard_is_bypassed_and_replaced(cluster, checkpoint, expected) -> N
 def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> None:
     cluster.deploy(checkpoint, shards=4, replicas=2)
     before = cluster.status()
-    with SteadyLoad(_gen(cluster), expected, clients=3) as load:
+    with SteadyLoad(greedy(cluster), expected, clients=3) as load:
         load.wait_for(10)
         ray.kill(cluster.controller, no_restart=False)  # Ray restarts it; it rebuilds its state
         n = load.report.ok
@@ -121,7 +106,7 @@ def test_scale_out_and_in_under_load(cluster, checkpoint, expected) -> None:
     st = cluster.deploy(checkpoint, shards=2, replicas=2)
     first = {s["shard_id"] for s in st["shards"]}
     [spare] = wait_spares(cluster, 1)  # a warm spare is started after the deployment
-    with SteadyLoad(_gen(cluster), expected, clients=4) as load:
+    with SteadyLoad(greedy(cluster), expected, clients=4) as load:
         load.wait_for(10)
         t0, since = time.monotonic(), time.time()
         st = cluster.scale(6)
@@ -170,7 +155,7 @@ def test_autoscaling_follows_load(cluster, checkpoint, expected) -> None:
         downscale_cooldown_s=0.0,
         downscale_delay_s=3.0,
     )
-    with SteadyLoad(_gen(cluster), expected, clients=6, max_seconds=90) as load:
+    with SteadyLoad(greedy(cluster), expected, clients=6, max_seconds=90) as load:
         deadline = time.monotonic() + 60
         while len(cluster.status()["shards"]) < 3 and time.monotonic() < deadline:
             time.sleep(0.5)

@@ -9,15 +9,11 @@ import ray
 from ray.cluster_utils import Cluster as RayTestCluster
 
 import expertmesh
-from expertmesh.platform.engine import Engine
-from expertmesh.platform.models import load_for_inference
-from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import FAST_HEALTH_CHECKS
-from tests.chaos.load import SteadyLoad, wait_replicated, wait_shards
-from tests.integration.helpers import PROMPTS, tiny_checkpoint
+from tests.chaos.load import MAX_TOKENS, SteadyLoad, greedy, wait_replicated, wait_shards
+from tests.integration.helpers import PROMPTS
 
 pytestmark = [pytest.mark.chaos, pytest.mark.integration]
-MAX_TOKENS = 8
 LOOPBACK = {"node_ip_address": "127.0.0.1"}
 
 
@@ -25,20 +21,6 @@ def _node_args() -> dict:
     from expertmesh.runtime import temp_dir
 
     return {**LOOPBACK, "temp_dir": temp_dir()}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(state_home, tmp_path_factory) -> str:
-    return tiny_checkpoint(tmp_path_factory.mktemp("nodes-ckpt"))
-
-
-@pytest.fixture(scope="module")
-def expected(checkpoint) -> dict[str, list[int]]:
-    model, tok = load_for_inference(checkpoint)
-    seqs = Engine(model, tok).generate(
-        PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
-    )
-    return {p: s.output_ids for p, s in zip(PROMPTS, seqs, strict=True)}
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +52,6 @@ def cluster(ray_nodes):
     c.shutdown()
 
 
-def _gen(cluster):
-    return lambda p: cluster.generate(p, max_tokens=MAX_TOKENS, ignore_eos=True).token_ids
-
-
 def test_shards_spread_over_nodes_and_generate(cluster, checkpoint, expected) -> None:
     st = cluster.deploy(checkpoint, shards=3, replicas=2)
     assert len({s["node_id"] for s in st["shards"]}) == 3
@@ -94,7 +72,7 @@ def test_remove_node_under_load(ray_nodes, cluster, checkpoint, expected, gracef
     cluster.deploy(checkpoint, shards=4, replicas=2)
     victim = workers.pop(0)
     victim_id = victim.node_id
-    with SteadyLoad(_gen(cluster), expected, clients=4) as load:
+    with SteadyLoad(greedy(cluster), expected, clients=4) as load:
         load.wait_for(15)
         lost = [s["shard_id"] for s in cluster.status()["shards"] if s["node_id"] == victim_id]
         rc.remove_node(victim, allow_graceful=graceful)

@@ -1,10 +1,10 @@
-"""Replica choice of the Ray dispatcher: few shards per layer call, spread over steps."""
+"""Replica choice and call deadline of the Ray dispatcher."""
 
 from __future__ import annotations
 
 from collections import Counter
 
-from expertmesh.actors.dispatch import cover
+from expertmesh.actors.dispatch import AdaptiveDeadline, cover
 
 # 8 experts, 2 replicas each on 4 shards, as the placement lays them out for 4 shards
 OPTIONS = {
@@ -45,3 +45,26 @@ def test_turns_spread_work_over_all_replicas() -> None:
 def test_single_candidate_and_empty() -> None:
     assert cover({3: ["s9"]}, 5) == {3: "s9"}
     assert cover({}, 0) == {}
+
+
+def test_deadline_floor_until_enough_samples() -> None:
+    d = AdaptiveDeadline(floor_s=2.0, min_samples=16)
+    for _ in range(15):
+        d.observe(5.0)
+    assert d.current() == 2.0  # too few calls seen to trust them
+
+
+def test_deadline_follows_slow_calls_and_comes_back() -> None:
+    d = AdaptiveDeadline(floor_s=2.0, factor=4.0, ceiling_s=30.0)
+    for _ in range(100):
+        d.observe(0.01)  # healthy: fast calls keep the floor
+    assert d.current() == 2.0
+    for _ in range(256):
+        d.observe(1.5)  # starved machine: every call slow but alive
+    assert d.current() == 6.0
+    for _ in range(256):
+        d.observe(20.0)
+    assert d.current() == 30.0  # capped
+    for _ in range(256):
+        d.observe(0.02)  # the window forgets the slow period
+    assert d.current() == 2.0
