@@ -101,7 +101,6 @@ class Cluster:
             cluster.deploy("expertmesh-tiny", shards=4, replicas=2)
             print(cluster.generate("ROMEO.", max_tokens=32).text)
         """
-
         from expertmesh.actors.controller import DeploymentSpec
         from expertmesh.actors.expert_shard import ShardResources
         from expertmesh.platform.models import resolve_model
@@ -134,7 +133,6 @@ class Cluster:
 
     def scale(self, shards: int) -> dict[str, Any]:
         """Grow or shrink the expert shard pool to ``shards`` actors, live."""
-
         if shards < 1:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         return self._call("scale", shards)
@@ -155,7 +153,6 @@ class Cluster:
         On a real cluster it also asks Ray's autoscaler for the resources, which KubeRay turns
         into pods. ``enabled=False`` turns it off.
         """
-
         from expertmesh.platform.autoscale import AutoscaleConfig
 
         cfg = None
@@ -226,11 +223,9 @@ class Cluster:
 
     # ------------------------------------------------------------------ state
     def status(self) -> dict[str, Any]:
-
         return self._call("status")
 
     def events(self, since: float = 0.0) -> list[dict[str, Any]]:
-
         return self._call("get_events", since)
 
     def runs(self, experiment: str = "expertmesh", max_results: int = 20) -> list[dict[str, Any]]:

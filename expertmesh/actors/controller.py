@@ -162,7 +162,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         ]
 
     def _choose_nodes(self, count: int) -> list[str]:
-        """Nodes for ``count`` new shards: the ones holding fewest shards (and spares) first."""
+        """Nodes for ``count`` new shards: the ones holding fewest shards first (spread)."""
         nodes = self._alive_nodes()
         per_node = {n: 0 for n in nodes}
         for s in self.shards.values():

@@ -46,9 +46,9 @@ class SpareOps:
             except Exception:  # a dead or hung spare is no use: fence it
                 self._drop_spare(sid)
                 continue
-            if wanted is not None and st["node_id"] not in wanted:
-                continue
             if wanted is not None:
+                if st["node_id"] not in wanted:
+                    continue
                 wanted.remove(st["node_id"])
             del self.spares[sid]
             self.handles[sid] = handle

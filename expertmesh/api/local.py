@@ -137,8 +137,7 @@ def run_foreground(opts: UpOptions) -> int:
         )
         if not stop.is_set():
             url = cluster.serve(host=opts.host, port=opts.port, token=opts.token)
-            saved = info.read_info(info.api_file())
-            token = saved.token if saved is not None else (opts.token or "")
+            token = cluster.api_token or ""  # serve() read back the token the API uses
             info.write_info(
                 info.cluster_file(), info.ApiInfo(url=url, token=token, pid=os.getpid())
             )
