@@ -1,7 +1,10 @@
 """Placement at cluster scale: EPLB replication + load-balanced assignment vs a naive baseline.
 
-Simulates ``--nodes`` nodes × ``--shards-per-node`` shards serving ``--experts`` experts with
-Zipf-skewed load, a replica budget of ``--slots-per-expert`` × experts and ``min_replicas`` 2.
+Simulates ``--nodes`` nodes × ``--shards-per-node`` shards serving ``--experts`` experts (64 per
+MoE layer) with Zipf-skewed load and ``min_replicas`` 2. ``--load per-layer`` (the default) is
+what a model does: every layer sees every token, so each layer carries the same total load,
+Zipf-skewed over its 64 experts; ``--load global`` ranks all experts in one Zipf (one expert of
+4096 then carries 11 % of all traffic, more than any real layer hands one expert).
 
 Two ratios are printed for each placement (1.0 is perfect):
 
@@ -11,9 +14,11 @@ Two ratios are printed for each placement (1.0 is perfect):
 * shard max/mean: max over shards / mean over shards of the summed load of the replicas a shard
   holds. This is what sets a serving step's latency (the slowest shard).
 
-Each run places twice, with a fixed budget (``--slots-per-expert`` × experts) and with
-``balanced_slots`` (the fewest slots at which no replica carries more than a mean shard's load),
-each next to the round-robin baseline on the same budget, then shifts the load and rebalances.
+Each run places with three replica budgets, each next to the round-robin baseline on the same
+budget: a fixed one (``--slots-per-expert`` × experts), ``balanced_slots`` (the fewest slots at
+which no replica carries more than a mean shard's load) and ``slots_for_replica_balance`` (the
+fewest slots at which max/mean load per replica is ≤ ``--replica-ratio``); then it shifts the load
+and rebalances.
 
 Run: ``python bench/placement_sim.py`` (add ``--help`` for the knobs).
 """
@@ -28,12 +33,14 @@ import numpy as np
 
 from expertmesh.platform.placement import (
     ExpertKey,
+    PlacementError,
     PlacementTable,
     ShardInfo,
     balance_ratios,
     balanced_slots,
     place,
     rebalance,
+    slots_for_replica_balance,
 )
 
 
@@ -43,8 +50,10 @@ class SimConfig:
     shards_per_node: int = 4
     experts: int = 4096  # spread over layers of 64 experts each
     slots_per_expert: float = 2.5
-    shard_capacity: int | None = 8  # replicas per shard; 0 on the command line: unbounded
+    shard_capacity: int | None = 16  # replicas per shard; 0 on the command line: unbounded
     zipf: float = 1.0
+    load: str = "per-layer"  # or "global"
+    replica_ratio: float = 1.05
     shift_fraction: float = 0.05
     min_replicas: int = 2
     seed: int = 0
@@ -61,9 +70,17 @@ class Row:
 
 
 def zipf_load(cfg: SimConfig, rng: np.random.Generator) -> dict[ExpertKey, float]:
-    """Per-expert load ∝ 1/rank^zipf, ranks shuffled over (layer, expert) keys."""
-    load_E = 1.0 / np.arange(1, cfg.experts + 1) ** cfg.zipf
-    rng.shuffle(load_E)
+    """Per-expert load ∝ 1/rank^zipf: ranks shuffled within each layer of 64 experts, every layer
+    the same total (``per-layer``), or one ranking shuffled over all (layer, expert) keys."""
+    if cfg.load == "global":
+        load_E = 1.0 / np.arange(1, cfg.experts + 1) ** cfg.zipf
+        rng.shuffle(load_E)
+    elif cfg.load == "per-layer":
+        layer = 1.0 / np.arange(1, 65) ** cfg.zipf
+        load_E = np.concatenate([rng.permutation(layer) for _ in range(-(-cfg.experts // 64))])
+        load_E = load_E[: cfg.experts]
+    else:
+        raise SystemExit(f"--load must be per-layer or global, got {cfg.load!r}")
     return {(i // 64, i % 64): float(x) for i, x in enumerate(load_E)}
 
 
@@ -140,7 +157,7 @@ def main() -> None:
     defaults = SimConfig()
     for name in SimConfig.__slots__:
         default = getattr(defaults, name)
-        kind = float if isinstance(default, float) else int
+        kind = type(default) if isinstance(default, (float, str)) else int
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
     cfg = SimConfig(**vars(parser.parse_args()))
     if cfg.shard_capacity == 0:
@@ -155,8 +172,19 @@ def main() -> None:
     }
     print(
         f"{cfg.nodes} nodes × {cfg.shards_per_node} shards (capacity {cfg.shard_capacity}), "
-        f"{cfg.experts} experts, Zipf s={cfg.zipf}, min_replicas={cfg.min_replicas}"
+        f"{cfg.experts} experts, Zipf s={cfg.zipf} ({cfg.load}), min_replicas={cfg.min_replicas}"
     )
+    try:
+        budgets[f"replica≤{cfg.replica_ratio}"] = slots_for_replica_balance(
+            load, len(shards), max_ratio=cfg.replica_ratio, min_replicas=cfg.min_replicas
+        )
+    except PlacementError as err:
+        print(f"no budget reaches replica max/mean ≤ {cfg.replica_ratio}: {err}")
+    capacity = cfg.shard_capacity and cfg.shard_capacity * len(shards)
+    for label, slots in list(budgets.items()):
+        if capacity and slots > capacity:
+            print(f"skipping {label}: {slots} slots exceed the shards' capacity {capacity}")
+            del budgets[label]
     print(
         f"{'slots':>18} {'method':>12} {'seconds':>8} {'replica max/mean':>17} {'shard max/mean':>15}"
     )

@@ -292,6 +292,49 @@ def balanced_slots(
     return sum(min(num_shards, max(floor, math.ceil(x / mean - 1e-9))) for x in load.values())
 
 
+def slots_for_replica_balance(
+    load: Mapping[ExpertKey, float],
+    num_shards: int,
+    *,
+    max_ratio: float = 1.05,
+    min_replicas: int = 2,
+) -> int:
+    """Fewest replica slots at which :func:`replica_counts` keeps max/mean load per replica
+    within ``max_ratio`` (capacity planning: how many slots the cluster needs for that balance).
+
+    Runs the same greedy fill as :func:`replica_counts` (one slot at a time to the expert with the
+    highest load per replica) and stops at the first budget that meets the ratio, so
+    ``replica_counts(load, num_slots=<result>, ...)`` gives exactly those counts. The mean falls
+    as slots are added; once the hottest expert holds a replica on every shard its per-replica
+    load cannot fall further, and a ratio not met by then cannot be met: PlacementError.
+    """
+    if max_ratio < 1.0:
+        raise PlacementError(f"max_ratio must be >= 1.0, got {max_ratio}")
+    if min_replicas < 1:
+        raise PlacementError(f"min_replicas must be >= 1, got {min_replicas}")
+    if num_shards < 1:
+        raise PlacementError(f"no shards to hold the replicas of {len(load)} experts")
+    total = math.fsum(load.values())
+    floor = min(min_replicas, num_shards)
+    slots = floor * len(load)
+    if total <= 0:
+        return slots
+    heap = [(-x / floor, e, floor) for e, x in load.items()]
+    heapq.heapify(heap)
+    while True:
+        top, e, n = heap[0]
+        if -top * slots <= max_ratio * total:
+            return slots
+        if n >= num_shards:
+            raise PlacementError(
+                f"max/mean load per replica cannot reach {max_ratio}: expert {e} carries "
+                f"{load[e] / total:.1%} of the load and already has a replica on each of the "
+                f"{num_shards} shards"
+            )
+        heapq.heapreplace(heap, (-load[e] / (n + 1), e, n + 1))
+        slots += 1
+
+
 def rebalance(
     table: PlacementTable,
     shards: Sequence[ShardInfo],
@@ -667,16 +710,17 @@ class _Fleet:
         cool = [(x, self.rank[i], i) for i, x in enumerate(self.load)]
         heapq.heapify(hot)
         heapq.heapify(cool)
+        limit = max_ratio * mean * (1 + 1e-9)
         for _ in range(4 * len(self.load) if mean > 0 else 0):  # NOTE: a time cap; it ends sooner
             while -hot[0][0] != self.load[hot[0][1]]:
                 heapq.heappop(hot)  # stale: a fresh entry was pushed when the shard changed
             h = hot[0][1]
-            if self.load[h] <= max_ratio * mean * (1 + 1e-9):
+            if self.load[h] <= limit:
                 return
             best = None
             for t in self._coolest(cool, width):
-                if self.load[t] >= self.load[h]:
-                    break
+                if self.load[t] >= self.load[h] or (best is not None and best[0][0] <= limit):
+                    break  # NOTE: a change that ends within the limit is good enough: take it
                 for a in self.on[h]:
                     if not self._fits(a, t, h):
                         continue

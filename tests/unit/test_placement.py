@@ -29,6 +29,7 @@ from expertmesh.platform.placement import (
     replica_counts,
     scale_in,
     scale_out,
+    slots_for_replica_balance,
     update_load_ema,
 )
 
@@ -177,6 +178,36 @@ def test_zipf_balance_small_cluster() -> None:
     )
     assert balance_ratios(naive, load, [s.shard_id for s in shards])[1] > 5 * shard_ratio
     assert replica_ratio > 1.0  # floor replicas of cold experts pull the per-replica mean down
+
+
+def test_slots_for_replica_balance_is_the_fewest_that_meet_the_ratio() -> None:
+    """Per-layer Zipf load: the budget it returns gives per-replica max/mean <= 1.05 once the
+    replicas are placed, and one slot fewer does not (the greedy fill is the same one)."""
+    shards = make_shards(32, 4, capacity=None)
+    keys = experts(16, layers=8)
+    load = {
+        (layer, e): v for layer in range(8) for (_, e), v in zipf(experts(16), seed=layer).items()
+    }
+    slots = slots_for_replica_balance(load, len(shards), max_ratio=1.05)
+    ids = [s.shard_id for s in shards]
+    plan = place(keys, shards, load=load, num_slots=slots)
+    assert plan.table.total_replicas() == slots
+    assert balance_ratios(plan.table, load, ids)[0] <= 1.05
+    fewer = replica_counts(load, num_slots=slots - 1, num_shards=len(shards))
+    per_replica = [load[e] / n for e, n in fewer.items()]
+    assert max(per_replica) * (slots - 1) / sum(load.values()) > 1.05
+    # a looser target needs fewer slots; uniform load needs only the floor
+    assert slots_for_replica_balance(load, len(shards), max_ratio=1.5) < slots
+    uniform = dict.fromkeys(keys, 1.0)
+    assert slots_for_replica_balance(uniform, len(shards)) == 2 * len(keys)
+
+
+def test_slots_for_replica_balance_names_the_expert_that_makes_it_impossible() -> None:
+    load = {(0, 0): 100.0, (0, 1): 1.0, (0, 2): 1.0}  # (0, 0) would need > 4 replicas
+    with pytest.raises(PlacementError, match=r"expert \(0, 0\).*each of the 4 shards"):
+        slots_for_replica_balance(load, 4)
+    with pytest.raises(PlacementError, match="max_ratio"):
+        slots_for_replica_balance(load, 4, max_ratio=0.9)
 
 
 # --- rebalance -------------------------------------------------------------------------------
