@@ -7,12 +7,15 @@ The same :func:`run_experts` serves training (in-process dispatch) and expert sh
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from expertmesh.platform.model import kernels
 
 # NOTE: measured on a 2-core AVX2 EPYC with 2 threads (MKL): for slices of a few rows MKL runs
 # ``x @ W^T`` on one core but ``W @ x^T`` (``x^T`` a transposed view) on both: 2.2x faster at 2-4
@@ -21,6 +24,10 @@ _THIN_SLICE_ROWS = 12
 # PyTorch's generic bf16/fp16 matmul costs about one vectorised matrix-vector product per row;
 # up to 3 rows that is cheaper than converting the expert's weights to float32 first.
 _NATIVE_LOW_PRECISION_ROWS = 3
+# Slices of up to this many rows go to the native kernel (kernels/thin_experts.c) when it is
+# available: it reads each weight once where MKL packs it first (measured on the 2-core EPYC:
+# see docs/results.md, "MoE layer kernel").
+KERNEL_MAX_ROWS = 32
 
 
 def run_experts(
@@ -38,6 +45,8 @@ def run_experts(
 
     Where :func:`matmul_dtype` says so (bfloat16 on CPUs without a native kernel), the matmuls
     run in float32 on one expert's weights converted at a time, and the result is rounded back.
+    Slices of up to :data:`KERNEL_MAX_ROWS` rows run in the native kernel when it is available
+    (float32 activations; float32 or bfloat16 weights read as stored), all in one call.
     """
     dtype = matmul_dtype(x_AD.dtype, x_AD.device)
     x_AD_m = x_AD.to(dtype)
@@ -45,13 +54,22 @@ def run_experts(
     if x_AD.shape[0] == 0:
         return out_AD.to(x_AD.dtype)
     F2, D = w13_EFD[0].shape
+    thin = [0] * len(counts)
+    if kernels.supports(w13_EFD[0], dtype):
+        thin = [n if n <= KERNEL_MAX_ROWS else 0 for n in counts]
+        if any(thin):
+            starts = [0, *itertools.accumulate(counts)][:-1]
+            kernels.thin_experts(x_AD_m, starts, thin, w13_EFD, w2_EDF, out_AD)
+        if all(n == 0 or t for n, t in zip(counts, thin, strict=True)):
+            return out_AD.to(x_AD.dtype)
     h_N2F = x_AD_m.new_empty(max(counts), F2)  # N: rows of the largest slice
     upcast = w13_EFD[0].dtype != dtype
     w13_buf = x_AD_m.new_empty(F2, D) if upcast else None
     w2_buf = x_AD_m.new_empty(D, F2 // 2) if upcast else None
     start = 0
     for e, n in enumerate(counts):
-        if n == 0:
+        if n == 0 or thin[e]:
+            start += n
             continue
         h_n2F = _linear(x_AD_m[start : start + n], w13_EFD[e], out=h_N2F[:n], w_buf=w13_buf)
         gate_nF, up_nF = h_n2F.chunk(2, dim=-1)

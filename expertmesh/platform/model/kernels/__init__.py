@@ -1,0 +1,190 @@
+"""Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
+
+Only one for now: :func:`thin_experts`, SwiGLU experts for slices of a few rows each, where a
+step is bound by reading the weights (see ``thin_experts.c``). Everything here is optional: with
+no compiler, a CPU without AVX2/FMA, a non-x86 machine or ``EXPERTMESH_NATIVE_KERNELS=0``,
+:func:`available` is False and callers use their PyTorch path, which computes the same numbers.
+
+The shared library is cached per source and flags under ``$EXPERTMESH_KERNEL_CACHE`` (default
+``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``), written to a
+temporary name and renamed into place, so processes that build it at once (expert shards
+starting together) never load a half-written file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("thin_experts.c")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-std=gnu11")
+LIBS = ("-lpthread", "-lm")
+MAX_ROWS = 32  # must match MAX_ROWS in thin_experts.c
+_ERRORS = {1: "D and F must be positive multiples of 8", 2: "a slice has more than 32 rows"}
+
+
+class KernelError(RuntimeError):
+    """A native kernel refused its arguments (a caller bug: they are checked before the call)."""
+
+
+def _cache_dir() -> Path:
+    if "EXPERTMESH_KERNEL_CACHE" in os.environ:
+        return Path(os.environ["EXPERTMESH_KERNEL_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "expertmesh" / "kernels"
+
+
+def _cpu_supported() -> bool:
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+    )
+    return {"avx2", "fma"} <= set(flags)
+
+
+def build(cache_dir: Path | None = None) -> Path:
+    """Compile ``thin_experts.c`` (if not cached) and return the shared library's path."""
+    cc = os.environ.get("CC", "cc")
+    if shutil.which(cc) is None:
+        raise FileNotFoundError(f"no C compiler {cc!r} on PATH (set CC)")
+    src = SOURCE.read_bytes()
+    digest = hashlib.sha256(src + " ".join((cc, *CFLAGS, *LIBS)).encode()).hexdigest()[:16]
+    out_dir = cache_dir or _cache_dir()
+    lib = out_dir / f"thin_experts-{digest}.so"
+    if lib.exists():
+        return lib
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        if cache_dir is not None:
+            raise
+        out_dir = Path(tempfile.gettempdir()) / f"expertmesh-kernels-{os.getuid()}"
+        out_dir.mkdir(parents=True, exist_ok=True)  # a read-only home (containers)
+        lib = out_dir / lib.name
+        if lib.exists():
+            return lib
+    fd, tmp = tempfile.mkstemp(prefix=lib.name + ".", suffix=".tmp", dir=out_dir)
+    os.close(fd)
+    try:
+        proc = subprocess.run(
+            [cc, *CFLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+        os.replace(tmp, lib)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return lib
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    if os.environ.get("EXPERTMESH_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
+        return None
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except (OSError, RuntimeError) as err:
+        log.warning("native expert kernel unavailable, using PyTorch GEMMs: %s", err)
+        return None
+    fn = lib.thin_experts
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ctypes.c_void_p,  # x
+        ctypes.c_void_p,  # starts (int64)
+        ctypes.c_void_p,  # counts (int64)
+        ctypes.c_int,  # n_experts
+        ctypes.c_void_p,  # w13 pointers
+        ctypes.c_void_p,  # w2 pointers
+        ctypes.c_int,  # bf16
+        ctypes.c_int64,  # D
+        ctypes.c_int64,  # F
+        ctypes.c_void_p,  # act scratch
+        ctypes.c_void_p,  # out
+        ctypes.c_int,  # threads
+    ]
+    return lib
+
+
+def available() -> bool:
+    """True when the native kernel is built and loadable on this machine."""
+    return _lib() is not None
+
+
+def supports(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
+    """Whether :func:`thin_experts` takes these weights (float32 activations, float32 or
+    bfloat16 CPU weights, widths multiples of 8)."""
+    F2, D = w13_FD.shape
+    return (
+        x_dtype == torch.float32
+        and w13_FD.device.type == "cpu"
+        and w13_FD.dtype in (torch.float32, torch.bfloat16)
+        and D % 8 == 0
+        and F2 % 16 == 0
+        and available()
+    )
+
+
+def thin_experts(
+    x_AD: torch.Tensor,
+    starts: Sequence[int],
+    counts: Sequence[int],
+    w13_EFD: torch.Tensor | Sequence[torch.Tensor],
+    w2_EDF: torch.Tensor | Sequence[torch.Tensor],
+    out_AD: torch.Tensor,
+) -> None:
+    """For each expert ``e`` with ``counts[e]`` rows (at most :data:`MAX_ROWS`) starting at row
+    ``starts[e]`` of ``x_AD``: write ``swiglu_e(x)`` to the same rows of ``out_AD``. Rows of
+    experts with count 0 are left alone. Call :func:`supports` first."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("native kernel not available; check kernels.available() first")
+    if x_AD.dtype != torch.float32 or out_AD.dtype != torch.float32:
+        raise KernelError(f"activations must be float32, got {x_AD.dtype} / {out_AD.dtype}")
+    x_AD, E = x_AD.contiguous(), len(counts)
+    if not out_AD.is_contiguous() or out_AD.shape != x_AD.shape:
+        raise KernelError(f"out must be contiguous {tuple(x_AD.shape)}, got {tuple(out_AD.shape)}")
+    w13 = [w13_EFD[e].contiguous() for e in range(E)]
+    w2 = [w2_EDF[e].contiguous() for e in range(E)]
+    F2, D = w13[0].shape
+    bf16 = w13[0].dtype == torch.bfloat16
+    for e in range(E):
+        if w13[e].shape != (F2, D) or w2[e].shape != (D, F2 // 2) or w2[e].dtype != w13[0].dtype:
+            raise KernelError(f"expert {e}: weights {tuple(w13[e].shape)}/{tuple(w2[e].shape)}")
+    meta = torch.tensor([*starts, *counts], dtype=torch.int64)
+    ptrs = (ctypes.c_void_p * (2 * E))(*(w.data_ptr() for w in w13), *(w.data_ptr() for w in w2))
+    act = x_AD.new_empty(x_AD.shape[0], F2 // 2)
+    rc = lib.thin_experts(
+        x_AD.data_ptr(),
+        meta.data_ptr(),
+        meta.data_ptr() + 8 * E,
+        E,
+        ctypes.addressof(ptrs),
+        ctypes.addressof(ptrs) + ctypes.sizeof(ctypes.c_void_p) * E,
+        int(bf16),
+        D,
+        F2 // 2,
+        act.data_ptr(),
+        out_AD.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise KernelError(f"thin_experts refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")

@@ -1,0 +1,138 @@
+"""The native thin-slice expert kernel against the PyTorch path it replaces (no Ray)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from expertmesh.platform.model import kernels
+from expertmesh.platform.model.experts import KERNEL_MAX_ROWS, run_experts
+
+pytestmark = pytest.mark.skipif(
+    not kernels.available(),
+    reason="native kernel needs Linux x86-64 with AVX2/FMA and a C compiler",
+)
+E, D, F = 8, 64, 176
+
+
+def weights(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * F, D, generator=g) / D**0.5
+    w2 = torch.randn(E, D, F, generator=g) / F**0.5
+    return w13.to(dtype), w2.to(dtype)
+
+
+def reference(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
+    """Plain float32 PyTorch, one expert slice at a time."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        gate, up = (x[start : start + n] @ w13[e].float().t()).chunk(2, dim=-1)
+        outs.append((torch.nn.functional.silu(gate) * up) @ w2[e].float().t())
+        start += n
+    return torch.cat(outs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "counts",
+    [[4] * E, [0, 1, 2, 3, 5, 7, 9, 13], [KERNEL_MAX_ROWS, 0, 0, 0, 0, 0, 0, 1], [0] * 7 + [3]],
+)
+def test_kernel_equals_pytorch(dtype: torch.dtype, counts: list[int]) -> None:
+    w13, w2 = weights(dtype)
+    x = torch.randn(sum(counts), D)
+    out = torch.full_like(x, float("nan"))
+    starts = [sum(counts[:e]) for e in range(E)]
+    kernels.thin_experts(x, starts, counts, w13, w2, out)
+    torch.testing.assert_close(out, reference(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_experts_with_count_zero_leave_their_rows_alone() -> None:
+    """Only the experts given a count are run: the caller runs the rest (large slices) itself."""
+    w13, w2 = weights(torch.float32)
+    counts = [3, 2]
+    x = torch.randn(5, D)
+    out = torch.full_like(x, 7.0)
+    kernels.thin_experts(x, [0, 3], [0, 2], w13[:2], w2[:2], out)
+    assert torch.equal(out[:3], torch.full((3, D), 7.0))
+    torch.testing.assert_close(out[3:], reference(x, counts, w13[:2], w2[:2])[3:])
+
+
+def test_run_experts_mixes_kernel_and_gemm_slices() -> None:
+    """Slices above KERNEL_MAX_ROWS go to the GEMM path in the same call; lists of per-expert
+    weights (as expert shards hold them) work like the stacked bank."""
+    w13, w2 = weights(torch.float32)
+    counts = [KERNEL_MAX_ROWS + 9, 1, 0, 30, 2, KERNEL_MAX_ROWS + 1, 5, 0]
+    x = torch.randn(sum(counts), D)
+    want = reference(x, counts, w13, w2)
+    torch.testing.assert_close(run_experts(x, counts, w13, w2), want, rtol=1e-5, atol=1e-5)
+    got = run_experts(x, counts, list(w13.unbind(0)), list(w2.unbind(0)))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_do_not_depend_on_batch_or_thread_count() -> None:
+    """A token's output is the same alone or in a batch, on 1 or 2 threads: distributed and
+    in-process serving must agree token for token."""
+    w13, w2 = weights(torch.float32)
+    x = torch.randn(9, D)
+    full = torch.empty_like(x)
+    kernels.thin_experts(x, [0], [9], w13[:1], w2[:1], full)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for i in (0, 4, 8):
+            alone = torch.empty(1, D)
+            kernels.thin_experts(x[i : i + 1], [0], [1], w13[:1], w2[:1], alone)
+            assert torch.equal(alone[0], full[i])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_bad_arguments_are_named() -> None:
+    w13, w2 = weights(torch.float32)
+    x = torch.randn(40, D)
+    with pytest.raises(kernels.KernelError, match="more than 32 rows"):
+        kernels.thin_experts(x, [0], [40], w13[:1], w2[:1], torch.empty_like(x))
+    with pytest.raises(kernels.KernelError, match="expert 1"):
+        kernels.thin_experts(
+            x, [0, 1], [1, 1], [w13[0], w13[1][:, :8]], w2[:2], torch.empty_like(x)
+        )
+    with pytest.raises(kernels.KernelError, match="float32"):
+        kernels.thin_experts(x.double(), [0], [1], w13[:1], w2[:1], torch.empty_like(x))
+    assert not kernels.supports(torch.empty(2 * F, D + 4), torch.float32)  # D not a multiple of 8
+
+
+def test_build_is_cached_and_atomic(tmp_path) -> None:
+    lib = kernels.build(tmp_path)
+    mtime = lib.stat().st_mtime_ns
+    assert kernels.build(tmp_path) == lib and lib.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary files left
+
+
+def test_switch_off_falls_back_to_the_same_numbers() -> None:
+    """EXPERTMESH_NATIVE_KERNELS=0: no kernel, the PyTorch path, the same outputs."""
+    code = (
+        "import torch; from expertmesh.platform.model import kernels;"
+        "from expertmesh.platform.model.experts import run_experts;"
+        "assert not kernels.available();"
+        "g = torch.Generator().manual_seed(0);"
+        f"w13 = torch.randn({E}, {2 * F}, {D}, generator=g) / {D**0.5};"
+        f"w2 = torch.randn({E}, {D}, {F}, generator=g) / {F**0.5};"
+        f"x = torch.randn(24, {D}, generator=g);"
+        "torch.save(run_experts(x, [3] * 8, w13, w2), __import__('sys').argv[1])"
+    )
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kernel-off-{os.getpid()}.pt")
+    env = dict(os.environ, EXPERTMESH_NATIVE_KERNELS="0")
+    subprocess.run([sys.executable, "-c", code, path], env=env, check=True)
+    try:
+        off = torch.load(path)
+    finally:
+        os.unlink(path)
+    g = torch.Generator().manual_seed(0)
+    w13 = torch.randn(E, 2 * F, D, generator=g) / D**0.5
+    w2 = torch.randn(E, D, F, generator=g) / F**0.5
+    x = torch.randn(24, D, generator=g)
+    torch.testing.assert_close(run_experts(x, [3] * 8, w13, w2), off, rtol=1e-5, atol=1e-5)
