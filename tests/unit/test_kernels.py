@@ -93,9 +93,9 @@ def test_rows_do_not_depend_on_batch_or_thread_count() -> None:
 
 def test_bad_arguments_are_named() -> None:
     w13, w2 = weights(torch.float32)
-    x = torch.randn(40, D)
-    with pytest.raises(kernels.KernelError, match="more than 32 rows"):
-        kernels.thin_experts(x, [0], [40], w13[:1], w2[:1], torch.empty_like(x))
+    x = torch.randn(kernels.MAX_ROWS + 1, D)
+    with pytest.raises(kernels.KernelError, match=f"more than {kernels.MAX_ROWS} rows"):
+        kernels.thin_experts(x, [0], [len(x)], w13[:1], w2[:1], torch.empty_like(x))
     with pytest.raises(kernels.KernelError, match="expert 1"):
         kernels.thin_experts(
             x, [0, 1], [1, 1], [w13[0], w13[1][:, :8]], w2[:2], torch.empty_like(x)

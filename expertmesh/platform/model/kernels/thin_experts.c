@@ -11,18 +11,20 @@
  * Weights are float32 or bfloat16 (widened to float32 in registers). D and F must be multiples
  * of 8. Work splits over threads by weight rows (each thread reads a disjoint slice of every
  * expert): phase 1 computes act = silu(gate) * up for all experts, a barrier, phase 2 the output.
+ * Threads come from OpenMP: loaded into a process that has PyTorch, the library binds to
+ * PyTorch's own libgomp (same soname), so the kernel runs on PyTorch's warm thread team instead
+ * of competing with it for the cores (a separate pthread team ran 2x slower right after an op).
  *
- * Built at first use by expertmesh/platform/model/kernels/__init__.py (cc -O3 -mavx2 -mfma).
+ * Built at first use by expertmesh/platform/model/kernels/__init__.py (cc -O3 -mavx2 -mfma
+ * -fopenmp).
  */
 #include <immintrin.h>
 #include <math.h>
-#include <pthread.h>
-#include <sched.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 
-#define MAX_ROWS 32 /* rows per expert handled here; callers use a GEMM above this */
-#define MAX_THREADS 64
+#define MAX_ROWS 256 /* rows per expert handled here; callers use a GEMM above this */
 
 static inline __m256 load8(const void *w, int bf16, int64_t k) {
     if (bf16) {
@@ -39,75 +41,86 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* y[i][j] = dot(x[i], w[j]) for i < n, j in [j0, j1); w rows have K elements, stride K.
- * Rows of x in blocks of 4, rows of w in blocks of 2: 8 accumulators, each w load feeds 4 FMAs. */
-static void dot_rows(const float *x, int n, const void *w, int bf16, int64_t K, int64_t j0,
-                     int64_t j1, float *y, int64_t ldy) {
-    const int es = bf16 ? 2 : 4;
-    for (int i0 = 0; i0 < n; i0 += 4) {
-        const int ni = n - i0 < 4 ? n - i0 : 4;
-        const float *x0 = x + (int64_t)i0 * K;
-        const float *x1 = ni > 1 ? x0 + K : x0, *x2 = ni > 2 ? x0 + 2 * K : x0;
-        const float *x3 = ni > 3 ? x0 + 3 * K : x0;
-        int64_t j = j0;
-        for (; j + 2 <= j1; j += 2) {
-            const char *wa = (const char *)w + j * K * es, *wb = wa + K * es;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-            for (int64_t k = 0; k < K; k += 8) {
-                const __m256 va = load8(wa, bf16, k), vb = load8(wb, bf16, k);
-                const __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
-                const __m256 v2 = _mm256_loadu_ps(x2 + k), v3 = _mm256_loadu_ps(x3 + k);
-                a0 = _mm256_fmadd_ps(va, v0, a0);
-                a1 = _mm256_fmadd_ps(va, v1, a1);
-                a2 = _mm256_fmadd_ps(va, v2, a2);
-                a3 = _mm256_fmadd_ps(va, v3, a3);
-                b0 = _mm256_fmadd_ps(vb, v0, b0);
-                b1 = _mm256_fmadd_ps(vb, v1, b1);
-                b2 = _mm256_fmadd_ps(vb, v2, b2);
-                b3 = _mm256_fmadd_ps(vb, v3, b3);
-            }
-            const __m256 acc_a[4] = {a0, a1, a2, a3}, acc_b[4] = {b0, b1, b2, b3};
-            for (int i = 0; i < ni; i++) {
-                y[(int64_t)(i0 + i) * ldy + j] = hsum(acc_a[i]);
-                y[(int64_t)(i0 + i) * ldy + j + 1] = hsum(acc_b[i]);
-            }
+/* One pass of NX (1-3) x rows over four w rows: y[i][0..3] = dot(x[i], w0..w3) over K.
+ * Inlined with constant nx and bf16 so each combination compiles to its own loop; 12
+ * accumulators + 3 x + 1 w = the 16 ymm registers. When ``wide`` is set (bfloat16 weights, first
+ * pass), the widened rows are also stored there so later passes read float32 from L1. When
+ * ``next`` is set, the next four rows (4K elements at ``next``) are prefetched on the way. */
+static inline __attribute__((always_inline)) void pass4(const float *x, const int nx, int64_t K,
+                                                        const void *w0, const int bf16,
+                                                        float *wide, const char *next,
+                                                        float *y, int64_t ldy) {
+    const int64_t es = bf16 ? 2 : 4, stride = K * es;
+    const char *w = (const char *)w0;
+    __m256 acc[3][4];
+    for (int i = 0; i < nx; i++)
+        for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k += 8) {
+        if (next && ((k * es) & 63) == 0) {
+            const char *p = next + k * es * 4;
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 64, _MM_HINT_T0);
+            _mm_prefetch(p + 128, _MM_HINT_T0);
+            _mm_prefetch(p + 192, _MM_HINT_T0);
         }
-        for (; j < j1; j++) {
-            const char *wa = (const char *)w + j * K * es;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int64_t k = 0; k < K; k += 8) {
-                const __m256 va = load8(wa, bf16, k);
-                a0 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x0 + k), a0);
-                a1 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x1 + k), a1);
-                a2 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x2 + k), a2);
-                a3 = _mm256_fmadd_ps(va, _mm256_loadu_ps(x3 + k), a3);
-            }
-            const __m256 acc[4] = {a0, a1, a2, a3};
-            for (int i = 0; i < ni; i++) y[(int64_t)(i0 + i) * ldy + j] = hsum(acc[i]);
+        __m256 xv[3];
+        for (int i = 0; i < nx; i++) xv[i] = _mm256_loadu_ps(x + i * K + k);
+        for (int r = 0; r < 4; r++) {
+            const __m256 v = load8(w + r * stride, bf16, k);
+            if (wide) _mm256_storeu_ps(wide + r * K + k, v);
+            for (int i = 0; i < nx; i++) acc[i][r] = _mm256_fmadd_ps(v, xv[i], acc[i][r]);
+        }
+    }
+    for (int i = 0; i < nx; i++)
+        for (int r = 0; r < 4; r++) y[i * ldy + r] = hsum(acc[i][r]);
+}
+
+/* y[i][j] = dot(x[i], w[j]) for i < n, j in [j0, j1); w rows have K elements, stride K.
+ * Four w rows at a time (four streams from memory keep more loads in flight than one or two);
+ * x rows three at a time over them. The first pass reads the four rows from memory (widening
+ * bfloat16 into ``wide``, 4K floats) and prefetches the next four; later passes reread the rows
+ * from L1, so each weight is read from memory once. */
+static void dot_rows(const float *x, int n, const void *w, int bf16, int64_t K, int64_t j0,
+                     int64_t j1, float *y, int64_t ldy, float *wide) {
+    const int64_t es = bf16 ? 2 : 4;
+    int64_t j = j0;
+    for (; j + 4 <= j1; j += 4) {
+        const char *w0 = (const char *)w + j * K * es;
+        const char *next = j + 8 <= j1 ? w0 + 4 * K * es : NULL;
+        const int first = n < 3 ? n : 3;
+        float *y0 = y + j;
+        /* first pass: from memory */
+        if (bf16) {
+            if (first == 3) pass4(x, 3, K, w0, 1, wide, next, y0, ldy);
+            else if (first == 2) pass4(x, 2, K, w0, 1, wide, next, y0, ldy);
+            else pass4(x, 1, K, w0, 1, wide, next, y0, ldy);
+        } else {
+            if (first == 3) pass4(x, 3, K, w0, 0, NULL, next, y0, ldy);
+            else if (first == 2) pass4(x, 2, K, w0, 0, NULL, next, y0, ldy);
+            else pass4(x, 1, K, w0, 0, NULL, next, y0, ldy);
+        }
+        /* later passes: float32 rows from L1 */
+        const void *rows = bf16 ? (const void *)wide : (const void *)w0;
+        for (int i = first; i < n; i += 3) {
+            const int nx = n - i < 3 ? n - i : 3;
+            const float *xi = x + (int64_t)i * K;
+            float *yi = y0 + (int64_t)i * ldy;
+            if (nx == 3) pass4(xi, 3, K, rows, 0, NULL, NULL, yi, ldy);
+            else if (nx == 2) pass4(xi, 2, K, rows, 0, NULL, NULL, yi, ldy);
+            else pass4(xi, 1, K, rows, 0, NULL, NULL, yi, ldy);
+        }
+    }
+    for (; j < j1; j++) { /* the last rows of a slice not divisible by four */
+        const char *w0 = (const char *)w + j * K * es;
+        for (int i = 0; i < n; i++) {
+            const float *xa = x + (int64_t)i * K;
+            __m256 a0 = _mm256_setzero_ps();
+            for (int64_t k = 0; k < K; k += 8)
+                a0 = _mm256_fmadd_ps(load8(w0, bf16, k), _mm256_loadu_ps(xa + k), a0);
+            y[(int64_t)i * ldy + j] = hsum(a0);
         }
     }
 }
-
-typedef struct {
-    int n_experts, bf16, n_threads;
-    int64_t D, F;
-    const float *x;
-    const int64_t *starts, *counts;
-    const void *const *w13;
-    const void *const *w2;
-    float *act; /* (A, F) scratch */
-    float *h;   /* (2 * maxn, F) scratch: each thread's gate and up columns */
-    int64_t maxn;
-    float *out;
-    pthread_barrier_t *barrier;
-    int go; /* 0: wait; 1: run (n_threads, h and the barrier are final) */
-} job_t;
-
-typedef struct {
-    job_t *job;
-    int t;
-} arg_t;
 
 static void slice(int64_t total, int t, int nt, int64_t *lo, int64_t *hi) {
     /* split [0, total) into nt slices on multiples of 8 (keeps vector loops whole) */
@@ -116,48 +129,10 @@ static void slice(int64_t total, int t, int nt, int64_t *lo, int64_t *hi) {
     *hi = blocks * (t + 1) / nt * 8;
 }
 
-static void *worker(void *p) {
-    const arg_t *a = (const arg_t *)p;
-    job_t *J = a->job;
-    while (__atomic_load_n(&J->go, __ATOMIC_ACQUIRE) == 0) sched_yield();
-    const int t = a->t, nt = J->n_threads;
-    const int64_t D = J->D, F = J->F;
-    int64_t lo, hi;
-    slice(F, t, nt, &lo, &hi);
-    const int64_t width = hi - lo, maxn = J->maxn;
-    float *h = J->h + 2 * maxn * lo; /* this thread's block: maxn gate rows, then maxn up rows */
-    for (int e = 0; e < J->n_experts; e++) {
-        const int n = (int)J->counts[e];
-        const int64_t start = J->starts[e];
-        if (n > 0 && width > 0) {
-            const int es = J->bf16 ? 2 : 4;
-            const char *w = (const char *)J->w13[e];
-            const float *x = J->x + start * D;
-            /* gate rows [lo, hi) and up rows [F + lo, F + hi), results at column 0.. of h */
-            dot_rows(x, n, w + lo * D * es, J->bf16, D, 0, width, h, width);
-            dot_rows(x, n, w + (F + lo) * D * es, J->bf16, D, 0, width, h + maxn * width, width);
-            for (int i = 0; i < n; i++) {
-                const float *g = h + (int64_t)i * width, *u = h + (maxn + i) * width;
-                float *dst = J->act + (start + i) * F + lo;
-                for (int64_t j = 0; j < width; j++) dst[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
-            }
-        }
-    }
-    pthread_barrier_wait(J->barrier);
-    slice(D, t, nt, &lo, &hi);
-    for (int e = 0; e < J->n_experts; e++) {
-        const int n = (int)J->counts[e];
-        const int64_t start = J->starts[e];
-        if (n > 0 && hi > lo)
-            dot_rows(J->act + start * F, n, J->w2[e], J->bf16, F, lo, hi, J->out + start * D, D);
-    }
-    return NULL;
-}
-
 /* Returns 0 on success, a positive code for arguments this kernel does not take. */
-int thin_experts(const float *x, const int64_t *starts, const int64_t *counts, int n_experts, const void *const *w13,
-                 const void *const *w2, int bf16, int64_t D, int64_t F, float *act, float *out,
-                 int n_threads) {
+int thin_experts(const float *x, const int64_t *starts, const int64_t *counts, int n_experts,
+                 const void *const *w13, const void *const *w2, int bf16, int64_t D, int64_t F,
+                 float *act, float *out, int n_threads) {
     if (D % 8 || F % 8 || D <= 0 || F <= 0) return 1;
     int64_t maxn = 0;
     for (int e = 0; e < n_experts; e++) {
@@ -166,28 +141,47 @@ int thin_experts(const float *x, const int64_t *starts, const int64_t *counts, i
     }
     if (maxn == 0) return 0;
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (n_threads > F / 8) n_threads = (int)(F / 8);
+    /* scratch: each thread's gate and up columns, (2 * maxn) rows of its slice of F */
     float *h = (float *)malloc((size_t)(2 * maxn * F) * sizeof(float));
-    if (!h) return 3;
-    pthread_barrier_t barrier;
-    job_t job = {n_experts, bf16, n_threads, D, F, x, starts, counts, w13, w2, act, h, maxn, out,
-                 &barrier, 0};
-    pthread_t tid[MAX_THREADS];
-    arg_t args[MAX_THREADS];
-    int started = 1; /* the calling thread is worker 0 */
-    for (; started < n_threads; started++) {
-        args[started] = (arg_t){&job, started};
-        if (pthread_create(&tid[started], NULL, worker, &args[started]) != 0) break;
+    const int64_t kmax = D > F ? D : F;
+    float *wide = bf16 ? (float *)malloc((size_t)n_threads * 4 * kmax * sizeof(float)) : NULL;
+    if (!h || (bf16 && !wide)) {
+        free(h);
+        free(wide);
+        return 3;
     }
-    /* the threads that did start wait for "go"; the work splits over those that exist */
-    job.n_threads = started;
-    pthread_barrier_init(&barrier, NULL, (unsigned)started);
-    __atomic_store_n(&job.go, 1, __ATOMIC_RELEASE);
-    args[0] = (arg_t){&job, 0};
-    worker(&args[0]);
-    for (int t = 1; t < started; t++) pthread_join(tid[t], NULL);
-    pthread_barrier_destroy(&barrier);
+    const int64_t es = bf16 ? 2 : 4;
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *wt = bf16 ? wide + (int64_t)t * 4 * kmax : NULL;
+        int64_t lo, hi;
+        slice(F, t, nt, &lo, &hi);
+        const int64_t width = hi - lo;
+        float *g = h + 2 * maxn * lo, *u = g + maxn * width;
+        for (int e = 0; e < n_experts && width > 0; e++) {
+            const int n = (int)counts[e];
+            if (n == 0) continue;
+            const char *w = (const char *)w13[e];
+            const float *xe = x + starts[e] * D;
+            dot_rows(xe, n, w + lo * D * es, bf16, D, 0, width, g, width, wt);       /* gate */
+            dot_rows(xe, n, w + (F + lo) * D * es, bf16, D, 0, width, u, width, wt); /* up */
+            for (int i = 0; i < n; i++) {
+                const float *gi = g + (int64_t)i * width, *ui = u + (int64_t)i * width;
+                float *dst = act + (starts[e] + i) * F + lo;
+                for (int64_t j = 0; j < width; j++) dst[j] = gi[j] / (1.0f + expf(-gi[j])) * ui[j];
+            }
+        }
+#pragma omp barrier
+        slice(D, t, nt, &lo, &hi);
+        for (int e = 0; e < n_experts && hi > lo; e++) {
+            const int n = (int)counts[e];
+            if (n > 0)
+                dot_rows(act + starts[e] * F, n, w2[e], bf16, F, lo, hi, out + starts[e] * D, D, wt);
+        }
+    }
     free(h);
+    free(wide);
     return 0;
 }
