@@ -4,11 +4,17 @@ The same engine runs in process (experts in this process, :class:`LocalDispatche
 the router service actor (experts in shard actors, a Ray dispatcher). Requests added while a
 step runs join the next step; each step is one forward pass over a ragged batch in which new
 requests contribute their whole prompt (prefill) and running ones their last token (decode).
+
+Slots stay compact: the i-th running sequence owns KV-cache slot i, so a step's batch is one
+contiguous block of the cache that attention reads in place (no gather of every sequence's keys
+and values each layer); when a sequence leaves, the last one moves into its slot. Aborts from
+other threads (a client that disconnects while a step runs) are applied by the stepping thread.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -77,9 +83,11 @@ class Engine:
         self.max_step_tokens = max_step_tokens
         dtype = next(model.parameters()).dtype
         self.cache = KVCache(self.cfg, max_batch, self.max_len, dtype)
-        self.free_slots = list(range(max_batch - 1, -1, -1))
         self.waiting: list[Sequence] = []
-        self.running: list[Sequence] = []
+        self.running: list[Sequence] = []  # running[i].slot == i
+        self._lock = threading.Lock()  # guards _stepping and _aborts
+        self._stepping = False
+        self._aborts: list[Sequence] = []
         self.track_routing = track_routing
         self.n_moe = len(model.moe_layers())
         if micro_batches < 1:
@@ -138,11 +146,20 @@ class Engine:
         return seq
 
     def abort(self, seq: Sequence) -> None:
+        """Stop ``seq``; safe from any thread. During a step it takes effect when the step ends
+        (the step's batch and cache slots must not change under it)."""
+        with self._lock:
+            seq.finish_reason = seq.finish_reason or "abort"
+            if self._stepping:
+                self._aborts.append(seq)
+                return
+            self._remove(seq)
+
+    def _remove(self, seq: Sequence) -> None:
         if seq in self.waiting:
             self.waiting.remove(seq)
         if seq in self.running:
             self._release(seq)
-        seq.finish_reason = seq.finish_reason or "abort"
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -150,24 +167,41 @@ class Engine:
     # ------------------------------------------------------------------ stepping
     def _admit(self) -> None:
         budget = self.max_step_tokens - len(self.running)
-        while self.waiting and self.free_slots:
+        while self.waiting and len(self.running) < self.cache.n_slots:
             n = len(self.waiting[0].prompt_ids)
             if n > budget and len(self.running) > 0:
                 break
             seq = self.waiting.pop(0)
-            seq.slot = self.free_slots.pop()
+            seq.slot = len(self.running)
             self.running.append(seq)
             budget -= n
 
     def _release(self, seq: Sequence) -> None:
-        self.running.remove(seq)
-        if seq.slot is not None:
-            self.free_slots.append(seq.slot)
-            seq.slot = None
+        """Free ``seq``'s slot; the last running sequence moves into it (keys, values, slot)."""
+        slot, last = seq.slot, self.running[-1]
+        assert slot is not None and self.running[slot] is seq
+        if last is not seq:
+            self.cache.move(last.slot, slot, last.n_cached)
+            last.slot = slot
+            self.running[slot] = last
+        self.running.pop()
+        seq.slot = None
 
     @torch.no_grad()
     def step(self) -> list[StepOutput]:
         """Run one forward pass for every running sequence; returns one output per sequence."""
+        with self._lock:
+            self._stepping = True
+        try:
+            return self._step()
+        finally:
+            with self._lock:
+                self._stepping = False
+                for seq in self._aborts:
+                    self._remove(seq)
+                self._aborts.clear()
+
+    def _step(self) -> list[StepOutput]:
         self._admit()
         if not self.running:
             return []
@@ -186,11 +220,10 @@ class Engine:
         temps = torch.tensor([s.params.temperature for s in seqs])
         top_ps = torch.tensor([s.params.top_p for s in seqs])
         next_B = sample_next(logits_BV, temps, top_ps, [s.generator for s in seqs])
-        results = []
-        for s, f, tok in zip(list(seqs), feeds, next_B.tolist(), strict=True):
-            s.n_cached += len(f)
-            results.append(self._append(s, tok))
-        return results
+        seqs = list(seqs)  # _append releases finished ones, which reorders self.running
+        for s, f in zip(seqs, feeds, strict=True):
+            s.n_cached += len(f)  # before any release moves a sequence's cache entries
+        return [self._append(s, tok) for s, tok in zip(seqs, next_B.tolist(), strict=True)]
 
     def _split(self, n: int) -> list[tuple[int, int]]:
         """Row ranges of the micro-batches: one unless overlap is on and the batch is large."""

@@ -87,6 +87,11 @@ class KVCache:
     def scratch_pos(self) -> int:
         return self.max_len
 
+    def move(self, src: int, dst: int, n: int) -> None:
+        """Copy the first ``n`` positions of slot ``src`` into slot ``dst`` (every layer)."""
+        for buf in (*self.k, *self.v):
+            buf[dst, :, :n] = buf[src, :, :n]
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -127,8 +132,13 @@ class Attention(nn.Module):
             k_buf[slot_BT, :, wpos_BT] = k_BTGK.to(k_buf.dtype)
             v_buf[slot_BT, :, wpos_BT] = v_BTGK.to(v_buf.dtype)
             L = int(pos_BT.max()) + 1
-            k_BGLK = k_buf[slots_B, :, :L].to(q_BHTK.dtype)
-            v_BGLK = v_buf[slots_B, :, :L].to(q_BHTK.dtype)
+            s0 = int(slots_B[0])
+            if torch.equal(slots_B, torch.arange(s0, s0 + B)):  # compact slots: read in place
+                k_BGLK = k_buf[s0 : s0 + B, :, :L].to(q_BHTK.dtype)
+                v_BGLK = v_buf[s0 : s0 + B, :, :L].to(q_BHTK.dtype)
+            else:
+                k_BGLK = k_buf[slots_B, :, :L].to(q_BHTK.dtype)
+                v_BGLK = v_buf[slots_B, :, :L].to(q_BHTK.dtype)
             # each query sees keys of its own slot at positions <= its own position
             mask_BTL = torch.arange(L)[None, None, :] <= pos_BT[:, :, None]
             out_BHTK = F.scaled_dot_product_attention(
