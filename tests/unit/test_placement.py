@@ -202,6 +202,28 @@ def test_slots_for_replica_balance_is_the_fewest_that_meet_the_ratio() -> None:
     assert slots_for_replica_balance(uniform, len(shards)) == 2 * len(keys)
 
 
+def test_cluster_scale_placement_balances_replicas_and_shards() -> None:
+    """The issue's simulation (bench/placement_sim.py): 1024 nodes x 4 shards, 4096 experts in
+    64 layers, Zipf(1.0) load within each layer. At the budget slots_for_replica_balance gives,
+    load per replica and per shard are within 1.05 of the mean, and round robin is far off."""
+    rng = random.Random(0)
+    load: dict[ExpertKey, float] = {}
+    for layer in range(64):
+        ranks = list(range(1, 65))
+        rng.shuffle(ranks)
+        load |= {(layer, e): 1.0 / r for e, r in enumerate(ranks)}
+    shards = make_shards(1024, 4, capacity=16)
+    ids = [s.shard_id for s in shards]
+    slots = slots_for_replica_balance(load, len(shards), max_ratio=1.05)
+    assert len(load) * 2 < slots <= 16 * len(shards)
+    plan = place(list(load), shards, load=load, num_slots=slots)
+    replica_ratio, shard_ratio = balance_ratios(plan.table, load, ids)
+    assert replica_ratio <= 1.05 and shard_ratio <= 1.05
+    assert plan.warnings == ()
+    counts = [len(r) for r in plan.table.replicas.values()]
+    assert min(counts) >= 2 and plan.table.total_replicas() == slots
+
+
 def test_slots_for_replica_balance_names_the_expert_that_makes_it_impossible() -> None:
     load = {(0, 0): 100.0, (0, 1): 1.0, (0, 2): 1.0}  # (0, 0) would need > 4 replicas
     with pytest.raises(PlacementError, match=r"expert \(0, 0\).*each of the 4 shards"):
