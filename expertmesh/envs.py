@@ -50,6 +50,26 @@ def api_token() -> str | None:
     return os.environ.get("EXPERTMESH_TOKEN") or None
 
 
+def native_kernels() -> bool:
+    """``EXPERTMESH_NATIVE_KERNELS``: ``0`` turns the compiled CPU kernels off (PyTorch only)."""
+    return os.environ.get("EXPERTMESH_NATIVE_KERNELS", "1") != "0"
+
+
+def kernel_cache_dir() -> Path:
+    """``EXPERTMESH_KERNEL_CACHE``: where compiled kernels are kept (default
+    ``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``)."""
+    explicit = os.environ.get("EXPERTMESH_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "expertmesh" / "kernels"
+
+
+def c_compiler() -> str:
+    """``CC``: the C compiler that builds the native kernels (default ``cc``)."""
+    return os.environ.get("CC") or "cc"
+
+
 # Settings expertmesh applies for a *local* Ray cluster only (never when joining a real one).
 LOCAL_RAY_ENV: dict[str, str] = {
     # keep Ray on loopback: without it Ray picks the machine's other address and a driver

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from expertmesh import envs
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("thin_experts.c")
@@ -38,13 +40,6 @@ _ERRORS = {1: "D and F must be positive multiples of 8", 2: "a slice has more th
 
 class KernelError(RuntimeError):
     """A native kernel refused its arguments (a caller bug: they are checked before the call)."""
-
-
-def _cache_dir() -> Path:
-    if "EXPERTMESH_KERNEL_CACHE" in os.environ:
-        return Path(os.environ["EXPERTMESH_KERNEL_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "expertmesh" / "kernels"
 
 
 def _cpu_supported() -> bool:
@@ -62,12 +57,12 @@ def _cpu_supported() -> bool:
 
 def build(cache_dir: Path | None = None) -> Path:
     """Compile ``thin_experts.c`` (if not cached) and return the shared library's path."""
-    cc = os.environ.get("CC", "cc")
+    cc = envs.c_compiler()
     if shutil.which(cc) is None:
         raise FileNotFoundError(f"no C compiler {cc!r} on PATH (set CC)")
     src = SOURCE.read_bytes()
     digest = hashlib.sha256(src + " ".join((cc, *CFLAGS, *LIBS)).encode()).hexdigest()[:16]
-    out_dir = cache_dir or _cache_dir()
+    out_dir = cache_dir or envs.kernel_cache_dir()
     lib = out_dir / f"thin_experts-{digest}.so"
     if lib.exists():
         return lib
@@ -98,7 +93,7 @@ def build(cache_dir: Path | None = None) -> Path:
 
 @functools.cache
 def _lib() -> ctypes.CDLL | None:
-    if os.environ.get("EXPERTMESH_NATIVE_KERNELS", "1") == "0" or not _cpu_supported():
+    if not envs.native_kernels() or not _cpu_supported():
         return None
     try:
         lib = ctypes.CDLL(str(build()))
