@@ -13,7 +13,7 @@ For each token count and dtype it times, interleaved over several rounds (median
 
 Ratios are ``other_time / ours``: above 1 means the MoE layer is faster.
 
-Run: ``.venv/bin/python bench/moe_layer.py`` (about 2-3 minutes on 2 cores).
+Run: ``.venv/bin/python bench/moe_layer.py`` (about 4 minutes on 2 cores).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: floa
         **({} if dtype == torch.float32 else {"dense_f32": lambda: dense_f32(x_RD_f32)}),
         "read": lambda: bw_buf.sum(),
     }
-    rounds = 7 if tokens <= 256 else 3
+    rounds = 7
     t = interleaved_median(fns, rounds=rounds, budget_s=budget_s)
     bandwidth = bw_buf.numel() * bw_buf.element_size() / t["read"]
     return Row(

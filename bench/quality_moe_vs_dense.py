@@ -15,8 +15,8 @@ Switch Transformer and GLaM papers report that this extra capacity lowers the lo
 compute. The bench checks that claim on the two base domains.
 
 Both runs go through :func:`expertmesh.platform.training.train` (the real ``train_step``, so the
-MoE's load-balancing and z losses are part of what it optimises; their weights default to 0.001
-and 0.0001 here: with Switch's 0.01 and 0.001 the MoE trailed dense by a steady 0.013 nats, the
+MoE's load-balancing and z losses are part of what it optimises; their weights default to 0.003
+and 0.0003 here: with Switch's 0.01 and 0.001 the MoE trailed dense by a steady 0.013 nats, the
 price of forcing balance on a model this small, and the bench prints how balanced the routing
 still is) with the same seed, the same
 batches in the same order, the same AdamW and the same warmup-cosine schedule. The validation
@@ -68,7 +68,7 @@ class Result:
 
 
 def model_configs(
-    aux_loss_weight: float = 0.001, z_loss_weight: float = 1e-4
+    aux_loss_weight: float = 0.003, z_loss_weight: float = 3e-4
 ) -> dict[str, ModelConfig]:
     """The two models; the dense FFN is as wide as the top-k experts a token runs through."""
     shape = {"d_model": 256, "n_layers": N_LAYERS, "n_heads": 8, "n_kv_heads": 4}
@@ -202,10 +202,10 @@ def main() -> None:
     p.add_argument(
         "--aux-loss-weight",
         type=float,
-        default=0.001,
+        default=0.003,
         help="MoE load-balancing loss weight (0.01, Switch's, cost 0.013 nats here)",
     )
-    p.add_argument("--z-loss-weight", type=float, default=1e-4, help="MoE router z-loss weight")
+    p.add_argument("--z-loss-weight", type=float, default=3e-4, help="MoE router z-loss weight")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches per domain")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
