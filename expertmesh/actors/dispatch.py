@@ -11,7 +11,8 @@ import itertools
 import logging
 import threading
 import time
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,6 +73,7 @@ class AdaptiveDeadline:
 class DispatchStats:
     calls: int = 0
     retries: int = 0
+    seconds: float = 0.0  # wall time inside dispatch(): permute, calls, waits, combine
     failed_shards: set[str] = field(default_factory=set)
 
 
@@ -88,6 +90,7 @@ class RayDispatcher:
         self.stats = DispatchStats()
         self.suspect: dict[str, float] = {}  # shard -> time it failed; avoided until refreshed
         self._rr = itertools.count()
+        self.calls_by_shard: Counter[str] = Counter()
         self._lock = threading.Lock()
 
     def update(self, view: PlacementView) -> None:
@@ -108,9 +111,16 @@ class RayDispatcher:
                     f"no live replica of expert {(layer, e)} (replicas: {replicas})"
                 )
             options[e] = live
-        return cover(options, next(self._rr))
+        return cover(options, next(self._rr), self.calls_by_shard)
 
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        t0 = time.perf_counter()
+        try:
+            return self._dispatch(layer, x_TD, routing)
+        finally:
+            self.stats.seconds += time.perf_counter() - t0
+
+    def _dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         x_AD = permute(x_TD, routing).detach()
         x_np = x_AD.to(torch.float32).numpy().astype(self.wire_dtype, copy=False)
         counts = routing.counts_E.tolist()
@@ -134,6 +144,7 @@ class RayDispatcher:
             parts = [x_np[s : s + n] for _, s, n in group]
             x_part = parts[0] if len(parts) == 1 else np.concatenate(parts)
             handle = self.view.handles[shard]
+            self.calls_by_shard[shard] += 1
             refs[shard] = handle.run.remote(
                 layer, x_part, [g[0] for g in group], [g[2] for g in group]
             )
@@ -167,14 +178,19 @@ class RayDispatcher:
         return retry
 
 
-def cover(options: dict[int, list[str]], turn: int) -> dict[int, str]:
+def cover(
+    options: dict[int, list[str]], turn: int, used: Mapping[str, int] | None = None
+) -> dict[int, str]:
     """Pick one shard per expert from ``options`` (expert -> candidate shards) so that few shards
-    are called: greedy set cover, ties broken by a shard order rotated by ``turn``.
+    are called: greedy set cover; ties go to the shard called least so far (``used``: calls per
+    shard), then to a shard order rotated by ``turn``.
 
     Every shard call costs a round trip whatever it carries, so a step that needs all 8 experts
-    of a layer calls e.g. 2 shards that hold them between them instead of 4; rotating the
-    tie-break spreads the steps (and their load) over all the replicas.
+    of a layer calls e.g. 2 shards that hold them between them instead of 4; the tie-breaks spread
+    the steps (and their load) evenly over all the replicas (rotation alone gave one of two
+    identical shards 3 calls in 4).
     """
+    used = used or {}
     shards = sorted({s for cands in options.values() for s in cands})
     if not shards:
         return {}
@@ -187,7 +203,7 @@ def cover(options: dict[int, list[str]], turn: int) -> dict[int, str]:
         for e in left:
             for s in options[e]:
                 gain[s] += 1
-        best = min(gain, key=lambda s: (-gain[s], order[s]))
+        best = min(gain, key=lambda s: (-gain[s], used.get(s, 0), order[s]))
         for e in [e for e in left if best in options[e]]:
             out[e] = best
             left.discard(e)

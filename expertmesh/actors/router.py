@@ -76,6 +76,7 @@ class RouterService:
         self.refresh_task: asyncio.Task | None = None
         self.steps = 0
         self.tokens_out = 0
+        self.step_s = 0.0
         self.started = time.time()
         self.latencies: deque[float] = deque(maxlen=2048)
         self._refresh_now()
@@ -125,7 +126,9 @@ class RouterService:
                 await self.wake.wait()
                 continue
             try:
+                t0 = time.perf_counter()
                 outputs = await loop.run_in_executor(self.executor, self.engine.step)
+                self.step_s += time.perf_counter() - t0
             except Exception as exc:  # a step that cannot finish fails only its requests
                 log.exception("step failed")
                 for seq in list(self.engine.running) + list(self.engine.waiting):
@@ -208,6 +211,9 @@ class RouterService:
             "running": len(self.engine.running),
             "waiting": len(self.engine.waiting) + len(self.pending),
             "placement_version": self.dispatcher.view.version,
+            "step_s": self.step_s,  # wall time in engine steps
+            # time in shard dispatch (tokens out, waits, results back), summed over micro-batches
+            "dispatch_s": d.seconds,
             "dispatch_calls": d.calls,
             "dispatch_retries": d.retries,
             "call_deadline_s": self.dispatcher.deadline.current(),

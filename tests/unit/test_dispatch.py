@@ -42,6 +42,19 @@ def test_turns_spread_work_over_all_replicas() -> None:
     assert max(used.values()) <= 2 * min(used.values())
 
 
+def test_calls_so_far_even_out_identical_replicas() -> None:
+    """Two pairs of shards with identical experts (the 4-shard placement): fed the calls made so
+    far, the cover alternates within each pair, so every shard takes exactly half its pair's
+    calls (rotation alone gave one of them 3 calls in 4)."""
+    halves = {e: (["s0", "s1"] if e % 2 == 0 else ["s2", "s3"]) for e in range(8)}
+    used: Counter[str] = Counter()
+    for turn in range(40):
+        picked = set(cover(halves, turn, used).values())
+        assert len(picked) == 2
+        used.update(picked)
+    assert used == {"s0": 20, "s1": 20, "s2": 20, "s3": 20}
+
+
 def test_single_candidate_and_empty() -> None:
     assert cover({3: ["s9"]}, 5) == {3: "s9"}
     assert cover({}, 0) == {}
