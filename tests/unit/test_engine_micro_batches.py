@@ -5,32 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-import torch
 
-from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.model import LocalDispatcher, MoETransformer
 from expertmesh.platform.sampling import SamplingParams
-from tests.integration.helpers import PROMPTS, tiny_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_and_tok():
-    tok = tiny_tokenizer()
-    torch.manual_seed(0)
-    cfg = ModelConfig(
-        vocab_size=tok.get_vocab_size(),
-        d_model=64,
-        n_layers=2,
-        n_heads=4,
-        n_kv_heads=2,
-        d_ff=96,
-        n_experts=8,
-        top_k=2,
-        max_seq_len=128,
-    )
-    return MoETransformer(cfg).eval(), tok
+from tests.integration.helpers import PROMPTS
 
 
 class CountingDispatcher(LocalDispatcher):
