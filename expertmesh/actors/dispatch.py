@@ -84,8 +84,7 @@ class RayDispatcher:
         self, view: PlacementView, *, call_timeout_s: float = 2.0, wire_dtype: str = "float32"
     ) -> None:
         self.view = view
-        self.call_timeout_s = call_timeout_s
-        self.deadline = AdaptiveDeadline(floor_s=call_timeout_s)
+        self.deadline = AdaptiveDeadline(floor_s=call_timeout_s)  # call_timeout_s is its floor
         self.wire_dtype = np.dtype(wire_dtype)
         self.stats = DispatchStats()
         self.suspect: dict[str, float] = {}  # shard -> time it failed; avoided until refreshed

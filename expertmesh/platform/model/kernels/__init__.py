@@ -35,7 +35,11 @@ SOURCE = Path(__file__).with_name("thin_experts.c")
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 LIBS = ("-lm",)
 MAX_ROWS = 256  # must match MAX_ROWS in thin_experts.c
-_ERRORS = {1: "D and F must be positive multiples of 8", 2: "a slice has more than 256 rows"}
+_ERRORS = {
+    1: "D and F must be positive multiples of 8",
+    2: f"a slice has more than {MAX_ROWS} rows",
+    3: "out of memory for the scratch buffers",
+}
 
 
 class KernelError(RuntimeError):
