@@ -85,6 +85,7 @@ class Cluster:
         warm_shards: int = 1,
         router_threads: int = 1,
         micro_batches: int = 1,
+        transport: str = "direct",
     ) -> dict[str, Any]:
         """Serve ``model`` (a checkpoint URI, or an MLflow registry ``name[/version]``).
 
@@ -93,7 +94,9 @@ class Cluster:
         and replacing a failed shard take an already running process. ``router_threads`` is
         the number of torch threads the router's dense part (attention, gates) runs on;
         ``micro_batches`` splits each step's batch so that one part's dense layers run while
-        another's tokens are with the expert shards.
+        another's tokens are with the expert shards. ``transport`` is how tokens reach the
+        shards: ``"direct"`` (a TCP channel per shard; Ray only finds and manages the shards)
+        or ``"ray"`` (every shard call is a Ray actor call: slower, for comparison).
 
         Example::
 
@@ -115,6 +118,8 @@ class Cluster:
             raise ClusterError(f"router_threads must be >= 1, got {router_threads}")
         if warm_shards < 0:
             raise ClusterError(f"warm_shards must be >= 0, got {warm_shards}")
+        if transport not in ("direct", "ray"):
+            raise ClusterError(f"transport must be 'direct' or 'ray', got {transport!r}")
         resolved = resolve_model(model)
         spec = DeploymentSpec(
             model=resolved.name,
@@ -128,6 +133,7 @@ class Cluster:
             warm_shards=warm_shards,
             router_threads=router_threads,
             micro_batches=micro_batches,
+            transport=transport,
         )
         return self._call("deploy", spec)
 

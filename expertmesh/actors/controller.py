@@ -50,6 +50,7 @@ class DeploymentSpec:
     micro_batches: int = 1  # >1 splits a step's batch to overlap dense compute with shard calls
     max_batch: int = 64
     call_timeout_s: float = 2.0
+    transport: str = "direct"  # shard calls: "direct" channel (Ray for control only) or "ray"
     warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
 
 
@@ -282,6 +283,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                     threads=spec.router_threads,
                     micro_batches=spec.micro_batches,
                     call_timeout_s=spec.call_timeout_s,
+                    transport=spec.transport,
                 )
             )
             infos = self._start_shards(spec.shards)

@@ -1,8 +1,11 @@
 """Ray-actor dispatcher: the serving transport behind the model's :class:`Dispatcher` interface.
 
-Per MoE layer and step it sends one call per shard carrying all tokens for that shard's experts,
-issues every call before waiting on any, and retries a dead, hung or unreachable replica's work
-on another replica within the same step (per-call deadline), so a shard failure fails no request.
+Per MoE layer and step it sends one request per shard carrying all tokens for that shard's
+experts, issues every request before waiting on any, and retries a dead, hung or unreachable
+replica's work on another replica within the same step (per-call deadline), so a shard failure
+fails no request. Requests travel over the direct channel (:mod:`expertmesh.actors.channel`,
+``transport="direct"``, the default) once a shard's endpoint is known, else as Ray actor calls
+(``transport="ray"`` always uses those).
 """
 
 from __future__ import annotations
@@ -14,16 +17,20 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from expertmesh.actors.channel import ChannelError, ChannelPool, ShardChannel
 from expertmesh.platform.model import Routing, combine, permute
 
 log = logging.getLogger(__name__)
 ExpertKey = tuple[int, int]
+Transport = Literal["direct", "ray"]
+TRANSPORTS: tuple[str, ...] = ("direct", "ray")
 
 
 class NoReplicaError(RuntimeError):
@@ -72,22 +79,36 @@ class AdaptiveDeadline:
 @dataclass(kw_only=True, slots=True)
 class DispatchStats:
     calls: int = 0
+    channel_calls: int = 0  # of ``calls``, the ones sent over the direct channel
     retries: int = 0
     seconds: float = 0.0  # wall time inside dispatch(): permute, calls, waits, combine
     failed_shards: set[str] = field(default_factory=set)
+
+
+Group = list[tuple[int, int, int]]  # (expert, first row, rows) of one shard's request
 
 
 class RayDispatcher:
     """Sends routed tokens to expert shard actors according to a :class:`PlacementView`."""
 
     def __init__(
-        self, view: PlacementView, *, call_timeout_s: float = 2.0, wire_dtype: str = "float32"
+        self,
+        view: PlacementView,
+        *,
+        call_timeout_s: float = 2.0,
+        transport: Transport = "direct",
+        wire_dtype: str = "float32",
     ) -> None:
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         self.view = view
+        self.transport = transport
         self.deadline = AdaptiveDeadline(floor_s=call_timeout_s)  # call_timeout_s is its floor
         self.wire_dtype = np.dtype(wire_dtype)
         self.stats = DispatchStats()
         self.suspect: dict[str, float] = {}  # shard -> time it failed; avoided until refreshed
+        self.channels = ChannelPool()
+        self._endpoint_refs: dict[str, ray.ObjectRef] = {}  # asked for, not yet answered
         self._rr = itertools.count()
         self.calls_by_shard: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -96,6 +117,34 @@ class RayDispatcher:
         with self._lock:
             self.view = view
             self.suspect = {s: t for s, t in self.suspect.items() if s in view.handles}
+            for shard in self.channels.known() - set(view.handles):
+                self.channels.forget(shard)
+            self._endpoint_refs = {
+                s: r for s, r in self._endpoint_refs.items() if s in view.handles
+            }
+            if self.transport == "direct":
+                known = self.channels.known()
+                for shard, handle in view.handles.items():
+                    if shard not in known and shard not in self._endpoint_refs:
+                        self._endpoint_refs[shard] = handle.endpoint.remote()
+
+    def _collect_endpoints(self) -> None:
+        """Take the endpoints that shards have answered with (never waits)."""
+        with self._lock:
+            refs = dict(self._endpoint_refs)
+        if not refs:
+            return
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=0)
+        ready_set = set(ready)
+        for shard, ref in refs.items():
+            if ref not in ready_set:
+                continue
+            with self._lock:
+                self._endpoint_refs.pop(shard, None)
+            try:
+                self.channels.set_endpoint(shard, ray.get(ref))
+            except Exception as exc:  # a dead shard: the placement drops it; Ray calls meanwhile
+                log.warning("no channel endpoint from shard %s (%s)", shard, type(exc).__name__)
 
     def _assign(self, layer: int, experts: list[int], exclude: set[str]) -> dict[int, str]:
         """A shard for each expert of ``layer``: few shards, rotated between steps."""
@@ -127,54 +176,84 @@ class RayDispatcher:
         pending = [(e, starts[e], n) for e, n in enumerate(counts) if n]
         y_np = np.empty_like(x_np)
         exclude: set[str] = set()
+        if self._endpoint_refs:
+            self._collect_endpoints()
         while pending:
             pending = self._round(layer, x_np, y_np, pending, exclude)
         y_AD = torch.from_numpy(y_np).to(x_TD.dtype)
         return combine(y_AD, routing, x_TD.shape[0])
 
-    def _round(self, layer, x_np, y_np, items, exclude):
-        by_shard: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
+    def _round(
+        self, layer: int, x_np: np.ndarray, y_np: np.ndarray, items: Group, exclude: set[str]
+    ) -> Group:
+        """Send every shard its part, then gather; returns the work of shards that failed."""
+        by_shard: dict[str, Group] = defaultdict(list)
         shard_of = self._assign(layer, [e for e, _, _ in items], exclude)
         for e, start, n in items:
             by_shard[shard_of[e]].append((e, start, n))
-        refs = {}
+        refs: dict[str, ray.ObjectRef] = {}
+        sent: dict[str, ShardChannel] = {}
+        failed: dict[str, str] = {}
         issued = time.monotonic()
+        deadline = issued + self.deadline.current()
         for shard, group in by_shard.items():
             parts = [x_np[s : s + n] for _, s, n in group]
-            x_part = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            handle = self.view.handles[shard]
+            experts, counts = [g[0] for g in group], [g[2] for g in group]
             self.calls_by_shard[shard] += 1
-            refs[shard] = handle.run.remote(
-                layer, x_part, [g[0] for g in group], [g[2] for g in group]
-            )
-        self.stats.calls += len(refs)
-        retry: list[tuple[int, int, int]] = []
-        deadline = issued + self.deadline.current()
+            ch = None
+            try:
+                ch = self.channels.acquire(shard)
+                if ch is not None:
+                    ch.send(layer, parts, experts, counts, timeout_s=deadline - time.monotonic())
+                    sent[shard] = ch
+                    continue
+            except ChannelError as exc:
+                if ch is not None:
+                    ch.close()
+                failed[shard] = f"ChannelError: {exc}"
+                continue
+            x_part = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            refs[shard] = self.view.handles[shard].run.remote(layer, x_part, experts, counts)
+        self.stats.calls += len(refs) + len(sent)
+        self.stats.channel_calls += len(sent)
+        for shard, ch in sent.items():
+            try:
+                out = ch.receive(deadline - time.monotonic())
+            except ChannelError as exc:
+                ch.close()
+                failed[shard] = f"{type(exc).__name__}: {exc}"
+                continue
+            self.channels.release(shard, ch)
+            self._take(shard, out, by_shard[shard], y_np, issued)
         for shard, ref in refs.items():
             try:
                 out = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
             except (RayActorError, GetTimeoutError, RayTaskError) as exc:
-                log.warning(
-                    "shard %s failed layer %d (%s); retrying on a replica",
-                    shard,
-                    layer,
-                    type(exc).__name__,
-                )
                 if isinstance(exc, GetTimeoutError):
                     ray.cancel(ref, force=False)
-                self.suspect[shard] = time.monotonic()
-                self.stats.failed_shards.add(shard)
-                exclude.add(shard)
-                retry.extend(by_shard[shard])
+                failed[shard] = type(exc).__name__
                 continue
-            self.deadline.observe(time.monotonic() - issued)
-            offset = 0
-            for _, s, n in by_shard[shard]:
-                y_np[s : s + n] = out[offset : offset + n]
-                offset += n
+            self._take(shard, out, by_shard[shard], y_np, issued)
+        retry: Group = []
+        for shard, why in failed.items():
+            log.warning("shard %s failed layer %d (%s); retrying on a replica", shard, layer, why)
+            self.suspect[shard] = time.monotonic()
+            self.stats.failed_shards.add(shard)
+            exclude.add(shard)
+            retry.extend(by_shard[shard])
         if retry:
             self.stats.retries += 1
         return retry
+
+    def _take(
+        self, shard: str, out: np.ndarray, group: Group, y_np: np.ndarray, issued: float
+    ) -> None:
+        """Copy one shard's answer into place (its rows are its experts' slices, in order)."""
+        self.deadline.observe(time.monotonic() - issued)
+        offset = 0
+        for _, s, n in group:
+            y_np[s : s + n] = out[offset : offset + n]
+            offset += n
 
 
 def cover(

@@ -2,7 +2,9 @@
 
 It loads its experts straight from the checkpoint store (only their files), serves one call per
 (layer, step) carrying every token routed to its experts of that layer, reports per-expert load,
-latency and queue depth, and adds or drops experts while serving.
+latency and queue depth, and adds or drops experts while serving. Calls arrive over the direct
+channel (:mod:`expertmesh.actors.channel`, the router's default) or as Ray actor calls to
+:meth:`ExpertShard.run`; both run the same code.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from expertmesh.actors.channel import ChannelServer, Endpoint
 from expertmesh.actors.metrics import ShardMetrics
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.model.experts import run_experts
@@ -52,6 +55,7 @@ class ExpertShard:
         self._lock = threading.Lock()
         self.metrics = ShardMetrics(shard_id)
         self.add_experts(experts)
+        self.channel = ChannelServer(self.run, _node_ip())
 
     # ------------------------------------------------------------------ placement changes
     def add_experts(
@@ -103,6 +107,10 @@ class ExpertShard:
             self.calls += 1
             self.busy_s += time.perf_counter() - t0
 
+    def endpoint(self) -> Endpoint:
+        """Where the router's direct channel reaches this shard, with the secret it must send."""
+        return self.channel.endpoint()
+
     # ------------------------------------------------------------------ health and stats
     def ping(self) -> str:
         return self.shard_id
@@ -127,3 +135,10 @@ class ExpertShard:
             "draining": self.draining,
             "uptime_s": time.time() - self.started_at,
         }
+
+
+def _node_ip() -> str:
+    """This node's address as Ray knows it (127.0.0.1 on a local cluster); loopback outside Ray."""
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"

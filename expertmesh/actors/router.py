@@ -18,7 +18,7 @@ from typing import Any
 import ray
 import torch
 
-from expertmesh.actors.dispatch import PlacementView, RayDispatcher
+from expertmesh.actors.dispatch import PlacementView, RayDispatcher, Transport
 from expertmesh.platform.engine import Engine, Sequence, StepOutput
 from expertmesh.platform.models import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
@@ -53,12 +53,15 @@ class RouterService:
         threads: int = 1,
         micro_batches: int = 1,
         call_timeout_s: float = 2.0,
+        transport: Transport = "direct",
         refresh_s: float = 0.25,
     ) -> None:
         torch.set_num_threads(max(1, threads))
         model, tokenizer = load_for_inference(checkpoint_uri, with_experts=False)
         self.controller = controller
-        self.dispatcher = RayDispatcher(PlacementView(), call_timeout_s=call_timeout_s)
+        self.dispatcher = RayDispatcher(
+            PlacementView(), call_timeout_s=call_timeout_s, transport=transport
+        )
         self.engine = Engine(
             model,
             tokenizer,
@@ -215,6 +218,8 @@ class RouterService:
             # time in shard dispatch (tokens out, waits, results back), summed over micro-batches
             "dispatch_s": d.seconds,
             "dispatch_calls": d.calls,
+            "channel_calls": d.channel_calls,  # of dispatch_calls, over the direct channel
+            "transport": self.dispatcher.transport,
             "dispatch_retries": d.retries,
             "call_deadline_s": self.dispatcher.deadline.current(),
             "failed_shards": sorted(d.failed_shards),

@@ -66,6 +66,11 @@ def test_distributed_greedy_equals_in_process(cluster, checkpoint) -> None:
     # every expert has 2 replicas on distinct shards, and the shards served tokens
     assert all(len(set(v)) == 2 for v in status["placement"].values())
     assert sum(status["expert_load"].values()) > 0
+    # tokens went over the direct channel, not Ray calls (the first step or two may use Ray
+    # while the shards' endpoints are on their way)
+    router = status["router"]
+    assert router["transport"] == "direct"
+    assert router["channel_calls"] >= router["dispatch_calls"] - 2 * 4 * 2 > 0
 
 
 def test_continuous_batching_matches_requests_run_alone(cluster, checkpoint) -> None:
@@ -110,3 +115,15 @@ def test_bad_request_names_the_problem(cluster) -> None:
     with pytest.raises(Exception, match="exceeds the model's context"):
         cluster.generate("To be " * 200, max_tokens=16)
     assert ray.is_initialized()
+
+
+def test_ray_call_transport_gives_the_same_tokens(cluster, checkpoint) -> None:
+    """``transport="ray"`` (every shard call a Ray actor call) computes the same generations."""
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    expected = in_process(checkpoint, PROMPTS, params)
+    cluster.deploy(checkpoint, shards=4, replicas=2, transport="ray")
+    got = [c.token_ids for c in cluster.generate(PROMPTS, max_tokens=12, ignore_eos=True)]
+    assert got == expected
+    router = cluster.status()["router"]
+    assert router["transport"] == "ray"
+    assert router["channel_calls"] == 0 and router["dispatch_calls"] > 0
