@@ -3,9 +3,11 @@
 Each request is a distinct ~32-token prompt answered with exactly 64 new tokens (EOS ignored,
 greedy), on the ``configs/tiny.yaml`` model. For concurrency 1, 8, 32 and 64 the same closed-loop
 client (``serving_lib.run_load``) drives (a) expertmesh's engine in this process, (b) the
-distributed engine (router actor + 4 expert shard actors on local Ray), and (c) vLLM's OpenAI
-server on the same weights exported to Hugging Face format (skipped with a message when
-``.venv-vllm`` is missing: ``make vllm-env``). Prints the table and the ratios in one run.
+distributed engine (router actor + 4 expert shard actors on local Ray, tokens over the direct
+channel), (b') the same with every shard call a Ray actor call (``transport="ray"``; skip with
+``--skip-ray-transport``), and (c) vLLM's OpenAI server on the same weights exported to Hugging
+Face format (skipped with a message when ``.venv-vllm`` is missing: ``make vllm-env``). Prints
+the table and the ratios in one run.
 
     .venv/bin/python bench/serving.py [--model expertmesh-tiny] [--out results.json]
 """
@@ -81,6 +83,7 @@ def bench_distributed(
     shards: int,
     router_threads: int = 1,
     micro_batches: int = 1,
+    transport: str = "direct",
 ) -> dict[int, LoadResult]:
     import ray
 
@@ -95,6 +98,7 @@ def bench_distributed(
             replicas=2,
             router_threads=router_threads,
             micro_batches=micro_batches,
+            transport=transport,
         )
         router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
         params = {
@@ -150,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router-threads", type=int, default=1, help="torch threads of the router")
     p.add_argument("--micro-batches", type=int, default=1, help="router micro-batches per step")
     p.add_argument("--skip-vllm", action="store_true")
+    p.add_argument("--skip-ray-transport", action="store_true", help="leave out row (b')")
     p.add_argument("--out", help="also write the figures as JSON here")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
@@ -169,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     results["distributed"] = bench_distributed(
         uri, prompts, args.shards, args.router_threads, args.micro_batches
     )
+    if not args.skip_ray_transport:
+        print("(b') distributed engine, shard calls as Ray actor calls ...", flush=True)
+        results["dist-ray-calls"] = bench_distributed(
+            uri, prompts, args.shards, args.router_threads, args.micro_batches, "ray"
+        )
     print("(c) vLLM-CPU ...", flush=True)
     results["vllm"] = None if args.skip_vllm else bench_vllm(uri, prompts)
 
@@ -187,6 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nratios (throughput):")
     for c in levels:
         line = f"  c={c:<3} distributed/in-process {dist[c].tokens_per_s / inproc[c].tokens_per_s:5.2f}x"
+        if results.get("dist-ray-calls"):
+            ray_calls = results["dist-ray-calls"][c].tokens_per_s  # type: ignore[index]
+            line += f"   distributed/dist-ray-calls {dist[c].tokens_per_s / ray_calls:5.2f}x"
         if vllm:
             line += f"   distributed/vLLM {dist[c].tokens_per_s / vllm[c].tokens_per_s:5.2f}x"
             line += f"   in-process/vLLM {inproc[c].tokens_per_s / vllm[c].tokens_per_s:5.2f}x"

@@ -109,6 +109,7 @@ class RayDispatcher:
         self.suspect: dict[str, float] = {}  # shard -> time it failed; avoided until refreshed
         self.channels = ChannelPool()
         self._endpoint_refs: dict[str, ray.ObjectRef] = {}  # asked for, not yet answered
+        self._endpoints_checked = 0.0
         self._rr = itertools.count()
         self.calls_by_shard: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -128,8 +129,18 @@ class RayDispatcher:
                     if shard not in known and shard not in self._endpoint_refs:
                         self._endpoint_refs[shard] = handle.endpoint.remote()
 
-    def _collect_endpoints(self) -> None:
-        """Take the endpoints that shards have answered with (never waits)."""
+    def pending_endpoints(self) -> list[ray.ObjectRef]:
+        """Endpoint requests the shards have not answered yet."""
+        with self._lock:
+            return list(self._endpoint_refs.values())
+
+    def collect_endpoints(self, force: bool = False) -> None:
+        """Take the endpoints that shards have answered with. Never waits; unless ``force``, at
+        most every 20 ms (in the step path: a hung shard's answer may never come)."""
+        now = time.monotonic()
+        if not force and now - self._endpoints_checked < 0.02:
+            return
+        self._endpoints_checked = now
         with self._lock:
             refs = dict(self._endpoint_refs)
         if not refs:
@@ -177,7 +188,7 @@ class RayDispatcher:
         y_np = np.empty_like(x_np)
         exclude: set[str] = set()
         if self._endpoint_refs:
-            self._collect_endpoints()
+            self.collect_endpoints()
         while pending:
             pending = self._round(layer, x_np, y_np, pending, exclude)
         y_AD = torch.from_numpy(y_np).to(x_TD.dtype)

@@ -193,10 +193,15 @@ class RouterService:
             }
 
     # ------------------------------------------------------------------ introspection
-    async def ready(self) -> int:
+    async def ready(self, timeout_s: float = 30.0) -> int:
         """Fetch the current placement now (the controller calls this once it has published the
-        table of a new deployment); returns the table version held."""
+        table of a new deployment) and the shards' channel endpoints; returns the table version
+        held. A shard that does not answer in ``timeout_s`` is served by Ray calls meanwhile."""
         self._take(await self.controller.get_placement.remote(self.dispatcher.view.version))
+        refs = self.dispatcher.pending_endpoints()
+        if refs:
+            await asyncio.wait([asyncio.ensure_future(r) for r in refs], timeout=timeout_s)
+            self.dispatcher.collect_endpoints(force=True)
         return self.dispatcher.view.version
 
     def validate(self, prompt: str | list[int], params: dict[str, Any]) -> int:
