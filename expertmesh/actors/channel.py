@@ -54,6 +54,10 @@ class RemoteError(ChannelError):
     """The shard answered with an error (e.g. it does not hold an expert)."""
 
 
+class ConnectError(ChannelError):
+    """No connection could be made (nothing listens there, a firewall, a wrong secret)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     host: str
@@ -197,9 +201,10 @@ class ShardChannel:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.sock.sendall(bytes.fromhex(endpoint.token))
             if _recv_exact(self.sock, 1) != _ACK:
-                raise ChannelError(f"shard at {endpoint.host}:{endpoint.port} refused the secret")
+                self.sock.close()
+                raise ConnectError(f"shard at {endpoint.host}:{endpoint.port} refused the secret")
         except OSError as exc:
-            raise ChannelError(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
+            raise ConnectError(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
         self._dtype: np.dtype | None = None
 
     def send(

@@ -24,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from expertmesh.actors.channel import ChannelError, ChannelPool, ShardChannel
+from expertmesh.actors.channel import ChannelError, ChannelPool, ConnectError, ShardChannel
 from expertmesh.platform.model import Routing, combine, permute
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class RayDispatcher:
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
-        self.view = view
+        self.view = PlacementView()
         self.transport = transport
         self.deadline = AdaptiveDeadline(floor_s=call_timeout_s)  # call_timeout_s is its floor
         self.wire_dtype = np.dtype(wire_dtype)
@@ -113,6 +113,7 @@ class RayDispatcher:
         self._rr = itertools.count()
         self.calls_by_shard: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self.update(view)
 
     def update(self, view: PlacementView) -> None:
         with self._lock:
@@ -218,6 +219,11 @@ class RayDispatcher:
                     ch.send(layer, parts, experts, counts, timeout_s=deadline - time.monotonic())
                     sent[shard] = ch
                     continue
+            except ConnectError as exc:
+                # alive but unreachable by TCP (a firewall between nodes), or dead: a Ray call
+                # tells which, now and until the endpoint is asked for again (next placement)
+                self.channels.forget(shard)
+                log.warning("no channel to shard %s (%s); using Ray calls for it", shard, exc)
             except ChannelError as exc:
                 if ch is not None:
                     ch.close()

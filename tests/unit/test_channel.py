@@ -13,6 +13,7 @@ from expertmesh.actors.channel import (
     ChannelError,
     ChannelPool,
     ChannelServer,
+    ConnectError,
     Endpoint,
     RemoteError,
     ShardChannel,
@@ -62,7 +63,7 @@ def test_large_frame_crosses_socket_buffers(server: ChannelServer) -> None:
 def test_wrong_secret_is_refused(server: ChannelServer) -> None:
     ep = server.endpoint()
     forged = Endpoint(ep.host, ep.port, "00" * 32)
-    with pytest.raises(ChannelError, match="refused the secret"):
+    with pytest.raises(ConnectError, match="refused the secret"):
         ShardChannel(forged)
 
 
@@ -102,7 +103,7 @@ def test_closed_server_fails_calls_and_connects(server: ChannelServer) -> None:
     with pytest.raises(ChannelError):
         ch.send(0, [np.ones((2, 8), np.float32)], [0], [2])
         ch.receive(2.0)
-    with pytest.raises(ChannelError, match="cannot connect"):
+    with pytest.raises(ConnectError, match="cannot connect"):
         ShardChannel(server.endpoint(), connect_timeout_s=0.5)
 
 
