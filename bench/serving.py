@@ -71,7 +71,7 @@ async def bench_in_process(uri: str, prompts: dict[int, list[str]]) -> dict[int,
 
     task = asyncio.ensure_future(stepper())
     try:
-        await run_load(send, prompts[1][:4], 4)  # warm-up
+        await run_load(send, next(iter(prompts.values()))[:4], 4)  # warm-up
         return {c: await run_load(send, ps, c) for c, ps in prompts.items()}
     finally:
         task.cancel()
@@ -115,7 +115,7 @@ def bench_distributed(
             return out["completion_tokens"]
 
         async def run_all() -> dict[int, LoadResult]:
-            await run_load(send, prompts[1][:4], 4)  # warm-up
+            await run_load(send, next(iter(prompts.values()))[:4], 4)  # warm-up
             return {c: await run_load(send, ps, c) for c, ps in prompts.items()}
 
         return asyncio.run(run_all())
@@ -134,7 +134,7 @@ def bench_vllm(uri: str, prompts: dict[int, list[str]]) -> dict[int, LoadResult]
             print(f"vLLM started in {server.startup_s:.0f}s")
 
             async def run_all() -> dict[int, LoadResult]:
-                await run_load(server.send, prompts[1][:4], 4)  # warm-up
+                await run_load(server.send, next(iter(prompts.values()))[:4], 4)  # warm-up
                 res = {c: await run_load(server.send, ps, c) for c, ps in prompts.items()}
                 await server.aclose()
                 return res

@@ -35,6 +35,11 @@ TOKEN_BYTES = 32
 MAX_PAYLOAD_BYTES = 256 * 2**20  # a frame larger than this is a protocol error
 MAX_GROUPS = 1 << 16
 _ACK = b"\x01"
+# NOTE: a decode step's request to one shard is ~64-128 KB, a prefill's megabytes; with Linux's
+# 16 KB starting send buffer the router's send waits for that shard's thread to be scheduled
+# and read before the request to the next shard can go. Set before listen/connect so that the
+# TCP window scales with it; the kernel caps it at net.core.wmem_max / rmem_max.
+SOCKET_BUFFER_BYTES = 1 << 20
 # request: magic, layer, number of (expert, count) groups, rows, cols, dtype code
 _REQ = struct.Struct("<4sIIIIB3x")
 # reply: magic, status (0 ok, 1 error), rows, cols, error message length
@@ -96,6 +101,15 @@ def _send_all(sock: socket.socket, buffers: Sequence[bytes | memoryview]) -> Non
             views[0] = views[0][sent:]
 
 
+def _tcp_socket(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER_BYTES)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
 def _as_bytes(a: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(a)).cast("B")
 
@@ -108,7 +122,9 @@ class ChannelServer:
     def __init__(self, handler: Handler, host: str = "127.0.0.1", *, backlog: int = 64) -> None:
         self.handler = handler
         self._token = secrets.token_bytes(TOKEN_BYTES)
-        self._sock = socket.create_server((host, 0), backlog=backlog)
+        self._sock = _tcp_socket(host)
+        self._sock.bind((host, 0))
+        self._sock.listen(backlog)
         self.host, self.port = self._sock.getsockname()[:2]
         self._closed = threading.Event()
         self._conns: set[socket.socket] = set()
@@ -195,10 +211,9 @@ class ShardChannel:
     def __init__(self, endpoint: Endpoint, connect_timeout_s: float = 1.0) -> None:
         self.endpoint = endpoint
         try:
-            self.sock = socket.create_connection(
-                (endpoint.host, endpoint.port), timeout=connect_timeout_s
-            )
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = _tcp_socket(endpoint.host)
+            self.sock.settimeout(connect_timeout_s)
+            self.sock.connect((endpoint.host, endpoint.port))
             self.sock.sendall(bytes.fromhex(endpoint.token))
             if _recv_exact(self.sock, 1) != _ACK:
                 self.sock.close()
