@@ -74,6 +74,7 @@ class RouterService:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
         self.pending: deque[Sequence] = deque()
         self.waiters: dict[str, asyncio.Queue[StepOutput]] = {}
+        self.streaming: set[str] = set()  # requests that want every token, not just the end
         self.wake = asyncio.Event()
         self.loop_task: asyncio.Task | None = None
         self.refresh_task: asyncio.Task | None = None
@@ -141,18 +142,28 @@ class RouterService:
                         q.put_nowait(exc)  # type: ignore[arg-type]
                 continue
             self.steps += 1
+            self.tokens_out += len(outputs)
             for out in outputs:
-                self.tokens_out += 1
+                # NOTE: a non-streamed request is woken once, when it ends: a wake-up per token
+                # of 64 running requests is event-loop work that takes the GIL from the step
+                if not out.finished and out.seq.request_id not in self.streaming:
+                    continue
                 q = self.waiters.get(out.seq.request_id)
                 if q is not None:
                     q.put_nowait(out)
 
     def _submit(
-        self, prompt: str | list[int], params: dict[str, Any], trace: bool = False
+        self,
+        prompt: str | list[int],
+        params: dict[str, Any],
+        trace: bool = False,
+        stream: bool = False,
     ) -> tuple[Sequence, asyncio.Queue]:
         seq = self.engine.make_sequence(prompt, SamplingParams(**params), trace=trace)
         q: asyncio.Queue = asyncio.Queue()
         self.waiters[seq.request_id] = q
+        if stream:
+            self.streaming.add(seq.request_id)
         self.pending.append(seq)
         self._ensure_tasks()
         self.wake.set()
@@ -169,6 +180,7 @@ class RouterService:
                     return
         finally:
             self.waiters.pop(seq.request_id, None)
+            self.streaming.discard(seq.request_id)
             if not seq.finished:
                 self.engine.abort(seq)
 
@@ -184,7 +196,7 @@ class RouterService:
 
     async def generate_stream(self, prompt: str | list[int], params: dict[str, Any]):
         """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token."""
-        seq, q = self._submit(prompt, params)
+        seq, q = self._submit(prompt, params, stream=True)
         async for out in self._drain(seq, q):
             yield {
                 "text": out.text_delta,
