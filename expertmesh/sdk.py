@@ -105,6 +105,7 @@ class Cluster:
             print(cluster.generate("ROMEO.", max_tokens=32).text)
         """
         from expertmesh.actors.controller import DeploymentSpec
+        from expertmesh.actors.dispatch import TRANSPORTS
         from expertmesh.actors.expert_shard import ShardResources
         from expertmesh.platform.models import resolve_model
 
@@ -118,8 +119,8 @@ class Cluster:
             raise ClusterError(f"router_threads must be >= 1, got {router_threads}")
         if warm_shards < 0:
             raise ClusterError(f"warm_shards must be >= 0, got {warm_shards}")
-        if transport not in ("direct", "ray"):
-            raise ClusterError(f"transport must be 'direct' or 'ray', got {transport!r}")
+        if transport not in TRANSPORTS:
+            raise ClusterError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         resolved = resolve_model(model)
         spec = DeploymentSpec(
             model=resolved.name,

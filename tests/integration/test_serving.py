@@ -109,7 +109,9 @@ def test_sampling_options(cluster) -> None:
     assert streamed == full.text
 
 
-def test_bad_request_names_the_problem(cluster) -> None:
+def test_bad_request_names_the_problem(cluster, checkpoint) -> None:
+    with pytest.raises(expertmesh.ClusterError, match=r"transport must be one of .* 'tcp'"):
+        cluster.deploy(checkpoint, transport="tcp")
     with pytest.raises(expertmesh.platform.errors.ConfigError, match="temperature"):
         cluster.generate("x", temperature=-1)
     with pytest.raises(Exception, match="exceeds the model's context"):
