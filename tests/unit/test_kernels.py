@@ -72,6 +72,35 @@ def test_kernel_every_row_count_and_width(
     torch.testing.assert_close(out, reference(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "avx512",
+    [
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(not kernels.has_avx512_bf16(), reason="no AVX512-BF16"),
+        ),
+        False,
+    ],
+    ids=["avx512-bf16", "avx2"],
+)
+@pytest.mark.parametrize(("d", "f"), [(64, 176), (72, 184), (8, 8), (40, 48)])
+@pytest.mark.parametrize(
+    "counts",
+    [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [21, 0, 45, 1, 20, 4, 3, 2]],
+)
+def test_kernel_bf16_activations(avx512: bool, d: int, f: int, counts: list[int]) -> None:
+    """bfloat16 activations and weights: the AVX512-BF16 path (pair dot products, every row
+    count up to and past its one-pass limit of 20, widths with 8/16/24-element tails) and the
+    AVX2 path both equal float32 PyTorch on the same bfloat16 numbers."""
+    w13, w2 = weights(torch.bfloat16, seed=d + f, d=d, f=f)
+    x = torch.randn(sum(counts), d).to(torch.bfloat16)
+    out = torch.full(x.shape, float("nan"))
+    starts = [sum(counts[:e]) for e in range(E)]
+    kernels.thin_experts(x, starts, counts, w13, w2, out, avx512=avx512)
+    want = reference(x.float(), counts, w13, w2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
 def test_kernel_silu_at_extremes() -> None:
     """Gate values far out on both sides (the kernel's exp is clamped there) and at zero."""
     w13, w2 = weights(torch.float32)
@@ -107,15 +136,21 @@ def test_run_experts_mixes_kernel_and_gemm_slices() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n", [2, 4, 6, 9, 13, 40])
-def test_rows_do_not_depend_on_batch_or_thread_count(dtype: torch.dtype, n: int) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "x_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16,) * 2],
+    ids=["fp32", "bf16-weights", "bf16"],
+)
+@pytest.mark.parametrize("n", [2, 4, 6, 9, 13, 25, 40])
+def test_rows_do_not_depend_on_batch_or_thread_count(
+    dtype: torch.dtype, x_dtype: torch.dtype, n: int
+) -> None:
     """A token's output is the same alone or in a batch of any size (each size runs its own
     tile shape), on 1 or 2 threads: distributed and in-process serving must agree token for
     token."""
     w13, w2 = weights(dtype, d=72, f=184)
-    x = torch.randn(n, 72)
-    full = torch.empty_like(x)
+    x = torch.randn(n, 72).to(x_dtype)
+    full = torch.empty(n, 72)
     kernels.thin_experts(x, [0], [n], w13[:1], w2[:1], full)
     threads = torch.get_num_threads()
     try:
@@ -137,7 +172,7 @@ def test_bad_arguments_are_named() -> None:
         kernels.thin_experts(
             x, [0, 1], [1, 1], [w13[0], w13[1][:, :8]], w2[:2], torch.empty_like(x)
         )
-    with pytest.raises(kernels.KernelError, match="float32"):
+    with pytest.raises(kernels.KernelError, match="float32 or bfloat16"):
         kernels.thin_experts(x.double(), [0], [1], w13[:1], w2[:1], torch.empty_like(x))
     assert not kernels.supports(torch.empty(2 * F, D + 4), torch.float32)  # D not a multiple of 8
 

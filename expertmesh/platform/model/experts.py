@@ -59,10 +59,9 @@ def run_experts(
     if kernels.supports(w13_EFD[0], x_AD.dtype):
         thin = [n if n <= KERNEL_MAX_ROWS else 0 for n in counts]
         if any(thin):
-            x_AD_32 = x_AD.to(torch.float32)
-            out_AD_32 = torch.empty_like(x_AD_32)
+            out_AD_32 = torch.empty(x_AD.shape, dtype=torch.float32)
             starts = [0, *itertools.accumulate(counts)][:-1]
-            kernels.thin_experts(x_AD_32, starts, thin, w13_EFD, w2_EDF, out_AD_32)
+            kernels.thin_experts(x_AD, starts, thin, w13_EFD, w2_EDF, out_AD_32)
             if all(n == 0 or t for n, t in zip(counts, thin, strict=True)):
                 return out_AD_32.to(x_AD.dtype)
     dtype = matmul_dtype(x_AD.dtype, x_AD.device)

@@ -108,6 +108,7 @@ def _lib() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [
         ctypes.c_void_p,  # x
+        ctypes.c_int,  # x is bfloat16
         ctypes.c_void_p,  # starts (int64)
         ctypes.c_void_p,  # counts (int64)
         ctypes.c_int,  # n_experts
@@ -119,13 +120,22 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # act scratch
         ctypes.c_void_p,  # out
         ctypes.c_int,  # threads
+        ctypes.c_int,  # use AVX512-BF16 where the CPU has it
     ]
+    lib.thin_experts_has_avx512_bf16.restype = ctypes.c_int
     return lib
 
 
 def available() -> bool:
     """True when the native kernel is built and loadable on this machine."""
     return _lib() is not None
+
+
+def has_avx512_bf16() -> bool:
+    """Whether :func:`thin_experts` can take its AVX512-BF16 path on this CPU (bfloat16 weights
+    and activations; the AVX2 path otherwise)."""
+    lib = _lib()
+    return lib is not None and bool(lib.thin_experts_has_avx512_bf16())
 
 
 def supports(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
@@ -173,15 +183,21 @@ def thin_experts(
     w13_EFD: torch.Tensor | Sequence[torch.Tensor],
     w2_EDF: torch.Tensor | Sequence[torch.Tensor],
     out_AD: torch.Tensor,
+    *,
+    avx512: bool = True,
 ) -> None:
     """For each expert ``e`` with ``counts[e]`` rows (at most :data:`MAX_ROWS`) starting at row
-    ``starts[e]`` of ``x_AD``: write ``swiglu_e(x)`` to the same rows of ``out_AD``. Rows of
-    experts with count 0 are left alone. Call :func:`supports` first."""
+    ``starts[e]`` of ``x_AD`` (float32 or bfloat16): write ``swiglu_e(x)`` to the same rows of
+    ``out_AD`` (float32). Rows of experts with count 0 are left alone. Call :func:`supports`
+    first. ``avx512=False`` keeps to the AVX2 path (tests compare the two)."""
     lib = _lib()
     if lib is None:
         raise KernelError("native kernel not available; check kernels.available() first")
-    if x_AD.dtype != torch.float32 or out_AD.dtype != torch.float32:
-        raise KernelError(f"activations must be float32, got {x_AD.dtype} / {out_AD.dtype}")
+    if x_AD.dtype not in (torch.float32, torch.bfloat16) or out_AD.dtype != torch.float32:
+        raise KernelError(
+            f"activations must be float32 or bfloat16 and out float32, got {x_AD.dtype} / "
+            f"{out_AD.dtype}"
+        )
     x_AD, E = x_AD.contiguous(), len(counts)
     if not out_AD.is_contiguous() or out_AD.shape != x_AD.shape:
         raise KernelError(f"out must be contiguous {tuple(x_AD.shape)}, got {tuple(out_AD.shape)}")
@@ -192,9 +208,10 @@ def thin_experts(
     p2 = _expert_pointers(w2_EDF, E, (D, F2 // 2), dtype, alive)
     meta = (ctypes.c_int64 * (2 * E))(*starts, *counts)
     ptrs = (ctypes.c_void_p * (2 * E))(*p13, *p2)
-    act = x_AD.new_empty(x_AD.shape[0], F2 // 2)
+    act = out_AD.new_empty(x_AD.shape[0], F2 // 2)  # float32 scratch
     rc = lib.thin_experts(
         x_AD.data_ptr(),
+        int(x_AD.dtype == torch.bfloat16),
         ctypes.addressof(meta),
         ctypes.addressof(meta) + 8 * E,
         E,
@@ -206,6 +223,7 @@ def thin_experts(
         act.data_ptr(),
         out_AD.data_ptr(),
         torch.get_num_threads(),
+        int(avx512),
     )
     if rc != 0:
         raise KernelError(f"thin_experts refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")
