@@ -50,11 +50,14 @@ def random_case(counts: list[int], dtype: torch.dtype, seed: int) -> tuple:
 
 
 THIN, NATIVE = experts_module._THIN_SLICE_ROWS, experts_module._NATIVE_LOW_PRECISION_ROWS
+CAP = experts_module.KERNEL_MAX_ROWS_NATIVE_BF16
 # zero-row experts first, in the middle and last; one-row slices; slices either side of the
-# kernel's switches (bf16 kept native up to NATIVE rows; W @ x^T up to THIN rows); thick slices
+# switches (bf16 kept native up to NATIVE rows; W @ x^T up to THIN rows; the native kernel up
+# to CAP rows for bf16 where PyTorch has bf16 GEMMs); thick slices
 CASES = [
     [0, 1, NATIVE, 0, NATIVE + 1, 2],
     [7, THIN, THIN + 1, 5, 10, 0],
+    [CAP, CAP + 1, 1, 40, 0, 3],
     [0, 0, 0, 0, 0, 1],
     [1, 1, 0, 1, 0, 0],
     [0, 150, 0, 0, 0, 150],
