@@ -7,8 +7,9 @@
  *
  * Layout (row-major, as ExpertBank and the checkpoints store them): w13[e] is (2F, D) with the
  * gate rows first, w2[e] is (D, F); expert e takes rows [starts[e], starts[e] + counts[e]) of x
- * (A, D) float32 and writes the same rows of out (A, D). Weights are float32 or bfloat16
- * (widened to float32 in registers, accumulated in float32). D and F must be multiples of 8.
+ * (A, D) float32 or bfloat16 and writes the same rows of out (A, D) float32. Weights are float32
+ * or bfloat16 (widened to float32 in registers, or multiplied in pairs by vdpbf16ps; always
+ * accumulated in float32). D and F must be multiples of 8.
  *
  * Work splits over threads by weight rows (each thread reads a disjoint slice of every expert):
  * phase 1 computes act = silu(gate) * up for all experts, a barrier, phase 2 the output. Threads
@@ -17,14 +18,14 @@
  * with it for the cores (a separate pthread team ran 2x slower right after an op).
  *
  * Built at first use by expertmesh/platform/model/kernels/__init__.py (cc -O3 -mavx2 -mfma
- * -fopenmp).
+ * -fopenmp); the AVX512-BF16 functions carry their own target attribute and run only where
+ * __builtin_cpu_supports finds the instructions.
  */
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 
 #define MAX_ROWS 256 /* rows per expert handled here; callers use a GEMM above this */
 #define ONE_PASS_ROWS 12 /* up to this many x rows, each weight row is used in one pass */
