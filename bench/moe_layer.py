@@ -31,6 +31,8 @@ from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from expertmesh.platform.config import ModelConfig
+from expertmesh.platform.model import kernels
+from expertmesh.platform.model.experts import matmul_dtype
 from expertmesh.platform.model.moe import MoELayer
 
 D_MODEL, D_FF, N_EXPERTS, TOP_K = 512, 1408, 8, 2
@@ -222,6 +224,12 @@ def main() -> None:
     print(
         f"\nMoE layer d={D_MODEL} f={D_FF} E={N_EXPERTS} top-{TOP_K}, "
         f"{args.threads} threads; ratios are other_time / ours (>= 1: ours faster)"
+    )
+    # which paths the numbers come from: they differ between CPUs
+    native_bf16 = matmul_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    print(
+        f"native kernel: {kernels.available()}, its AVX512-BF16 path: {kernels.has_avx512_bf16()},"
+        f" PyTorch bf16 GEMMs native: {native_bf16}"
     )
     print_table(rows)
     print_targets(rows)

@@ -19,10 +19,12 @@ pytestmark = pytest.mark.skipif(
 E, D, F = 8, 64, 176
 
 
-def weights(dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def weights(
+    dtype: torch.dtype, seed: int = 0, d: int = D, f: int = F
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(E, 2 * F, D, generator=g) / D**0.5
-    w2 = torch.randn(E, D, F, generator=g) / F**0.5
+    w13 = torch.randn(E, 2 * f, d, generator=g) / d**0.5
+    w2 = torch.randn(E, d, f, generator=g) / f**0.5
     return w13.to(dtype), w2.to(dtype)
 
 
@@ -50,6 +52,67 @@ def test_kernel_equals_pytorch(dtype: torch.dtype, counts: list[int]) -> None:
     torch.testing.assert_close(out, reference(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
 
 
+# Every row count from 1 to 16 (the kernel picks its tile shape by count; above 12 rows a slice
+# takes several passes), a few larger ones, uneven mixes; widths that are multiples of 16 and
+# ones that are not (bfloat16 rows are widened 16 at a time, with an 8-wide tail).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("d", "f"), [(64, 176), (72, 184), (8, 8), (24, 40)])
+@pytest.mark.parametrize(
+    "counts",
+    [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [6, 0, 25, 1, 40, 4, 3, 2]],
+)
+def test_kernel_every_row_count_and_width(
+    dtype: torch.dtype, d: int, f: int, counts: list[int]
+) -> None:
+    w13, w2 = weights(dtype, seed=d + f, d=d, f=f)
+    x = torch.randn(sum(counts), d)
+    out = torch.full_like(x, float("nan"))
+    starts = [sum(counts[:e]) for e in range(E)]
+    kernels.thin_experts(x, starts, counts, w13, w2, out)
+    torch.testing.assert_close(out, reference(x, counts, w13, w2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "avx512",
+    [
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(not kernels.has_avx512_bf16(), reason="no AVX512-BF16"),
+        ),
+        False,
+    ],
+    ids=["avx512-bf16", "avx2"],
+)
+@pytest.mark.parametrize(("d", "f"), [(64, 176), (72, 184), (8, 8), (40, 48)])
+@pytest.mark.parametrize(
+    "counts",
+    [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [21, 0, 45, 1, 20, 4, 3, 2]],
+)
+def test_kernel_bf16_activations(avx512: bool, d: int, f: int, counts: list[int]) -> None:
+    """bfloat16 activations and weights: the AVX512-BF16 path (pair dot products, every row
+    count up to and past its one-pass limit of 20, widths with 8/16/24-element tails) and the
+    AVX2 path both equal float32 PyTorch on the same bfloat16 numbers."""
+    w13, w2 = weights(torch.bfloat16, seed=d + f, d=d, f=f)
+    x = torch.randn(sum(counts), d).to(torch.bfloat16)
+    out = torch.full(x.shape, float("nan"))
+    starts = [sum(counts[:e]) for e in range(E)]
+    kernels.thin_experts(x, starts, counts, w13, w2, out, avx512=avx512)
+    want = reference(x.float(), counts, w13, w2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_silu_at_extremes() -> None:
+    """Gate values far out on both sides (the kernel's exp is clamped there) and at zero."""
+    w13, w2 = weights(torch.float32)
+    x = torch.zeros(5, D)
+    x[1, 0], x[2, 0], x[3, 0], x[4, 0] = 1e3, -1e3, 30.0, -30.0
+    w13[0, :F, 0] = torch.linspace(-1, 1, F)
+    out = torch.full_like(x, float("nan"))
+    kernels.thin_experts(x, [0], [5], w13[:1], w2[:1], out)
+    # outputs reach ~100 here: float32 sums in another order differ by ~1e-5 relative
+    torch.testing.assert_close(out, reference(x, [5], w13, w2), rtol=1e-4, atol=1e-5)
+
+
 def test_experts_with_count_zero_leave_their_rows_alone() -> None:
     """Only the experts given a count are run: the caller runs the rest (large slices) itself."""
     w13, w2 = weights(torch.float32)
@@ -73,18 +136,27 @@ def test_run_experts_mixes_kernel_and_gemm_slices() -> None:
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_do_not_depend_on_batch_or_thread_count() -> None:
-    """A token's output is the same alone or in a batch, on 1 or 2 threads: distributed and
-    in-process serving must agree token for token."""
-    w13, w2 = weights(torch.float32)
-    x = torch.randn(9, D)
-    full = torch.empty_like(x)
-    kernels.thin_experts(x, [0], [9], w13[:1], w2[:1], full)
+@pytest.mark.parametrize(
+    ("dtype", "x_dtype"),
+    [(torch.float32, torch.float32), (torch.bfloat16, torch.float32), (torch.bfloat16,) * 2],
+    ids=["fp32", "bf16-weights", "bf16"],
+)
+@pytest.mark.parametrize("n", [2, 4, 6, 9, 13, 25, 40])
+def test_rows_do_not_depend_on_batch_or_thread_count(
+    dtype: torch.dtype, x_dtype: torch.dtype, n: int
+) -> None:
+    """A token's output is the same alone or in a batch of any size (each size runs its own
+    tile shape), on 1 or 2 threads: distributed and in-process serving must agree token for
+    token."""
+    w13, w2 = weights(dtype, d=72, f=184)
+    x = torch.randn(n, 72).to(x_dtype)
+    full = torch.empty(n, 72)
+    kernels.thin_experts(x, [0], [n], w13[:1], w2[:1], full)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        for i in (0, 4, 8):
-            alone = torch.empty(1, D)
+        for i in sorted({0, n // 2, n - 1}):
+            alone = torch.empty(1, 72)
             kernels.thin_experts(x[i : i + 1], [0], [1], w13[:1], w2[:1], alone)
             assert torch.equal(alone[0], full[i])
     finally:
@@ -100,7 +172,7 @@ def test_bad_arguments_are_named() -> None:
         kernels.thin_experts(
             x, [0, 1], [1, 1], [w13[0], w13[1][:, :8]], w2[:2], torch.empty_like(x)
         )
-    with pytest.raises(kernels.KernelError, match="float32"):
+    with pytest.raises(kernels.KernelError, match="float32 or bfloat16"):
         kernels.thin_experts(x.double(), [0], [1], w13[:1], w2[:1], torch.empty_like(x))
     assert not kernels.supports(torch.empty(2 * F, D + 4), torch.float32)  # D not a multiple of 8
 
@@ -112,17 +184,22 @@ def test_build_is_cached_and_atomic(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no temporary files left
 
 
-def test_switch_off_falls_back_to_the_same_numbers() -> None:
-    """EXPERTMESH_NATIVE_KERNELS=0: no kernel, the PyTorch path, the same outputs."""
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [("float32", 1e-5), ("bfloat16", 2e-2)], ids=["fp32", "bf16"]
+)
+def test_switch_off_falls_back_to_the_same_numbers(dtype: str, tol: float) -> None:
+    """EXPERTMESH_NATIVE_KERNELS=0: no kernel, the PyTorch path, the same outputs (bfloat16
+    activations and weights: the kernel computes in float32, PyTorch may not)."""
+    counts = [3, 0, 6, 1, 13, 2, 5, 4]
     code = (
         "import torch; from expertmesh.platform.model import kernels;"
         "from expertmesh.platform.model.experts import run_experts;"
         "assert not kernels.available();"
         "g = torch.Generator().manual_seed(0);"
-        f"w13 = torch.randn({E}, {2 * F}, {D}, generator=g) / {D**0.5};"
-        f"w2 = torch.randn({E}, {D}, {F}, generator=g) / {F**0.5};"
-        f"x = torch.randn(24, {D}, generator=g);"
-        "torch.save(run_experts(x, [3] * 8, w13, w2), __import__('sys').argv[1])"
+        f"w13 = (torch.randn({E}, {2 * F}, {D}, generator=g) / {D**0.5}).to(torch.{dtype});"
+        f"w2 = (torch.randn({E}, {D}, {F}, generator=g) / {F**0.5}).to(torch.{dtype});"
+        f"x = torch.randn({sum(counts)}, {D}, generator=g).to(torch.{dtype});"
+        f"torch.save(run_experts(x, {counts}, w13, w2), __import__('sys').argv[1])"
     )
     path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"kernel-off-{os.getpid()}.pt")
     env = dict(os.environ, EXPERTMESH_NATIVE_KERNELS="0")
@@ -132,7 +209,11 @@ def test_switch_off_falls_back_to_the_same_numbers() -> None:
     finally:
         os.unlink(path)
     g = torch.Generator().manual_seed(0)
-    w13 = torch.randn(E, 2 * F, D, generator=g) / D**0.5
-    w2 = torch.randn(E, D, F, generator=g) / F**0.5
-    x = torch.randn(24, D, generator=g)
-    torch.testing.assert_close(run_experts(x, [3] * 8, w13, w2), off, rtol=1e-5, atol=1e-5)
+    w13 = (torch.randn(E, 2 * F, D, generator=g) / D**0.5).to(getattr(torch, dtype))
+    w2 = (torch.randn(E, D, F, generator=g) / F**0.5).to(getattr(torch, dtype))
+    x = torch.randn(sum(counts), D, generator=g).to(getattr(torch, dtype))
+    on = run_experts(x, counts, w13, w2)
+    assert on.dtype == off.dtype == getattr(torch, dtype)
+    torch.testing.assert_close(on.float(), off.float(), rtol=tol, atol=tol)
+    want = reference(x.float(), counts, w13, w2)
+    torch.testing.assert_close(on.float(), want, rtol=tol, atol=tol)

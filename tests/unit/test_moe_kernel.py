@@ -50,11 +50,14 @@ def random_case(counts: list[int], dtype: torch.dtype, seed: int) -> tuple:
 
 
 THIN, NATIVE = experts_module._THIN_SLICE_ROWS, experts_module._NATIVE_LOW_PRECISION_ROWS
+CAP = experts_module.KERNEL_MAX_ROWS_NATIVE_BF16
 # zero-row experts first, in the middle and last; one-row slices; slices either side of the
-# kernel's switches (bf16 kept native up to NATIVE rows; W @ x^T up to THIN rows); thick slices
+# switches (bf16 kept native up to NATIVE rows; W @ x^T up to THIN rows; the native kernel up
+# to CAP rows for bf16 where PyTorch has bf16 GEMMs); thick slices
 CASES = [
     [0, 1, NATIVE, 0, NATIVE + 1, 2],
     [7, THIN, THIN + 1, 5, 10, 0],
+    [CAP, CAP + 1, 1, 40, 0, 3],
     [0, 0, 0, 0, 0, 1],
     [1, 1, 0, 1, 0, 0],
     [0, 150, 0, 0, 0, 150],
@@ -107,3 +110,21 @@ def test_moe_layer_matches_transformers_mixtral_block(impl: str) -> None:
         want = hf(x_BTD)
     assert int((stats.counts_E > 0).sum()) == E  # every expert took part
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_layer_losses_are_computed_on_first_use_and_train() -> None:
+    """The router losses are no longer computed in forward; read from the stats they equal the
+    router's functions, are computed once, and carry gradients to the gate in training."""
+    from expertmesh.platform.model.routers import load_balancing_loss, route, z_loss
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(d_model=D, d_ff=FF, n_experts=E, top_k=2, n_heads=4, n_kv_heads=2)
+    layer = MoELayer(cfg, layer=0).train()
+    x_BTD = torch.randn(2, 5, D)
+    _, stats = layer(x_BTD)
+    routing = route(cfg, layer.gate(x_BTD.reshape(10, D)), training=True)
+    torch.testing.assert_close(stats.aux_loss, load_balancing_loss(routing))
+    torch.testing.assert_close(stats.z_loss, z_loss(routing))
+    assert stats.aux_loss is stats.aux_loss and stats.z_loss is stats.z_loss
+    (stats.aux_loss + stats.z_loss).backward()
+    assert layer.gate.weight.grad is not None and layer.gate.weight.grad.abs().sum() > 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -15,14 +15,33 @@ from expertmesh.platform.model.routers import Routing, load_balancing_loss, rout
 
 @dataclass(kw_only=True, slots=True)
 class LayerStats:
-    """What one MoE layer did in one forward pass."""
+    """What one MoE layer did in one forward pass.
+
+    The router losses are computed on first use (training reads them; inference at a few tokens
+    per step would pay ~10 small ops per layer for numbers nobody reads).
+    """
 
     layer: int
-    aux_loss: torch.Tensor  # Switch load-balancing loss (unweighted)
-    z_loss: torch.Tensor  # router z-loss (unweighted)
     counts_E: torch.Tensor  # assignments per expert
     dropped_fraction: float
     routing: Routing | None = None  # kept only when asked for (routing reports)
+    router: Routing = field(repr=False)  # always kept: the losses are computed from it
+    _aux_loss: torch.Tensor | None = field(default=None, init=False, repr=False)
+    _z_loss: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Switch load-balancing loss (unweighted)."""
+        if self._aux_loss is None:
+            self._aux_loss = load_balancing_loss(self.router)
+        return self._aux_loss
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """Router z-loss (unweighted)."""
+        if self._z_loss is None:
+            self._z_loss = z_loss(self.router)
+        return self._z_loss
 
     def load_fractions(self) -> list[float]:
         total = max(int(self.counts_E.sum()), 1)
@@ -72,11 +91,10 @@ class MoELayer(nn.Module):
         y_ND = dispatcher.dispatch(self.layer, x_ND, routing)
         stats = LayerStats(
             layer=self.layer,
-            aux_loss=load_balancing_loss(routing),
-            z_loss=z_loss(routing),
             counts_E=routing.counts_E,
             dropped_fraction=routing.dropped_fraction,
             routing=routing if return_routing else None,
+            router=routing,
         )
         if valid_BT is None:
             return y_ND.view(B, T, D), stats

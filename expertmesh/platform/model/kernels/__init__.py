@@ -108,6 +108,7 @@ def _lib() -> ctypes.CDLL | None:
     fn.restype = ctypes.c_int
     fn.argtypes = [
         ctypes.c_void_p,  # x
+        ctypes.c_int,  # x is bfloat16
         ctypes.c_void_p,  # starts (int64)
         ctypes.c_void_p,  # counts (int64)
         ctypes.c_int,  # n_experts
@@ -119,7 +120,9 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # act scratch
         ctypes.c_void_p,  # out
         ctypes.c_int,  # threads
+        ctypes.c_int,  # use AVX512-BF16 where the CPU has it
     ]
+    lib.thin_experts_has_avx512_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -128,18 +131,49 @@ def available() -> bool:
     return _lib() is not None
 
 
+def has_avx512_bf16() -> bool:
+    """Whether :func:`thin_experts` can take its AVX512-BF16 path on this CPU (bfloat16 weights
+    and activations; the AVX2 path otherwise)."""
+    lib = _lib()
+    return lib is not None and bool(lib.thin_experts_has_avx512_bf16())
+
+
 def supports(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
-    """Whether :func:`thin_experts` takes these weights (float32 activations, float32 or
-    bfloat16 CPU weights, widths multiples of 8)."""
+    """Whether :func:`thin_experts` takes these weights for activations of ``x_dtype`` (float32
+    or bfloat16, computed in float32) : float32 or bfloat16 CPU weights, widths multiples of 8."""
     F2, D = w13_FD.shape
     return (
-        x_dtype == torch.float32
+        x_dtype in (torch.float32, torch.bfloat16)
         and w13_FD.device.type == "cpu"
         and w13_FD.dtype in (torch.float32, torch.bfloat16)
         and D % 8 == 0
         and F2 % 16 == 0
         and available()
     )
+
+
+def _expert_pointers(
+    w: torch.Tensor | Sequence[torch.Tensor],
+    n: int,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    alive: list[torch.Tensor],
+) -> list[int]:
+    """Addresses of the n experts' matrices; tensors they point into are appended to ``alive``
+    (copies made to get contiguous ones must outlive the call)."""
+    if isinstance(w, torch.Tensor) and w.is_contiguous():
+        if w.dim() != 3 or w.shape[0] < n or tuple(w.shape[1:]) != shape or w.dtype != dtype:
+            raise KernelError(f"weights {tuple(w.shape)} {w.dtype}, want (E, *{shape}) {dtype}")
+        step = w.stride(0) * w.element_size()
+        return [w.data_ptr() + e * step for e in range(n)]
+    mats = [w[e].contiguous() for e in range(n)]
+    for e, m in enumerate(mats):
+        if tuple(m.shape) != shape or m.dtype != dtype:
+            raise KernelError(
+                f"expert {e}: weights {tuple(m.shape)} {m.dtype}, want {shape} {dtype}"
+            )
+    alive.extend(mats)
+    return [m.data_ptr() for m in mats]
 
 
 def thin_experts(
@@ -149,41 +183,47 @@ def thin_experts(
     w13_EFD: torch.Tensor | Sequence[torch.Tensor],
     w2_EDF: torch.Tensor | Sequence[torch.Tensor],
     out_AD: torch.Tensor,
+    *,
+    avx512: bool = True,
 ) -> None:
     """For each expert ``e`` with ``counts[e]`` rows (at most :data:`MAX_ROWS`) starting at row
-    ``starts[e]`` of ``x_AD``: write ``swiglu_e(x)`` to the same rows of ``out_AD``. Rows of
-    experts with count 0 are left alone. Call :func:`supports` first."""
+    ``starts[e]`` of ``x_AD`` (float32 or bfloat16): write ``swiglu_e(x)`` to the same rows of
+    ``out_AD`` (float32). Rows of experts with count 0 are left alone. Call :func:`supports`
+    first. ``avx512=False`` keeps to the AVX2 path (tests compare the two)."""
     lib = _lib()
     if lib is None:
         raise KernelError("native kernel not available; check kernels.available() first")
-    if x_AD.dtype != torch.float32 or out_AD.dtype != torch.float32:
-        raise KernelError(f"activations must be float32, got {x_AD.dtype} / {out_AD.dtype}")
+    if x_AD.dtype not in (torch.float32, torch.bfloat16) or out_AD.dtype != torch.float32:
+        raise KernelError(
+            f"activations must be float32 or bfloat16 and out float32, got {x_AD.dtype} / "
+            f"{out_AD.dtype}"
+        )
     x_AD, E = x_AD.contiguous(), len(counts)
     if not out_AD.is_contiguous() or out_AD.shape != x_AD.shape:
         raise KernelError(f"out must be contiguous {tuple(x_AD.shape)}, got {tuple(out_AD.shape)}")
-    w13 = [w13_EFD[e].contiguous() for e in range(E)]
-    w2 = [w2_EDF[e].contiguous() for e in range(E)]
-    F2, D = w13[0].shape
-    bf16 = w13[0].dtype == torch.bfloat16
-    for e in range(E):
-        if w13[e].shape != (F2, D) or w2[e].shape != (D, F2 // 2) or w2[e].dtype != w13[0].dtype:
-            raise KernelError(f"expert {e}: weights {tuple(w13[e].shape)}/{tuple(w2[e].shape)}")
-    meta = torch.tensor([*starts, *counts], dtype=torch.int64)
-    ptrs = (ctypes.c_void_p * (2 * E))(*(w.data_ptr() for w in w13), *(w.data_ptr() for w in w2))
-    act = x_AD.new_empty(x_AD.shape[0], F2 // 2)
+    F2, D = w13_EFD[0].shape
+    dtype = w13_EFD[0].dtype
+    alive: list[torch.Tensor] = []
+    p13 = _expert_pointers(w13_EFD, E, (F2, D), dtype, alive)
+    p2 = _expert_pointers(w2_EDF, E, (D, F2 // 2), dtype, alive)
+    meta = (ctypes.c_int64 * (2 * E))(*starts, *counts)
+    ptrs = (ctypes.c_void_p * (2 * E))(*p13, *p2)
+    act = out_AD.new_empty(x_AD.shape[0], F2 // 2)  # float32 scratch
     rc = lib.thin_experts(
         x_AD.data_ptr(),
-        meta.data_ptr(),
-        meta.data_ptr() + 8 * E,
+        int(x_AD.dtype == torch.bfloat16),
+        ctypes.addressof(meta),
+        ctypes.addressof(meta) + 8 * E,
         E,
         ctypes.addressof(ptrs),
         ctypes.addressof(ptrs) + ctypes.sizeof(ctypes.c_void_p) * E,
-        int(bf16),
+        int(dtype == torch.bfloat16),
         D,
         F2 // 2,
         act.data_ptr(),
         out_AD.data_ptr(),
         torch.get_num_threads(),
+        int(avx512),
     )
     if rc != 0:
         raise KernelError(f"thin_experts refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")

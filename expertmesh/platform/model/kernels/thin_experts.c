@@ -7,16 +7,19 @@
  *
  * Layout (row-major, as ExpertBank and the checkpoints store them): w13[e] is (2F, D) with the
  * gate rows first, w2[e] is (D, F); expert e takes rows [starts[e], starts[e] + counts[e]) of x
- * (A, D) float32 and writes the same rows of out (A, D) (and of the scratch act, (A, F)).
- * Weights are float32 or bfloat16 (widened to float32 in registers). D and F must be multiples
- * of 8. Work splits over threads by weight rows (each thread reads a disjoint slice of every
- * expert): phase 1 computes act = silu(gate) * up for all experts, a barrier, phase 2 the output.
- * Threads come from OpenMP: loaded into a process that has PyTorch, the library binds to
- * PyTorch's own libgomp (same soname), so the kernel runs on PyTorch's warm thread team instead
- * of competing with it for the cores (a separate pthread team ran 2x slower right after an op).
+ * (A, D) float32 or bfloat16 and writes the same rows of out (A, D) float32. Weights are float32
+ * or bfloat16 (widened to float32 in registers, or multiplied in pairs by vdpbf16ps; always
+ * accumulated in float32). D and F must be multiples of 8.
+ *
+ * Work splits over threads by weight rows (each thread reads a disjoint slice of every expert):
+ * phase 1 computes act = silu(gate) * up for all experts, a barrier, phase 2 the output. Threads
+ * come from OpenMP: loaded into a process that has PyTorch, the library binds to PyTorch's own
+ * libgomp (same soname), so the kernel runs on PyTorch's warm thread team instead of competing
+ * with it for the cores (a separate pthread team ran 2x slower right after an op).
  *
  * Built at first use by expertmesh/platform/model/kernels/__init__.py (cc -O3 -mavx2 -mfma
- * -fopenmp).
+ * -fopenmp); the AVX512-BF16 functions carry their own target attribute and run only where
+ * __builtin_cpu_supports finds the instructions.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -25,13 +28,41 @@
 #include <stdlib.h>
 
 #define MAX_ROWS 256 /* rows per expert handled here; callers use a GEMM above this */
+#define ONE_PASS_ROWS 12 /* up to this many x rows, each weight row is used in one pass */
+/* The weight stream is prefetched PF_AHEAD bytes ahead into L2 (measured on the 2-core EPYC, one
+ * thread, 8 experts of 3-6 rows: the hardware prefetcher alone reads ~9 GB/s; 4 KB ahead into
+ * L1 ~12 GB/s; 8-64 KB ahead into L2 16-17 GB/s, as fast as a plain sum over the same bytes;
+ * into L1 that far evicts the x rows). */
+#ifndef PF_AHEAD
+#define PF_AHEAD 16384
+#endif
 
-static inline __m256 load8(const void *w, int bf16, int64_t k) {
-    if (bf16) {
-        __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)w + k));
-        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+/* bfloat16 weights are widened by lane: a 32-bit lane holding bf16 elements (2j, 2j+1) gives
+ * element 2j as float32 by a shift and element 2j+1 by a mask (one op per 8 weights instead of
+ * a widening convert plus a shift). The x rows they meet are permuted to match once per call:
+ * in each block of 16, the even elements first, then the odd ones ("lane order"). A row whose
+ * length is not a multiple of 16 ends with 8 elements in plain order, widened the slow way. */
+static inline __m256 bf16_even(__m256i w) { return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)); }
+static inline __m256 bf16_odd(__m256i w) {
+    return _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32((int)0xFFFF0000u)));
+}
+static inline __m256 bf16_plain8(const uint16_t *w) {
+    __m128i v = _mm_loadu_si128((const __m128i *)w);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
+/* dst = src (n floats) with each whole block of 16 in lane order (see above) */
+static void to_lane_order(const float *src, float *dst, int64_t n) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) {
+        const __m256 a = _mm256_loadu_ps(src + k), b = _mm256_loadu_ps(src + k + 8);
+        /* shuffle gives a0 a2 b0 b2 | a4 a6 b4 b6; the 64-bit permute puts a's pairs first */
+        const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
+        _mm256_storeu_ps(dst + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+        _mm256_storeu_ps(dst + k + 8,
+                         _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
     }
-    return _mm256_loadu_ps((const float *)w + k);
+    for (; k < n; k++) dst[k] = src[k];
 }
 
 static inline float hsum(__m256 v) {
@@ -41,147 +72,343 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* One pass of NX (1-3) x rows over four w rows: y[i][0..3] = dot(x[i], w0..w3) over K.
- * Inlined with constant nx and bf16 so each combination compiles to its own loop; 12
- * accumulators + 3 x + 1 w = the 16 ymm registers. When ``wide`` is set (bfloat16 weights, first
- * pass), the widened rows are also stored there so later passes read float32 from L1. When
- * ``next`` is set, the next four rows (4K elements at ``next``) are prefetched on the way. */
-static inline __attribute__((always_inline)) void pass4(const float *x, const int nx, int64_t K,
-                                                        const void *w0, const int bf16,
-                                                        float *wide, const char *next,
-                                                        float *y, int64_t ldy) {
-    const int64_t es = bf16 ? 2 : 4, stride = K * es;
-    const char *w = (const char *)w0;
-    __m256 acc[3][4];
-    for (int i = 0; i < nx; i++)
-        for (int r = 0; r < 4; r++) acc[i][r] = _mm256_setzero_ps();
-    for (int64_t k = 0; k < K; k += 8) {
-        if (next && ((k * es) & 63) == 0) {
-            const char *p = next + k * es * 4;
-            _mm_prefetch(p, _MM_HINT_T0);
-            _mm_prefetch(p + 64, _MM_HINT_T0);
-            _mm_prefetch(p + 128, _MM_HINT_T0);
-            _mm_prefetch(p + 192, _MM_HINT_T0);
-        }
-        __m256 xv[3];
-        for (int i = 0; i < nx; i++) xv[i] = _mm256_loadu_ps(x + i * K + k);
-        for (int r = 0; r < 4; r++) {
-            const __m256 v = load8(w + r * stride, bf16, k);
-            if (wide) _mm256_storeu_ps(wide + r * K + k, v);
-            for (int i = 0; i < nx; i++) acc[i][r] = _mm256_fmadd_ps(v, xv[i], acc[i][r]);
-        }
-    }
-    for (int i = 0; i < nx; i++)
-        for (int r = 0; r < 4; r++) y[i * ldy + r] = hsum(acc[i][r]);
+/* exp(v) for v in [-88, 88] (Cephes' expf: 2^n * p(r), r = v - n ln2; ~1 ulp) */
+static inline __m256 exp8(__m256 v) {
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* y[i][j] = dot(x[i], w[j]) for i < n, j in [j0, j1); w rows have K elements, stride K.
- * Four w rows at a time (four streams from memory keep more loads in flight than one or two);
- * x rows three at a time over them. The first pass reads the four rows from memory (widening
- * bfloat16 into ``wide``, 4K floats) and prefetches the next four; later passes reread the rows
- * from L1, so each weight is read from memory once. */
-static void dot_rows(const float *x, int n, const void *w, int bf16, int64_t K, int64_t j0,
-                     int64_t j1, float *y, int64_t ldy, float *wide) {
-    const int64_t es = bf16 ? 2 : 4;
-    int64_t j = j0;
-    for (; j + 4 <= j1; j += 4) {
-        const char *w0 = (const char *)w + j * K * es;
-        const char *next = j + 8 <= j1 ? w0 + 4 * K * es : NULL;
-        const int first = n < 3 ? n : 3;
-        float *y0 = y + j;
-        /* first pass: from memory */
-        if (bf16) {
-            if (first == 3) pass4(x, 3, K, w0, 1, wide, next, y0, ldy);
-            else if (first == 2) pass4(x, 2, K, w0, 1, wide, next, y0, ldy);
-            else pass4(x, 1, K, w0, 1, wide, next, y0, ldy);
+/* dst[j] = silu(g[j]) * u[j] = g u / (1 + exp(-g)) for j < n, n a multiple of 8 */
+static void swiglu(const float *g, const float *u, float *dst, int64_t n) {
+    const __m256 lo = _mm256_set1_ps(-88.0f), hi = _mm256_set1_ps(88.0f), one = _mm256_set1_ps(1.0f);
+    for (int64_t j = 0; j < n; j += 8) {
+        const __m256 gv = _mm256_loadu_ps(g + j);
+        const __m256 e = exp8(_mm256_min_ps(_mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv), lo), hi));
+        _mm256_storeu_ps(dst + j, _mm256_div_ps(_mm256_mul_ps(gv, _mm256_loadu_ps(u + j)),
+                                                _mm256_add_ps(one, e)));
+    }
+}
+
+/* One tile: y[i * ldy + r] = dot(x_i, w_r) for NX x rows (stride K) and R weight rows (w0 + r K
+ * elements), over K. Inlined with constant NX, R and BF so each shape compiles to its own loop
+ * with its NX * R accumulators in registers. Every shape sums a dot product in the same order
+ * (one float32 accumulator over k, then hsum), so a row's result does not depend on the tile it
+ * fell in (batch size, thread count). BF: bfloat16 weights, x in lane order. ``wide``: store the
+ * widened rows there (float32, lane order) for later tiles that reuse them from L1. The ``npf``
+ * cache lines from ``pf`` are prefetched, spread over the loop. */
+static inline __attribute__((always_inline)) void tile(const float *x, const int NX, const int R,
+                                                       int64_t K, const void *w0, const int BF,
+                                                       float *const wide, const char *pf, int64_t npf,
+                                                       float *y, int64_t ldy) {
+    __m256 acc[ONE_PASS_ROWS][4];
+    for (int i = 0; i < NX; i++)
+        for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
+    const int64_t step = BF ? 16 : 8, K16 = BF ? K / 16 * 16 : K;
+    const int64_t iters = K16 / step;
+    int64_t credit = 0; /* Bresenham: npf lines over iters iterations */
+    for (int64_t k = 0; k < K16; k += step) {
+        credit += npf;
+        while (credit >= iters && npf > 0) {
+            _mm_prefetch(pf, _MM_HINT_T1);
+            pf += 64;
+            credit -= iters;
+        }
+        if (BF) {
+            for (int r = 0; r < R; r++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w0 + r * K + k));
+                const __m256 ev = bf16_even(raw), od = bf16_odd(raw);
+                if (wide) {
+                    _mm256_storeu_ps(wide + r * K + k, ev);
+                    _mm256_storeu_ps(wide + r * K + k + 8, od);
+                }
+                for (int i = 0; i < NX; i++) {
+                    acc[i][r] = _mm256_fmadd_ps(ev, _mm256_loadu_ps(x + i * K + k), acc[i][r]);
+                    acc[i][r] = _mm256_fmadd_ps(od, _mm256_loadu_ps(x + i * K + k + 8), acc[i][r]);
+                }
+            }
         } else {
-            if (first == 3) pass4(x, 3, K, w0, 0, NULL, next, y0, ldy);
-            else if (first == 2) pass4(x, 2, K, w0, 0, NULL, next, y0, ldy);
-            else pass4(x, 1, K, w0, 0, NULL, next, y0, ldy);
-        }
-        /* later passes: float32 rows from L1 */
-        const void *rows = bf16 ? (const void *)wide : (const void *)w0;
-        for (int i = first; i < n; i += 3) {
-            const int nx = n - i < 3 ? n - i : 3;
-            const float *xi = x + (int64_t)i * K;
-            float *yi = y0 + (int64_t)i * ldy;
-            if (nx == 3) pass4(xi, 3, K, rows, 0, NULL, NULL, yi, ldy);
-            else if (nx == 2) pass4(xi, 2, K, rows, 0, NULL, NULL, yi, ldy);
-            else pass4(xi, 1, K, rows, 0, NULL, NULL, yi, ldy);
+            for (int r = 0; r < R; r++) {
+                const __m256 wv = _mm256_loadu_ps((const float *)w0 + r * K + k);
+                for (int i = 0; i < NX; i++)
+                    acc[i][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * K + k), acc[i][r]);
+            }
         }
     }
-    for (; j < j1; j++) { /* the last rows of a slice not divisible by four */
-        const char *w0 = (const char *)w + j * K * es;
-        for (int i = 0; i < n; i++) {
-            const float *xa = x + (int64_t)i * K;
-            __m256 a0 = _mm256_setzero_ps();
-            for (int64_t k = 0; k < K; k += 8)
-                a0 = _mm256_fmadd_ps(load8(w0, bf16, k), _mm256_loadu_ps(xa + k), a0);
-            y[(int64_t)i * ldy + j] = hsum(a0);
+    if (BF && K16 < K) { /* the last 8 of a row not a multiple of 16, in plain order */
+        for (int r = 0; r < R; r++) {
+            const __m256 wv = bf16_plain8((const uint16_t *)w0 + r * K + K16);
+            if (wide) _mm256_storeu_ps(wide + r * K + K16, wv);
+            for (int i = 0; i < NX; i++)
+                acc[i][r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * K + K16), acc[i][r]);
         }
+    }
+    for (int i = 0; i < NX; i++)
+        for (int r = 0; r < R; r++) y[i * ldy + r] = hsum(acc[i][r]);
+}
+
+/* Weight rows per tile for n x rows in one pass: as many as the 16 registers hold. */
+static inline int rows_for(int n) { return n <= 3 ? 4 : n == 4 ? 3 : n <= 6 ? 2 : 1; }
+
+#define TILE_CASE(NX, R)                                                                     \
+    case (NX) * 8 + (R):                                                                     \
+        if (bf16 && wide) tile(x, NX, R, K, w, 1, wide, pf, npf, y, ldy);                    \
+        else if (bf16) tile(x, NX, R, K, w, 1, NULL, pf, npf, y, ldy);                       \
+        else tile(x, NX, R, K, w, 0, NULL, pf, npf, y, ldy);                                 \
+        return;
+
+/* one tile of any supported shape (NX <= 12 with R = rows_for(NX); or NX <= 3, R <= 4) */
+static void tile_any(const float *x, int nx, int r, int64_t K, const void *w, int bf16,
+                     float *wide, const char *pf, int64_t npf, float *y, int64_t ldy) {
+    switch (nx * 8 + r) {
+        TILE_CASE(1, 4) TILE_CASE(2, 4) TILE_CASE(3, 4) TILE_CASE(4, 3) TILE_CASE(5, 2)
+        TILE_CASE(6, 2) TILE_CASE(7, 1) TILE_CASE(8, 1) TILE_CASE(9, 1) TILE_CASE(10, 1)
+        TILE_CASE(11, 1) TILE_CASE(12, 1) TILE_CASE(1, 1) TILE_CASE(2, 1) TILE_CASE(3, 1)
+        TILE_CASE(4, 1) TILE_CASE(5, 1) TILE_CASE(6, 1) TILE_CASE(1, 2) TILE_CASE(2, 2)
+        TILE_CASE(3, 2) TILE_CASE(4, 2) TILE_CASE(1, 3) TILE_CASE(2, 3) TILE_CASE(3, 3)
+    default:
+        abort(); /* unreachable: dot_rows only asks for the shapes above */
     }
 }
 
-static void slice(int64_t total, int t, int nt, int64_t *lo, int64_t *hi) {
-    /* split [0, total) into nt slices on multiples of 8 (keeps vector loops whole) */
-    const int64_t blocks = total / 8;
-    *lo = blocks * t / nt * 8;
-    *hi = blocks * (t + 1) / nt * 8;
+/* y[i * ldy + j] = dot(x_i, w_j) for i < n, j < rows; w: ``rows`` contiguous rows of K elements.
+ * Up to ONE_PASS_ROWS x rows, tiles of rows_for(n) weight rows against all n x rows: each weight
+ * is loaded once and used at once. More x rows: tiles of 4 weight rows, the first against 3 x
+ * rows from memory (widening bf16 into ``wide``, 4K floats), the rest against the copy in L1
+ * (compute bound there anyway). The weight stream is prefetched PF_AHEAD bytes ahead. */
+static void dot_rows(const float *x, int n, const void *w0, int bf16, int64_t K, int64_t rows,
+                     float *y, int64_t ldy, float *wide) {
+    const int64_t es = bf16 ? 2 : 4, row_bytes = K * es, total = rows * row_bytes;
+    const char *w = (const char *)w0;
+    const int R = n <= ONE_PASS_ROWS ? rows_for(n) : 4;
+    int64_t pf_done = 0; /* bytes of this stream prefetched so far */
+    for (int64_t j = 0; j < rows;) {
+        const int r = rows - j >= R ? R : (rows - j >= 3 && R == 4 ? 3 : 1);
+        const char *wj = w + j * row_bytes;
+        int64_t pf_to = (j + r) * row_bytes + PF_AHEAD;
+        if (pf_to > total) pf_to = total;
+        const int64_t npf = pf_to > pf_done ? (pf_to - pf_done + 63) / 64 : 0;
+        const char *pf = w + pf_done;
+        pf_done += npf * 64;
+        if (n <= ONE_PASS_ROWS) {
+            tile_any(x, n, r, K, wj, bf16, NULL, pf, npf, y + j, ldy);
+        } else {
+            const int first = 3;
+            tile_any(x, first, r, K, wj, bf16, bf16 ? wide : NULL, pf, npf, y + j, ldy);
+            const void *rows_l1 = bf16 ? (const void *)wide : (const void *)wj;
+            for (int i = first; i < n; i += 3) {
+                const int nx = n - i < 3 ? n - i : 3;
+                tile_any(x + (int64_t)i * K, nx, r, K, rows_l1, 0, NULL, NULL, 0,
+                         y + (int64_t)i * ldy + j, ldy);
+            }
+        }
+        j += r;
+    }
 }
 
-/* Returns 0 on success, a positive code for arguments this kernel does not take. */
-int thin_experts(const float *x, const int64_t *starts, const int64_t *counts, int n_experts,
-                 const void *const *w13, const void *const *w2, int bf16, int64_t D, int64_t F,
-                 float *act, float *out, int n_threads) {
+/* --- AVX512-BF16: bfloat16 weights against bfloat16 activations (phase 1 when the layer's
+ * input is bfloat16). vdpbf16ps multiplies pairs of bfloat16 exactly and adds them into float32
+ * lanes: one instruction per 32 weights and x row, no widening, where the path above needs two
+ * FMAs and two widening ops; on the AVX2 path phase 1 was compute bound at ~13 GB/s a core. The
+ * activations are bfloat16 already (converted from a bfloat16 tensor), so the products are the
+ * same numbers; only the order of the float32 sums differs. 32 zmm registers hold up to 20
+ * accumulators, the weight rows and the x row they meet, so each x load serves R FMAs. */
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define DP_ONE_PASS_ROWS 20
+
+static inline __attribute__((always_inline)) AVX512 void
+tile_dp(const uint16_t *x, const int NX, const int R, int64_t K, const uint16_t *w0,
+        const char *pf, int64_t npf, float *y, int64_t ldy) {
+    __m512 acc[DP_ONE_PASS_ROWS][4];
+    for (int i = 0; i < NX; i++)
+        for (int r = 0; r < R; r++) acc[i][r] = _mm512_setzero_ps();
+    const int64_t K32 = K / 32 * 32, iters = K32 / 32;
+    int64_t credit = 0;
+    for (int64_t k = 0; k < K32; k += 32) {
+        credit += npf;
+        while (credit >= iters && npf > 0) {
+            _mm_prefetch(pf, _MM_HINT_T1);
+            pf += 64;
+            credit -= iters;
+        }
+        __m512i wv[4];
+        for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w0 + r * K + k);
+        for (int i = 0; i < NX; i++) {
+            const __m512bh xv = (__m512bh)_mm512_loadu_si512(x + i * K + k);
+            for (int r = 0; r < R; r++) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, (__m512bh)wv[r]);
+        }
+    }
+    if (K32 < K) { /* 8, 16 or 24 elements left: masked loads, zeros beyond */
+        const __mmask32 m = (__mmask32)((1ull << (K - K32)) - 1);
+        for (int r = 0; r < R; r++) {
+            const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + r * K + K32);
+            for (int i = 0; i < NX; i++)
+                acc[i][r] = _mm512_dpbf16_ps(
+                    acc[i][r], (__m512bh)_mm512_maskz_loadu_epi16(m, x + i * K + K32), wv);
+        }
+    }
+    for (int i = 0; i < NX; i++)
+        for (int r = 0; r < R; r++) y[i * ldy + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+static inline int dp_rows_for(int n) { return n <= 4 ? 4 : n <= 6 ? 3 : n <= 10 ? 2 : 1; }
+
+#define DP_CASE(NX, R)                                                                       \
+    case (NX) * 8 + (R):                                                                     \
+        tile_dp(x, NX, R, K, w, pf, npf, y, ldy);                                            \
+        return;
+
+static AVX512 void tile_dp_any(const uint16_t *x, int nx, int r, int64_t K, const uint16_t *w,
+                               const char *pf, int64_t npf, float *y, int64_t ldy) {
+    switch (nx * 8 + r) {
+        DP_CASE(1, 4) DP_CASE(2, 4) DP_CASE(3, 4) DP_CASE(4, 4) DP_CASE(5, 3) DP_CASE(6, 3)
+        DP_CASE(7, 2) DP_CASE(8, 2) DP_CASE(9, 2) DP_CASE(10, 2) DP_CASE(1, 1) DP_CASE(2, 1)
+        DP_CASE(3, 1) DP_CASE(4, 1) DP_CASE(5, 1) DP_CASE(6, 1) DP_CASE(7, 1) DP_CASE(8, 1)
+        DP_CASE(9, 1) DP_CASE(10, 1) DP_CASE(11, 1) DP_CASE(12, 1) DP_CASE(13, 1)
+        DP_CASE(14, 1) DP_CASE(15, 1) DP_CASE(16, 1) DP_CASE(17, 1) DP_CASE(18, 1)
+        DP_CASE(19, 1) DP_CASE(20, 1)
+    default:
+        abort(); /* unreachable: dot_rows_dp only asks for the shapes above */
+    }
+}
+
+/* dot_rows for bfloat16 x and weights with vdpbf16ps: tiles of dp_rows_for(n) weight rows
+ * against up to DP_ONE_PASS_ROWS x rows; more x rows take further passes over each tile's
+ * rows (from L1). */
+static AVX512 void dot_rows_dp(const uint16_t *x, int n, const uint16_t *w, int64_t K,
+                               int64_t rows, float *y, int64_t ldy) {
+    const int64_t row_bytes = K * 2, total = rows * row_bytes;
+    const int R = dp_rows_for(n < DP_ONE_PASS_ROWS ? n : DP_ONE_PASS_ROWS);
+    int64_t pf_done = 0;
+    for (int64_t j = 0; j < rows;) {
+        const int r = rows - j >= R ? R : 1;
+        int64_t pf_to = (j + r) * row_bytes + PF_AHEAD;
+        if (pf_to > total) pf_to = total;
+        const int64_t npf = pf_to > pf_done ? (pf_to - pf_done + 63) / 64 : 0;
+        const char *pf = (const char *)w + pf_done;
+        pf_done += npf * 64;
+        for (int i = 0; i < n; i += DP_ONE_PASS_ROWS) {
+            const int nx = n - i < DP_ONE_PASS_ROWS ? n - i : DP_ONE_PASS_ROWS;
+            tile_dp_any(x + (int64_t)i * K, nx, r, K, w + j * K, i == 0 ? pf : NULL,
+                        i == 0 ? npf : 0, y + (int64_t)i * ldy + j, ldy);
+        }
+        j += r;
+    }
+}
+
+/* split [0, total) into nt slices on multiples of ``unit`` (keeps vector loops whole); the last
+ * slice also takes a remainder shorter than ``unit`` */
+static void slice(int64_t total, int64_t unit, int t, int nt, int64_t *lo, int64_t *hi) {
+    const int64_t blocks = total / unit;
+    *lo = blocks * t / nt * unit;
+    *hi = t == nt - 1 ? total : blocks * (t + 1) / nt * unit;
+}
+
+/* Whether this CPU (and OS) runs the AVX512-BF16 path. */
+int thin_experts_has_avx512_bf16(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
+}
+
+static void bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
+    for (int64_t k = 0; k < n; k += 8) _mm256_storeu_ps(dst + k, bf16_plain8(src + k));
+}
+
+/* x is (A, D) float32, or bfloat16 when x_bf16 is set. With bfloat16 weights and x, and
+ * use_avx512 set on a CPU that has AVX512-BF16, phase 1 runs on vdpbf16ps.
+ * Returns 0 on success, a positive code for arguments this kernel does not take. */
+int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t *counts,
+                 int n_experts, const void *const *w13, const void *const *w2, int bf16,
+                 int64_t D, int64_t F, float *act, float *out, int n_threads, int use_avx512) {
     if (D % 8 || F % 8 || D <= 0 || F <= 0) return 1;
-    int64_t maxn = 0;
+    int64_t maxn = 0, rows = 0;
     for (int e = 0; e < n_experts; e++) {
         if (counts[e] < 0 || counts[e] > MAX_ROWS) return 2;
         if (counts[e] > maxn) maxn = counts[e];
+        if (counts[e] > 0 && starts[e] + counts[e] > rows) rows = starts[e] + counts[e];
     }
     if (maxn == 0) return 0;
+    const int dp = bf16 && x_bf16 && use_avx512 && thin_experts_has_avx512_bf16();
+    const int64_t unit = bf16 ? 16 : 8;
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > F / 8) n_threads = (int)(F / 8);
-    /* scratch: each thread's gate and up columns, (2 * maxn) rows of its slice of F */
-    float *h = (float *)malloc((size_t)(2 * maxn * F) * sizeof(float));
+    if (n_threads > F / unit) n_threads = (int)(F / unit);
+    if (n_threads < 1) n_threads = 1;
+    /* scratch: each thread's gate and up columns, (2 * maxn) rows of its slice of F; x as
+     * float32 (in lane order for bf16 weights) unless given so or used as bfloat16; a widened
+     * copy of 4 weight rows per thread for bf16 */
     const int64_t kmax = D > F ? D : F;
+    const int need_xf = !dp && (bf16 || x_bf16);
+    float *h = (float *)malloc((size_t)(2 * maxn * F) * sizeof(float));
+    float *xf = need_xf ? (float *)malloc((size_t)(rows * D) * sizeof(float)) : NULL;
     float *wide = bf16 ? (float *)malloc((size_t)n_threads * 4 * kmax * sizeof(float)) : NULL;
-    if (!h || (bf16 && !wide)) {
+    if (!h || (need_xf && !xf) || (bf16 && !wide)) {
         free(h);
+        free(xf);
         free(wide);
         return 3;
     }
+    if (need_xf)
+        for (int e = 0; e < n_experts; e++)
+            for (int64_t i = starts[e]; i < starts[e] + counts[e]; i++) {
+                float *row = xf + i * D;
+                if (x_bf16) bf16_to_f32((const uint16_t *)x + i * D, row, D);
+                if (bf16) to_lane_order(x_bf16 ? row : (const float *)x + i * D, row, D);
+            }
+    const float *xin = need_xf ? xf : (const float *)x;
     const int64_t es = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(n_threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         float *wt = bf16 ? wide + (int64_t)t * 4 * kmax : NULL;
         int64_t lo, hi;
-        slice(F, t, nt, &lo, &hi);
+        slice(F, unit, t, nt, &lo, &hi);
         const int64_t width = hi - lo;
         float *g = h + 2 * maxn * lo, *u = g + maxn * width;
         for (int e = 0; e < n_experts && width > 0; e++) {
             const int n = (int)counts[e];
             if (n == 0) continue;
             const char *w = (const char *)w13[e];
-            const float *xe = x + starts[e] * D;
-            dot_rows(xe, n, w + lo * D * es, bf16, D, 0, width, g, width, wt);       /* gate */
-            dot_rows(xe, n, w + (F + lo) * D * es, bf16, D, 0, width, u, width, wt); /* up */
+            if (dp) {
+                const uint16_t *xe = (const uint16_t *)x + starts[e] * D;
+                dot_rows_dp(xe, n, (const uint16_t *)w + lo * D, D, width, g, width);
+                dot_rows_dp(xe, n, (const uint16_t *)w + (F + lo) * D, D, width, u, width);
+            } else {
+                const float *xe = xin + starts[e] * D;
+                dot_rows(xe, n, w + lo * D * es, bf16, D, width, g, width, wt);       /* gate */
+                dot_rows(xe, n, w + (F + lo) * D * es, bf16, D, width, u, width, wt); /* up */
+            }
             for (int i = 0; i < n; i++) {
-                const float *gi = g + (int64_t)i * width, *ui = u + (int64_t)i * width;
-                float *dst = act + (starts[e] + i) * F + lo;
-                for (int64_t j = 0; j < width; j++) dst[j] = gi[j] / (1.0f + expf(-gi[j])) * ui[j];
+                float *gi = g + (int64_t)i * width, *dst = act + (starts[e] + i) * F + lo;
+                if (bf16) { /* act is phase 2's x: lane order (lo is a multiple of 16) */
+                    swiglu(gi, u + (int64_t)i * width, gi, width);
+                    to_lane_order(gi, dst, width);
+                } else {
+                    swiglu(gi, u + (int64_t)i * width, dst, width);
+                }
             }
         }
 #pragma omp barrier
-        slice(D, t, nt, &lo, &hi);
+        slice(D, 8, t, nt, &lo, &hi);
         for (int e = 0; e < n_experts && hi > lo; e++) {
             const int n = (int)counts[e];
             if (n > 0)
-                dot_rows(act + starts[e] * F, n, w2[e], bf16, F, lo, hi, out + starts[e] * D, D, wt);
+                dot_rows(act + starts[e] * F, n, (const char *)w2[e] + lo * F * es, bf16, F, hi - lo,
+                         out + starts[e] * D + lo, D, wt);
         }
     }
     free(h);
+    free(xf);
     free(wide);
     return 0;
 }
