@@ -17,10 +17,26 @@ from expertmesh.platform.model.moe import LayerStats, MoELayer
 
 @dataclass(kw_only=True, slots=True)
 class ModelOutput:
+    """Logits and per-layer routing stats; the router losses are computed when read (training
+    reads them; a serving step would pay a dozen small ops per MoE layer for nothing)."""
+
     logits: torch.Tensor  # (B, T, V)
-    aux_loss: torch.Tensor  # mean over MoE layers, unweighted
-    z_loss: torch.Tensor  # mean over MoE layers, unweighted
     layer_stats: list[LayerStats] = field(default_factory=list)
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Switch load-balancing loss, mean over MoE layers, unweighted (0 with none)."""
+        return self._mean([s.aux_loss for s in self.layer_stats])
+
+    @property
+    def z_loss(self) -> torch.Tensor:
+        """Router z-loss, mean over MoE layers, unweighted (0 with none)."""
+        return self._mean([s.z_loss for s in self.layer_stats])
+
+    def _mean(self, losses: list[torch.Tensor]) -> torch.Tensor:
+        if not losses:
+            return self.logits.new_zeros((), dtype=torch.float32)
+        return torch.stack(losses).mean()
 
 
 class Block(nn.Module):
@@ -118,10 +134,7 @@ class MoETransformer(nn.Module):
         elif last_only:
             h_BTD = h_BTD[:, -1:]
         logits = self.lm_head(self.norm(h_BTD))
-        zero = logits.new_zeros((), dtype=torch.float32)
-        aux = torch.stack([s.aux_loss for s in stats]).mean() if stats else zero
-        zl = torch.stack([s.z_loss for s in stats]).mean() if stats else zero
-        return ModelOutput(logits=logits, aux_loss=aux, z_loss=zl, layer_stats=stats)
+        return ModelOutput(logits=logits, layer_stats=stats)
 
     def loss(self, out: ModelOutput, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(total loss to optimise, cross-entropy alone)."""
