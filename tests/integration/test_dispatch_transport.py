@@ -6,12 +6,12 @@ in process, so a transport that lost, reordered or mixed up rows fails here.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 import ray
 import torch
-from ray.exceptions import RayActorError
 
 from expertmesh.actors.channel import Endpoint
 from expertmesh.actors.dispatch import PlacementView, RayDispatcher
@@ -98,17 +98,25 @@ def test_dead_shard_is_retried_on_its_replica(setup) -> None:
     layers, handles, experts = setup
     d = connected(RayDispatcher(view_of(handles, experts, 1)))
     check_layer(layers, d, seed=4)  # pooled connections to both shards now exist
+    pid = ray.get(handles["a"].stats.remote())["pid"]
     ray.kill(handles["a"])
+    # NOTE: wait for the process itself: Ray may call the actor dead (its calls fail) while the
+    # process still runs and still answers on the channel for a moment
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:  # ray.kill returns before the process is gone
-        try:
-            ray.get(handles["a"].ping.remote(), timeout=5)
-        except RayActorError:
-            break
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.05)
+    assert not _alive(pid), f"shard process {pid} still alive 30 s after ray.kill"
     # the dispatcher evens calls over replicas, so within a few passes it picks "a", finds
     # the connection reset, and serves those rows from "b" in the same pass
     for seed in range(5, 9):
         check_layer(layers, d, seed=seed)
     assert d.stats.failed_shards == {"a"}
     assert d.stats.retries >= 1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
