@@ -210,16 +210,18 @@ class ShardChannel:
 
     def __init__(self, endpoint: Endpoint, connect_timeout_s: float = 1.0) -> None:
         self.endpoint = endpoint
+        self.sock = _tcp_socket(endpoint.host)
         try:
-            self.sock = _tcp_socket(endpoint.host)
             self.sock.settimeout(connect_timeout_s)
             self.sock.connect((endpoint.host, endpoint.port))
             self.sock.sendall(bytes.fromhex(endpoint.token))
-            if _recv_exact(self.sock, 1) != _ACK:
-                self.sock.close()
-                raise ConnectError(f"shard at {endpoint.host}:{endpoint.port} refused the secret")
+            acked = _recv_exact(self.sock, 1) == _ACK
         except OSError as exc:
+            self.sock.close()
             raise ConnectError(f"cannot connect to {endpoint.host}:{endpoint.port}: {exc}") from exc
+        if not acked:
+            self.sock.close()
+            raise ConnectError(f"shard at {endpoint.host}:{endpoint.port} refused the secret")
         self._dtype: np.dtype | None = None
 
     def send(
@@ -315,7 +317,3 @@ class ChannelPool:
                 self._idle.setdefault(shard, []).append(ch)
                 return
         ch.close()
-
-    def close(self) -> None:
-        for shard in list(self.known()):
-            self.forget(shard)
