@@ -198,3 +198,44 @@ def test_casting_to_bfloat16_keeps_rope_frequencies_float32() -> None:
     assert model.embed_tokens.weight.dtype == torch.bfloat16
     assert model.rotary.inv_freq.dtype == torch.float32
     assert torch.equal(model.rotary.inv_freq, want)
+
+
+@pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (8, 2)])
+def test_decode_attention_equals_masked_sdpa(n_heads: int, n_kv_heads: int) -> None:
+    from expertmesh.platform.model.layers import decode_attention
+
+    torch.manual_seed(0)
+    B, K, L = 5, 8, 11
+    q_BHK = torch.randn(B, n_heads, K)
+    k_BGLK, v_BGLK = torch.randn(2, B, n_kv_heads, L, K)
+    pos_B = torch.tensor([10, 0, 3, 7, 10])  # keys past a row's position must not count
+    mask_B11L = (torch.arange(L)[None, :] <= pos_B[:, None])[:, None, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q_BHK[:, :, None], k_BGLK, v_BGLK, attn_mask=mask_B11L, enable_gqa=True
+    )[:, :, 0]
+    got = decode_attention(q_BHK, k_BGLK, v_BGLK, pos_B)
+    assert torch.allclose(got, want, atol=1e-6)
+    v_BGLK[1, :, 1:] = 1e6  # row 1 sits at position 0: later values must not leak in
+    assert torch.allclose(decode_attention(q_BHK, k_BGLK, v_BGLK, pos_B)[1], want[1], atol=1e-6)
+
+
+def test_fused_qkv_follows_weight_updates() -> None:
+    """Inference multiplies by a cached q|k|v matrix; it must never serve stale weights."""
+    torch.manual_seed(0)
+    model = MoETransformer(cfg()).eval()
+    tokens_BT = torch.randint(0, 128, (2, 6))
+
+    def reference() -> torch.Tensor:  # grad mode: the separate projections, no cache
+        with torch.enable_grad():
+            return model(tokens_BT).logits.detach()
+
+    with torch.no_grad():
+        assert torch.allclose(model(tokens_BT).logits, reference(), atol=1e-5)
+        model.layers[0].self_attn.k_proj.weight.mul_(3.0)  # in place, as an optimizer step is
+        after_inplace = model(tokens_BT).logits
+    assert torch.allclose(after_inplace, reference(), atol=1e-5)
+    other = MoETransformer(cfg())
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model(tokens_BT).logits, reference(), atol=1e-5)
+        assert not torch.allclose(model(tokens_BT).logits, after_inplace, atol=1e-3)
