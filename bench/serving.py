@@ -19,7 +19,9 @@ import asyncio
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -77,6 +79,18 @@ async def bench_in_process(uri: str, prompts: dict[int, list[str]]) -> dict[int,
         task.cancel()
 
 
+def wait_for_spares(cluster: Any, timeout_s: float = 120.0) -> None:
+    """Wait until the warm spare shards are up: ``deploy`` returns once the serving shards are,
+    and a spare importing torch in the background takes most of a core for seconds, which would
+    land inside whichever concurrency level runs first."""
+    want = cluster.status()["warm_shards"]
+    deadline = time.monotonic() + timeout_s
+    while len(cluster.status().get("spares", [])) < want:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"warm spare shards not up after {timeout_s:.0f} s")
+        time.sleep(0.25)
+
+
 def bench_distributed(
     uri: str,
     prompts: dict[int, list[str]],
@@ -100,6 +114,7 @@ def bench_distributed(
             micro_batches=micro_batches,
             transport=transport,
         )
+        wait_for_spares(cluster)
         router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
         params = {
             "max_tokens": MAX_TOKENS,

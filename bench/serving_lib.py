@@ -332,7 +332,12 @@ class VllmServer:
         # One pooled client per event loop: an AsyncClient cannot move between loops.
         loop = asyncio.get_running_loop()
         if self._client is None or self._client_loop is not loop:
-            limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
+            # NOTE: idle connections are dropped after 2 s, before uvicorn's 5 s keep-alive
+            # timeout: a request sent on a connection the server is closing fails with ReadError
+            # (seen once between two concurrency levels)
+            limits = httpx.Limits(
+                max_connections=1024, max_keepalive_connections=1024, keepalive_expiry=2.0
+            )
             timeout = httpx.Timeout(self.config.request_timeout_s, connect=10.0)
             self._client = httpx.AsyncClient(
                 base_url=self.url,

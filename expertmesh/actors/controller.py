@@ -354,6 +354,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
             },
             "shards": [{**asdict(rec), **stats.get(s, {})} for s, rec in records.items()],
             "spares": sorted(self.spares),
+            "warm_shards": 0 if self.spec is None else self.spec.warm_shards,  # spares wanted
             "nodes": node_rows,
             "controller_node_id": ray.get_runtime_context().get_node_id(),
             "expert_load": load,

@@ -140,6 +140,7 @@ def test_no_warm_spares_when_turned_off(cluster, checkpoint, expected) -> None:
     assert len(st["shards"]) == 3
     time.sleep(1.0)  # the reconcile loop would have started a spare by now
     assert cluster.status()["spares"] == []
+    assert cluster.status()["warm_shards"] == 0
     outs = cluster.generate(PROMPTS[:2], max_tokens=MAX_TOKENS, ignore_eos=True)
     assert [o.token_ids for o in outs] == [expected[p] for p in PROMPTS[:2]]
 
