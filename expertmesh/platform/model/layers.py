@@ -6,6 +6,8 @@ H query heads, G key/value heads, K head dim.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; the same numbers as the lines below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # NOTE: normalise in float32 like Mixtral, then cast back, for bf16 parity.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -113,19 +117,21 @@ class Attention(nn.Module):
             self._qkv = (key, torch.cat([w.detach() for w in ws]))
         return self._qkv[1]
 
-    def _project(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _project(
+        self, x_BTD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries (B, T, H, K), rotated keys and values (B, T, G, K)."""
         B, T, _ = x_BTD.shape
         H, G, K = self.n_heads, self.n_kv, self.head_dim
         if torch.is_grad_enabled():  # training: separate projections, one autograd node each
-            q = self.q_proj(x_BTD).view(B, T, H, K)
-            k = self.k_proj(x_BTD).view(B, T, G, K)
-            v = self.v_proj(x_BTD).view(B, T, G, K)
-            return q, k, v
-        # NOTE: inference: one matmul for q, k and v (three are ~3x the per-call overhead at
-        # serving batch sizes)
+            q = apply_rotary(self.q_proj(x_BTD).view(B, T, H, K), *rope)
+            k = apply_rotary(self.k_proj(x_BTD).view(B, T, G, K), *rope)
+            return q, k, self.v_proj(x_BTD).view(B, T, G, K)
+        # NOTE: inference: one matmul for q, k and v and one rotation for q and k (at serving
+        # batch sizes each op costs about its fixed overhead)
         qkv = F.linear(x_BTD, self._fused_qkv()).view(B, T, H + 2 * G, K)
-        return qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
+        qk = apply_rotary(qkv[:, :, : H + G], *rope)
+        return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + G :]
 
     def forward(
         self,
@@ -135,46 +141,81 @@ class Attention(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor] | None = None,
         slots_B: torch.Tensor | None = None,
         write_pos_BT: torch.Tensor | None = None,
+        step: CacheStep | None = None,
     ) -> torch.Tensor:
         """``write_pos_BT`` (cache only) is where each token's key/value is stored; padded tokens
-        point at the cache's scratch position so they never overwrite a real entry."""
+        point at the cache's scratch position so they never overwrite a real entry. ``step``
+        (the same for every layer of a forward pass) is derived from the three when not given."""
         B, T, _ = x_BTD.shape
-        q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
-        q_BTHK, k_BTGK = apply_rotary(q_BTHK, *rope), apply_rotary(k_BTGK, *rope)
-        q_BHTK = q_BTHK.transpose(1, 2)
+        q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, rope)
         if cache is None:
             k_BGLK, v_BGLK = k_BTGK.transpose(1, 2), v_BTGK.transpose(1, 2)
             out_BHTK = F.scaled_dot_product_attention(
-                q_BHTK, k_BGLK, v_BGLK, is_causal=T > 1, enable_gqa=True
+                q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, is_causal=T > 1, enable_gqa=True
             )
-        else:
+            return self.o_proj(out_BHTK.transpose(1, 2).reshape(B, T, -1))
+        if step is None:
             assert slots_B is not None
-            k_buf, v_buf = cache
-            slot_BT = slots_B[:, None].expand(B, T)
-            wpos_BT = pos_BT if write_pos_BT is None else write_pos_BT
-            k_buf[slot_BT, :, wpos_BT] = k_BTGK.to(k_buf.dtype)
-            v_buf[slot_BT, :, wpos_BT] = v_BTGK.to(v_buf.dtype)
-            L = int(pos_BT.max()) + 1
-            s0 = int(slots_B[0])
-            if torch.equal(slots_B, torch.arange(s0, s0 + B)):  # compact slots: read in place
-                k_BGLK = k_buf[s0 : s0 + B, :, :L].to(q_BHTK.dtype)
-                v_BGLK = v_buf[s0 : s0 + B, :, :L].to(q_BHTK.dtype)
-            else:
-                k_BGLK = k_buf[slots_B, :, :L].to(q_BHTK.dtype)
-                v_BGLK = v_buf[slots_B, :, :L].to(q_BHTK.dtype)
-            if T == 1 and q_BHTK.dtype == torch.float32:
-                out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, pos_BT[:, 0])
-                return self.o_proj(out_BHK.reshape(B, 1, -1))
-            # each query sees keys of its own slot at positions <= its own position
-            mask_BTL = torch.arange(L)[None, None, :] <= pos_BT[:, :, None]
-            out_BHTK = F.scaled_dot_product_attention(
-                q_BHTK, k_BGLK, v_BGLK, attn_mask=mask_BTL[:, None], enable_gqa=True
-            )
+            step = CacheStep.build(pos_BT, slots_B, write_pos_BT)
+        k_buf, v_buf = cache
+        k_buf[step.slot_BT, :, step.write_pos_BT] = k_BTGK.to(k_buf.dtype)
+        v_buf[step.slot_BT, :, step.write_pos_BT] = v_BTGK.to(v_buf.dtype)
+        if step.first_slot is not None:  # compact slots: read in place
+            rows = slice(step.first_slot, step.first_slot + B)
+            k_BGLK, v_BGLK = k_buf[rows, :, : step.L], v_buf[rows, :, : step.L]
+        else:
+            k_BGLK, v_BGLK = k_buf[step.slots_B, :, : step.L], v_buf[step.slots_B, :, : step.L]
+        k_BGLK, v_BGLK = k_BGLK.to(q_BTHK.dtype), v_BGLK.to(q_BTHK.dtype)
+        if T == 1 and q_BTHK.dtype == torch.float32:
+            out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.pos_B, step.future_B1L)
+            return self.o_proj(out_BHK.reshape(B, 1, -1))
+        out_BHTK = F.scaled_dot_product_attention(
+            q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, attn_mask=step.allowed_B1TL, enable_gqa=True
+        )
         return self.o_proj(out_BHTK.transpose(1, 2).reshape(B, T, -1))
 
 
+@dataclass(kw_only=True, slots=True)
+class CacheStep:
+    """How one forward pass over a :class:`KVCache` writes and reads it: the same for every
+    layer, so it is built once per pass (a dozen small ops per layer otherwise)."""
+
+    slots_B: torch.Tensor
+    slot_BT: torch.Tensor  # the cache slot each token writes to
+    write_pos_BT: torch.Tensor  # the position it writes (padding: the scratch position)
+    pos_B: torch.Tensor  # decode steps (T == 1): each row's query position
+    L: int  # key positions read: 0 .. max query position
+    first_slot: int | None  # slots are first_slot .. first_slot + B - 1: read the cache in place
+    future_B1L: torch.Tensor | None = None  # decode: keys past a row's position
+    allowed_B1TL: torch.Tensor | None = None  # otherwise: keys each query may see
+
+    @classmethod
+    def build(
+        cls, pos_BT: torch.Tensor, slots_B: torch.Tensor, write_pos_BT: torch.Tensor | None = None
+    ) -> CacheStep:
+        B, T = pos_BT.shape
+        L = int(pos_BT.max()) + 1
+        s0 = int(slots_B[0])
+        keys_L = torch.arange(L)
+        return cls(
+            slots_B=slots_B,
+            slot_BT=slots_B[:, None].expand(B, T),
+            write_pos_BT=pos_BT if write_pos_BT is None else write_pos_BT,
+            pos_B=pos_BT[:, 0],
+            L=L,
+            first_slot=s0 if torch.equal(slots_B, torch.arange(s0, s0 + B)) else None,
+            future_B1L=keys_L[None, None, :] > pos_BT[:, :1, None] if T == 1 else None,
+            # each query sees keys of its own slot at positions <= its own position
+            allowed_B1TL=None if T == 1 else (keys_L[None, None, :] <= pos_BT[:, :, None])[:, None],
+        )
+
+
 def decode_attention(
-    q_BHK: torch.Tensor, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor, pos_B: torch.Tensor
+    q_BHK: torch.Tensor,
+    k_BGLK: torch.Tensor,
+    v_BGLK: torch.Tensor,
+    pos_B: torch.Tensor,
+    future_B1L: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence (a decode step) against its cached keys at positions <= ``pos_B``.
 
@@ -188,7 +229,8 @@ def decode_attention(
     r = H // G
     q = (q_BHK * K**-0.5).reshape(B * G, r, K)
     s_BHL = torch.bmm(q, k_BGLK.reshape(B * G, L, K).transpose(1, 2)).view(B, H, L)
-    future_B1L = torch.arange(L)[None, None, :] > pos_B[:, None, None]
+    if future_B1L is None:
+        future_B1L = torch.arange(L)[None, None, :] > pos_B[:, None, None]
     p = torch.softmax(s_BHL.masked_fill_(future_B1L, float("-inf")), dim=-1)
     return torch.bmm(p.view(B * G, r, L), v_BGLK.reshape(B * G, L, K)).view(B, H, K)
 

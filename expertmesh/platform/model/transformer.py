@@ -11,7 +11,14 @@ from torch import nn
 from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.model.dispatch import Dispatcher
 from expertmesh.platform.model.experts import init_std
-from expertmesh.platform.model.layers import Attention, KVCache, RMSNorm, Rotary, SwiGLU
+from expertmesh.platform.model.layers import (
+    Attention,
+    CacheStep,
+    KVCache,
+    RMSNorm,
+    Rotary,
+    SwiGLU,
+)
 from expertmesh.platform.model.moe import LayerStats, MoELayer
 
 
@@ -110,11 +117,16 @@ class MoETransformer(nn.Module):
             positions_BT = torch.arange(T).expand(B, T)
         h_BTD = self.embed_tokens(tokens_BT)
         rope = self.rotary(positions_BT, h_BTD.dtype)
+        step = None
+        if cache is not None:
+            if slots_B is None:
+                raise ValueError("generation with a cache needs slots_B (a cache slot per row)")
+            step = CacheStep.build(positions_BT, slots_B, write_pos_BT)
         stats: list[LayerStats] = []
         for i, block in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             h_BTD = h_BTD + block.self_attn(
-                block.input_layernorm(h_BTD), rope, positions_BT, kv, slots_B, write_pos_BT
+                block.input_layernorm(h_BTD), rope, positions_BT, kv, step=step
             )
             x_BTD = block.post_attention_layernorm(h_BTD)
             if isinstance(block.ffn, MoELayer):
