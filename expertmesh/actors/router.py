@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from typing import Any
 
@@ -71,12 +71,12 @@ class RouterService:
             micro_batches=micro_batches,
         )
         self.refresh_s = refresh_s
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="step")
-        self.pending: deque[Sequence] = deque()
+        self.pending: deque[Sequence] = deque()  # submitted, not yet handed to the engine
+        self.has_pending = threading.Condition()  # guards pending; the stepping thread waits on it
         self.waiters: dict[str, asyncio.Queue[StepOutput]] = {}
         self.streaming: set[str] = set()  # requests that want every token, not just the end
-        self.wake = asyncio.Event()
-        self.loop_task: asyncio.Task | None = None
+        self.stepper: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.refresh_task: asyncio.Task | None = None
         self.steps = 0
         self.tokens_out = 0
@@ -114,43 +114,59 @@ class RouterService:
             self._take(update)
 
     def _ensure_tasks(self) -> None:
-        if self.loop_task is None or self.loop_task.done():
-            self.loop_task = asyncio.get_running_loop().create_task(self._step_loop())
+        if self.stepper is None:
+            self.loop = asyncio.get_running_loop()
+            self.stepper = threading.Thread(target=self._run_steps, daemon=True, name="step")
+            self.stepper.start()
         if self.refresh_task is None or self.refresh_task.done():
             self.refresh_task = asyncio.get_running_loop().create_task(self._refresh_loop())
 
     # ------------------------------------------------------------------ batching loop
-    async def _step_loop(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _run_steps(self) -> None:
+        """The stepping thread: engine steps back to back while there is work.
+
+        NOTE: it hands the event loop only what someone waits for (finished requests, tokens of
+        streamed ones), once per step. Stepping from the event loop (``run_in_executor`` per
+        step) cost a thread round trip per step and event-loop work holding the GIL between
+        steps.
+        """
+        assert self.loop is not None
         while True:
-            while self.pending:
-                self.engine.enqueue(self.pending.popleft())
-            if not self.engine.has_work():
-                self.wake.clear()
-                await self.wake.wait()
-                continue
+            with self.has_pending:
+                while not self.pending and not self.engine.has_work():
+                    self.has_pending.wait()
+                new, self.pending = list(self.pending), deque()
+            for seq in new:
+                self.engine.enqueue(seq)
             try:
                 t0 = time.perf_counter()
-                outputs = await loop.run_in_executor(self.executor, self.engine.step)
+                outputs = self.engine.step()
                 self.step_s += time.perf_counter() - t0
             except Exception as exc:  # a step that cannot finish fails only its requests
                 log.exception("step failed")
-                for seq in list(self.engine.running) + list(self.engine.waiting):
+                failed = list(self.engine.running) + list(self.engine.waiting)
+                for seq in failed:
                     self.engine.abort(seq)
-                    q = self.waiters.get(seq.request_id)
-                    if q is not None:
-                        q.put_nowait(exc)  # type: ignore[arg-type]
+                self.loop.call_soon_threadsafe(self._fail, failed, exc)
                 continue
             self.steps += 1
             self.tokens_out += len(outputs)
-            for out in outputs:
-                # NOTE: a non-streamed request is woken once, when it ends: a wake-up per token
-                # of 64 running requests is event-loop work that takes the GIL from the step
-                if not out.finished and out.seq.request_id not in self.streaming:
-                    continue
-                q = self.waiters.get(out.seq.request_id)
-                if q is not None:
-                    q.put_nowait(out)
+            # a non-streamed request is woken once, when it ends
+            ready = [o for o in outputs if o.finished or o.seq.request_id in self.streaming]
+            if ready:
+                self.loop.call_soon_threadsafe(self._deliver, ready)
+
+    def _deliver(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            q = self.waiters.get(out.seq.request_id)
+            if q is not None:
+                q.put_nowait(out)
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        for seq in seqs:
+            q = self.waiters.get(seq.request_id)
+            if q is not None:
+                q.put_nowait(exc)  # type: ignore[arg-type]
 
     def _submit(
         self,
@@ -164,9 +180,10 @@ class RouterService:
         self.waiters[seq.request_id] = q
         if stream:
             self.streaming.add(seq.request_id)
-        self.pending.append(seq)
         self._ensure_tasks()
-        self.wake.set()
+        with self.has_pending:
+            self.pending.append(seq)
+            self.has_pending.notify()
         return seq, q
 
     async def _drain(self, seq: Sequence, q: asyncio.Queue):
