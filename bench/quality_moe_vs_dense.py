@@ -68,7 +68,7 @@ class Result:
 
 
 def model_configs(
-    aux_loss_weight: float = 0.003, z_loss_weight: float = 3e-4
+    aux_loss_weight: float = 0.003, z_loss_weight: float = 3e-4, routed_scale: float = 1.0
 ) -> dict[str, ModelConfig]:
     """The two models; the dense FFN is as wide as the top-k experts a token runs through."""
     shape = {"d_model": 256, "n_layers": N_LAYERS, "n_heads": 8, "n_kv_heads": 4}
@@ -89,6 +89,7 @@ def model_configs(
             top_k=TOP_K,
             aux_loss_weight=aux_loss_weight,
             z_loss_weight=z_loss_weight,
+            routed_scale=routed_scale,
         ),
     }
 
@@ -206,6 +207,13 @@ def main() -> None:
         help="MoE load-balancing loss weight (0.01, Switch's, cost 0.013 nats here)",
     )
     p.add_argument("--z-loss-weight", type=float, default=3e-4, help="MoE router z-loss weight")
+    p.add_argument(
+        "--routed-scale",
+        type=float,
+        default=1.0,
+        help="MoE combined-output scale (ModelConfig.routed_scale; top_k matches dense at init)",
+    )
+    p.add_argument("--models", default="dense,moe", help="which models to train (comma-separated)")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches per domain")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
@@ -221,23 +229,32 @@ def main() -> None:
     prepare(data)
     val = TokenData.load(data.data_dir, data.train_domains, "validation")
     entropy = {d: val.unigram_entropy(d) for d in data.train_domains}
-    cfgs = model_configs(args.aux_loss_weight, args.z_loss_weight)
+    cfgs = model_configs(args.aux_loss_weight, args.z_loss_weight, args.routed_scale)
     counts = param_counts(cfgs)
+    wanted = args.models.split(",")
+    if unknown := sorted(set(wanted) - set(cfgs)):
+        p.error(f"--models: unknown {unknown}; choose from {sorted(cfgs)}")
     tracker = Tracker()
     print(f"MLflow: {tracker.uri} (experiment {EXPERIMENT!r})")
     print(
         f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, "
         f"seed {args.seed}, {args.threads} threads; eval {args.eval_batches} batches per domain; "
-        f"MoE load-balancing weight {args.aux_loss_weight}, z-loss weight {args.z_loss_weight}"
+        f"MoE load-balancing weight {args.aux_loss_weight}, z-loss weight {args.z_loss_weight}, "
+        f"routed scale {args.routed_scale}"
     )
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="expertmesh-bench-ckpt-") as ckpt_root:
         for name, model in cfgs.items():
+            if name not in wanted:
+                continue
             r = run_one(name, model, data, counts[name], args, tracker, Path(ckpt_root))
             print(f"  {name}: trained and evaluated in {r.train_s:.0f} s (run {r.run_id})")
             results.append(r)
     print()
-    print(format_table(results, entropy))
+    if len(results) == 2:
+        print(format_table(results, entropy))
+    for r in results:
+        print(f"{r.model}: " + ", ".join(f"val/{d} {v:.4f}" for d, v in r.val_loss.items()))
     for r in results:
         if r.aux_loss is not None and r.busiest is not None:
             print(

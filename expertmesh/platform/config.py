@@ -46,6 +46,11 @@ class ModelConfig:
     router_noise_std: float = 1.0  # noisy_topk only
     aux_loss_weight: float = 0.01  # Switch load-balancing loss
     z_loss_weight: float = 0.001  # router z-loss
+    # scales the combined expert output (DeepSeek-V2/V3's routed_scaling_factor); top_k makes a
+    # token's FFN output as large at init as a dense FFN k experts wide (renormalised top-k gate
+    # weights sum to 1, so k experts of width F otherwise give half of one of width k*F, k=2).
+    # Mixtral has no such field: the Hugging Face export folds it into w2.
+    routed_scale: float = 1.0
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -92,6 +97,7 @@ class ModelConfig:
             raise ConfigError("n_heads", "head dimension (d_model / n_heads) must be even for RoPE")
         if self.capacity_factor is not None:
             _positive("capacity_factor", self.capacity_factor)
+        _positive("routed_scale", self.routed_scale)
         for name in ("aux_loss_weight", "z_loss_weight", "router_noise_std"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)!r}")

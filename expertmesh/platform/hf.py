@@ -150,8 +150,11 @@ def state_to_hf(model: MoETransformer) -> dict[str, torch.Tensor]:
     for layer, moe in model.moe_layers().items():
         if moe.experts is None:
             raise ValueError("the model holds no experts; export a checkpoint URI instead")
+        scale = model.cfg.routed_scale  # Mixtral has none: w2 is linear, so fold it in
         for e in range(model.cfg.n_experts):
             for w, t in moe.experts.expert_tensors(e).items():
+                if w == "w2" and scale != 1.0:
+                    t = (t.float() * scale).to(t.dtype)
                 out[f"model.layers.{layer}.block_sparse_moe.experts.{e}.{w}.weight"] = t
     return out
 

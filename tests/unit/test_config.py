@@ -36,6 +36,7 @@ def field_of(exc_info: pytest.ExceptionInfo[ConfigError]) -> str:
         ({"d_model": 100, "n_heads": 8}, "n_heads"),
         ({"n_heads": 8, "n_kv_heads": 3}, "n_kv_heads"),
         ({"capacity_factor": 0.0}, "capacity_factor"),
+        ({"routed_scale": 0.0}, "routed_scale"),
         ({"aux_loss_weight": -1.0}, "aux_loss_weight"),
     ],
 )

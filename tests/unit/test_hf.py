@@ -77,6 +77,18 @@ def test_export_loads_in_transformers_with_same_logits(tmp_path: Path, tie: bool
     assert ("lm_head.weight" in names) is not tie
 
 
+def test_routed_scale_is_folded_into_w2_on_export(tmp_path: Path) -> None:
+    """Mixtral has no routed scaling factor; the export multiplies each expert's w2 instead."""
+    plain = tiny_model()
+    scaled = tiny_model(routed_scale=2.0)
+    scaled.load_state_dict(plain.state_dict())
+    tokens_BT = torch.randint(0, 300, (2, 9))
+    with torch.no_grad():
+        ours, unscaled = scaled(tokens_BT).logits, plain(tokens_BT).logits
+    assert max_diff(ours, unscaled) > 1e-3  # the factor changes what the model computes
+    assert max_diff(ours, hf_logits(export_hf(scaled, str(tmp_path / "hf")), tokens_BT)) <= TOL
+
+
 def test_export_from_checkpoint_with_tokenizer(tmp_path: Path, tokenizer_json: str) -> None:
     tok_path = tmp_path / "tokenizer.json"
     tok_path.write_text(tokenizer_json)

@@ -89,6 +89,8 @@ class MoELayer(nn.Module):
                 raise RuntimeError(f"MoE layer {self.layer} holds no experts; pass a dispatcher")
             dispatcher = LocalDispatcher({self.layer: self.experts})
         y_ND = dispatcher.dispatch(self.layer, x_ND, routing)
+        if self.cfg.routed_scale != 1.0:
+            y_ND = y_ND * self.cfg.routed_scale
         stats = LayerStats(
             layer=self.layer,
             counts_E=routing.counts_E,
