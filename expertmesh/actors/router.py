@@ -67,7 +67,7 @@ class RouterService:
             tokenizer,
             dispatcher=self.dispatcher,
             max_batch=max_batch,
-            track_routing=True,
+            track_routing=False,  # only requests that ask (routing=True) record their experts
             micro_batches=micro_batches,
         )
         self.refresh_s = refresh_s
@@ -114,7 +114,7 @@ class RouterService:
             self._take(update)
 
     def _ensure_tasks(self) -> None:
-        if self.stepper is None:
+        if self.stepper is None or not self.stepper.is_alive():
             self.loop = asyncio.get_running_loop()
             self.stepper = threading.Thread(target=self._run_steps, daemon=True, name="step")
             self.stepper.start()

@@ -45,7 +45,7 @@ class Sequence:
     generator: torch.Generator | None = None
     expert_counts: torch.Tensor | None = None  # (MoE layers, E) tokens served, when tracked
     token_experts: list[list[list[int]]] = field(default_factory=list)  # per fed token, per layer
-    trace: bool = False  # record token_experts (costs Python time per token; counts are cheap)
+    trace: bool = False  # record expert_counts and token_experts (Python time per token)
 
     @property
     def finished(self) -> bool:
@@ -141,7 +141,7 @@ class Engine:
         )
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
-        if self.track_routing:
+        if self.track_routing or trace:
             seq.expert_counts = torch.zeros(self.n_moe, self.cfg.n_experts, dtype=torch.long)
         return seq
 
@@ -249,6 +249,9 @@ class Engine:
         pos_BT = torch.tensor(positions, dtype=torch.long)
         valid_BT = torch.tensor(valid, dtype=torch.bool)
         ragged = any(len(f) < T for f in feeds)
+        # NOTE: routing is recorded only for batches with a sequence that asked for it: it costs
+        # a bincount per layer and a tensor add per sequence, a few % of a 64-sequence step
+        record = self.track_routing or any(s.expert_counts is not None for s in seqs)
         # padded tokens write their key/value to the cache's scratch position
         wpos_BT = torch.where(valid_BT, pos_BT, self.cache.scratch_pos) if ragged else pos_BT
         out = self.model(
@@ -257,12 +260,12 @@ class Engine:
             cache=self.cache,
             slots_B=torch.tensor([s.slot for s in seqs]),
             dispatcher=self.dispatcher,
-            return_routing=self.track_routing,
+            return_routing=record,
             valid_BT=valid_BT if ragged else None,
             write_pos_BT=wpos_BT if ragged else None,
             gather_B=torch.tensor([len(f) - 1 for f in feeds]),
         )
-        if self.track_routing:
+        if record:
             self._record_routing(seqs, feeds, valid_BT, out.layer_stats)
         return out.logits[:, 0]
 
@@ -303,7 +306,8 @@ class Engine:
             dim=1,
         )
         for b, s in enumerate(seqs):
-            s.expert_counts += counts_BLE[b]
+            if s.expert_counts is not None:
+                s.expert_counts += counts_BLE[b]
         if not any(s.trace for s in seqs):
             return
         per_layer = [st.experts_per_token() for st in stats]

@@ -129,3 +129,24 @@ def test_batched_engine_equals_greedy_full_forward(model_and_tok) -> None:
     while eng.has_work():
         eng.step()
     assert [s.output_ids for s in seqs] == expected
+
+
+def test_routing_is_recorded_only_for_sequences_that_ask(model_and_tok) -> None:
+    """A traced request in a batch gets the same expert counts as with every request tracked;
+    the untraced ones get none (the router records routing only for ``routing=True``)."""
+    model, tok = model_and_tok
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    tracked = Engine(model, tok, max_batch=4, track_routing=True)
+    want = tracked.generate(PROMPTS[:3], params)
+    eng = Engine(model, tok, max_batch=4)
+    seqs = [eng.make_sequence(p, params, trace=(i == 1)) for i, p in enumerate(PROMPTS[:3])]
+    for s in seqs:
+        eng.enqueue(s)
+    while eng.has_work():
+        eng.step()
+    assert seqs[0].expert_counts is None and seqs[2].expert_counts is None
+    assert torch.equal(seqs[1].expert_counts, want[1].expert_counts)
+    n_moe = len(model.moe_layers())
+    fed = len(seqs[1].prompt_ids) + len(seqs[1].output_ids) - 1  # the last token is never fed
+    assert int(seqs[1].expert_counts.sum()) == fed * n_moe * model.cfg.top_k
+    assert len(seqs[1].token_experts) == fed
