@@ -175,7 +175,9 @@ class RouterService:
         trace: bool = False,
         stream: bool = False,
     ) -> tuple[Sequence, asyncio.Queue]:
-        seq = self.engine.make_sequence(prompt, SamplingParams(**params), trace=trace)
+        seq = self.engine.make_sequence(
+            prompt, SamplingParams(**params), trace=trace, stream=stream
+        )
         q: asyncio.Queue = asyncio.Queue()
         self.waiters[seq.request_id] = q
         if stream:
@@ -218,7 +220,9 @@ class RouterService:
             yield {
                 "text": out.text_delta,
                 "token_id": out.token_id,
-                "finish_reason": seq.finish_reason,
+                # NOTE: from the output, not the live sequence: by the time a queued token is
+                # sent the sequence may have finished, and only its last chunk ends it
+                "finish_reason": seq.finish_reason if out.finished else None,
             }
 
     # ------------------------------------------------------------------ introspection

@@ -46,6 +46,7 @@ class Sequence:
     expert_counts: torch.Tensor | None = None  # (MoE layers, E) tokens served, when tracked
     token_experts: list[list[list[int]]] = field(default_factory=list)  # per fed token, per layer
     trace: bool = False  # record expert_counts and token_experts (Python time per token)
+    stream: bool = False  # wants each token's text delta (else only the final text is needed)
 
     @property
     def finished(self) -> bool:
@@ -125,6 +126,7 @@ class Engine:
         request_id: str | None = None,
         *,
         trace: bool = False,
+        stream: bool = False,
     ) -> Sequence:
         """A validated, not yet queued request (raises ConfigError naming what is wrong)."""
         ids = self.encode(prompt)
@@ -137,7 +139,11 @@ class Engine:
                 f"model's context of {self.max_len} tokens; shorten the prompt or lower max_tokens",
             )
         seq = Sequence(
-            request_id=request_id or f"req-{next(_ids)}", prompt_ids=ids, params=params, trace=trace
+            request_id=request_id or f"req-{next(_ids)}",
+            prompt_ids=ids,
+            params=params,
+            trace=trace,
+            stream=stream,
         )
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
@@ -275,17 +281,27 @@ class Engine:
         if tok == EOS_ID and not p.ignore_eos:
             s.output_ids.pop()
             s.finish_reason = "eos"
-        text = self.tokenizer.decode(s.output_ids)
-        if text.endswith("\ufffd") and s.finish_reason is None:
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its next byte
-        for stop in p.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, s.finish_reason = text[:cut], "stop"
+        # NOTE: the text is decoded every token only when someone reads it every token (a
+        # streamed request, or stop strings to look for); otherwise once, at the end. Decoding
+        # the whole output per token was ~0.5 ms of a 64-sequence step.
+        eager = s.stream or bool(p.stop)
+        text = s.text
+        if eager:
+            text = self.tokenizer.decode(s.output_ids)
+            if text.endswith("\ufffd") and s.finish_reason is None:
+                # an incomplete UTF-8 character: wait for its next byte
+                text = text.rstrip("\ufffd")
+            for stop in p.stop:
+                cut = text.find(stop)
+                if cut >= 0:
+                    text, s.finish_reason = text[:cut], "stop"
         if s.finish_reason is None and len(s.output_ids) >= p.max_tokens:
             s.finish_reason = "length"
         if s.finish_reason is None and len(s.prompt_ids) + len(s.output_ids) >= self.max_len:
             s.finish_reason = "length"
+        if not eager and s.finished:
+            text = self.tokenizer.decode(s.output_ids)
+        # the deltas of a sequence always add up to its text (a lazy one's come at the end)
         delta = text[len(s.text) :] if text.startswith(s.text) else ""
         s.text = text
         if s.finished:

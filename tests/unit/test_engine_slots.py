@@ -150,3 +150,23 @@ def test_routing_is_recorded_only_for_sequences_that_ask(model_and_tok) -> None:
     fed = len(seqs[1].prompt_ids) + len(seqs[1].output_ids) - 1  # the last token is never fed
     assert int(seqs[1].expert_counts.sum()) == fed * n_moe * model.cfg.top_k
     assert len(seqs[1].token_experts) == fed
+
+
+def test_text_is_decoded_per_token_only_for_streams_and_stop_strings(model_and_tok) -> None:
+    """A plain request gets its text once, at the end; a streamed one every token. Both end with
+    the same text, and each one's deltas add up to it."""
+    model, tok = model_and_tok
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    eng = Engine(model, tok, max_batch=4)
+    lazy, streamed = (eng.make_sequence(PROMPTS[0], params, stream=s) for s in (False, True))
+    deltas: dict[bool, list[str]] = {False: [], True: []}
+    for s in (lazy, streamed):
+        eng.enqueue(s)
+    while eng.has_work():
+        for out in eng.step():
+            deltas[out.seq.stream].append(out.text_delta)
+    assert lazy.output_ids == streamed.output_ids
+    assert lazy.text == streamed.text == tok.decode(lazy.output_ids) != ""
+    assert "".join(deltas[False]) == "".join(deltas[True]) == lazy.text
+    assert all(d == "" for d in deltas[False][:-1])  # nothing decoded before the end
+    assert sum(1 for d in deltas[True] if d) > 1  # the stream got its text as it went
