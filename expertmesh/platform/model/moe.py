@@ -23,11 +23,15 @@ class LayerStats:
 
     layer: int
     counts_E: torch.Tensor  # assignments per expert
-    dropped_fraction: float
     routing: Routing | None = None  # kept only when asked for (routing reports)
     router: Routing = field(repr=False)  # always kept: the losses are computed from it
     _aux_loss: torch.Tensor | None = field(default=None, init=False, repr=False)
     _z_loss: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def dropped_fraction(self) -> float:
+        """Share of assignments the capacity limit dropped (reading it syncs a tensor)."""
+        return self.router.dropped_fraction
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -94,7 +98,6 @@ class MoELayer(nn.Module):
         stats = LayerStats(
             layer=self.layer,
             counts_E=routing.counts_E,
-            dropped_fraction=routing.dropped_fraction,
             routing=routing if return_routing else None,
             router=routing,
         )

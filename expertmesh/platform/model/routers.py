@@ -9,7 +9,7 @@ Shapes: T tokens, E experts, A assignments.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,7 +29,15 @@ class Routing:
     n_tokens: int
     n_dropped: int  # assignments removed by the capacity limit
     logits_TE: torch.Tensor  # raw gate logits (float32), for the losses
-    probs_TE: torch.Tensor  # softmax over experts (float32), for the losses
+    probs_cache: torch.Tensor | None = field(default=None, repr=False)  # see probs_TE
+
+    @property
+    def probs_TE(self) -> torch.Tensor:
+        """Softmax over experts (float32), for the losses; computed on first use when the router
+        did not need it (Mixtral's top-k weights come from the top-k logits alone)."""
+        if self.probs_cache is None:
+            self.probs_cache = self.logits_TE.softmax(dim=-1)
+        return self.probs_cache
 
     @property
     def dropped_fraction(self) -> float:
@@ -43,7 +51,7 @@ def _sorted_routing(
     weight_TK: torch.Tensor,
     n_experts: int,
     logits_TE: torch.Tensor,
-    probs_TE: torch.Tensor,
+    probs_TE: torch.Tensor | None,
     capacity: int | None,
 ) -> Routing:
     expert_A, weight_A, token_A = expert_TK.reshape(-1), weight_TK.reshape(-1), token_TK.reshape(-1)
@@ -68,7 +76,7 @@ def _sorted_routing(
         n_tokens=logits_TE.shape[0],
         n_dropped=n_dropped,
         logits_TE=logits_TE,
-        probs_TE=probs_TE,
+        probs_cache=probs_TE,
     )
 
 
@@ -91,9 +99,16 @@ def route(
     T, E = logits_TE.shape
     k = cfg.top_k
     logits_TE = logits_TE.float()
-    probs_TE = logits_TE.softmax(dim=-1)
     arange_T = torch.arange(T, device=logits_TE.device)
     capacity = capacity_for(cfg, T, cfg.capacity_factor)
+    if cfg.router == "topk":
+        # Mixtral: softmax over all experts, top-k, renormalised: that is the softmax of the top-k
+        # logits, a few ops fewer per layer (the full softmax is computed if a loss reads it)
+        top_TK, expert_TK = logits_TE.topk(k, dim=-1)
+        token_TK = arange_T[:, None].expand(T, k)
+        weight_TK = top_TK.softmax(dim=-1)
+        return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, None, capacity)
+    probs_TE = logits_TE.softmax(dim=-1)
 
     if cfg.router == "expert_choice":
         # each expert takes its C highest-scoring tokens: exactly balanced by construction
@@ -117,13 +132,10 @@ def route(
         noise = torch.randn(logits_TE.shape, generator=generator, device=logits_TE.device)
         select_TE = logits_TE + noise * cfg.router_noise_std
     top_TK, expert_TK = select_TE.topk(k, dim=-1)
-    if cfg.router == "switch":
-        weight_TK = probs_TE.gather(1, expert_TK)  # Switch scales by the raw router probability
-    elif cfg.router == "noisy_topk":
-        weight_TK = top_TK.softmax(dim=-1)  # Shazeer et al.: softmax over the kept noisy logits
-    else:  # Mixtral: softmax over all experts, then renormalise the top-k
-        weight_TK = probs_TE.gather(1, expert_TK)
-        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    # Switch scales by the raw router probability; noisy top-k (Shazeer et al.) takes the
+    # softmax over the kept noisy logits
+    switch = cfg.router == "switch"
+    weight_TK = probs_TE.gather(1, expert_TK) if switch else top_TK.softmax(dim=-1)
     token_TK = arange_T[:, None].expand(T, k)
     return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, probs_TE, capacity)
 
