@@ -74,7 +74,6 @@ class RouterService:
         self.pending: deque[Sequence] = deque()  # submitted, not yet handed to the engine
         self.has_pending = threading.Condition()  # guards pending; the stepping thread waits on it
         self.waiters: dict[str, asyncio.Queue[StepOutput]] = {}
-        self.streaming: set[str] = set()  # requests that want every token, not just the end
         self.stepper: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.refresh_task: asyncio.Task | None = None
@@ -152,7 +151,7 @@ class RouterService:
             self.steps += 1
             self.tokens_out += len(outputs)
             # a non-streamed request is woken once, when it ends
-            ready = [o for o in outputs if o.finished or o.seq.request_id in self.streaming]
+            ready = [o for o in outputs if o.finished or o.seq.stream]
             if ready:
                 self.loop.call_soon_threadsafe(self._deliver, ready)
 
@@ -180,8 +179,6 @@ class RouterService:
         )
         q: asyncio.Queue = asyncio.Queue()
         self.waiters[seq.request_id] = q
-        if stream:
-            self.streaming.add(seq.request_id)
         self._ensure_tasks()
         with self.has_pending:
             self.pending.append(seq)
@@ -199,7 +196,6 @@ class RouterService:
                     return
         finally:
             self.waiters.pop(seq.request_id, None)
-            self.streaming.discard(seq.request_id)
             if not seq.finished:
                 self.engine.abort(seq)
 

@@ -257,7 +257,7 @@ class Engine:
         ragged = any(len(f) < T for f in feeds)
         # NOTE: routing is recorded only for batches with a sequence that asked for it: it costs
         # a bincount per layer and a tensor add per sequence, a few % of a 64-sequence step
-        record = self.track_routing or any(s.expert_counts is not None for s in seqs)
+        record = any(s.expert_counts is not None for s in seqs)
         # padded tokens write their key/value to the cache's scratch position
         wpos_BT = torch.where(valid_BT, pos_BT, self.cache.scratch_pos) if ragged else pos_BT
         out = self.model(

@@ -213,10 +213,13 @@ def test_decode_attention_equals_masked_sdpa(n_heads: int, n_kv_heads: int) -> N
     want = torch.nn.functional.scaled_dot_product_attention(
         q_BHK[:, :, None], k_BGLK, v_BGLK, attn_mask=mask_B11L, enable_gqa=True
     )[:, :, 0]
-    got = decode_attention(q_BHK, k_BGLK, v_BGLK, pos_B)
+    future_B1L = ~mask_B11L[:, 0]
+    got = decode_attention(q_BHK, k_BGLK, v_BGLK, future_B1L)
     assert torch.allclose(got, want, atol=1e-6)
     v_BGLK[1, :, 1:] = 1e6  # row 1 sits at position 0: later values must not leak in
-    assert torch.allclose(decode_attention(q_BHK, k_BGLK, v_BGLK, pos_B)[1], want[1], atol=1e-6)
+    assert torch.allclose(
+        decode_attention(q_BHK, k_BGLK, v_BGLK, future_B1L)[1], want[1], atol=1e-6
+    )
 
 
 def test_fused_qkv_follows_weight_updates() -> None:

@@ -167,7 +167,8 @@ class Attention(nn.Module):
             k_BGLK, v_BGLK = k_buf[step.slots_B, :, : step.L], v_buf[step.slots_B, :, : step.L]
         k_BGLK, v_BGLK = k_BGLK.to(q_BTHK.dtype), v_BGLK.to(q_BTHK.dtype)
         if T == 1 and q_BTHK.dtype == torch.float32:
-            out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.pos_B, step.future_B1L)
+            assert step.future_B1L is not None  # built for every single-position step
+            out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.future_B1L)
             return self.o_proj(out_BHK.reshape(B, 1, -1))
         out_BHTK = F.scaled_dot_product_attention(
             q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, attn_mask=step.allowed_B1TL, enable_gqa=True
@@ -183,7 +184,6 @@ class CacheStep:
     slots_B: torch.Tensor
     slot_BT: torch.Tensor  # the cache slot each token writes to
     write_pos_BT: torch.Tensor  # the position it writes (padding: the scratch position)
-    pos_B: torch.Tensor  # decode steps (T == 1): each row's query position
     L: int  # key positions read: 0 .. max query position
     first_slot: int | None  # slots are first_slot .. first_slot + B - 1: read the cache in place
     future_B1L: torch.Tensor | None = None  # decode: keys past a row's position
@@ -201,7 +201,6 @@ class CacheStep:
             slots_B=slots_B,
             slot_BT=slots_B[:, None].expand(B, T),
             write_pos_BT=pos_BT if write_pos_BT is None else write_pos_BT,
-            pos_B=pos_BT[:, 0],
             L=L,
             first_slot=s0 if torch.equal(slots_B, torch.arange(s0, s0 + B)) else None,
             future_B1L=keys_L[None, None, :] > pos_BT[:, :1, None] if T == 1 else None,
@@ -211,13 +210,10 @@ class CacheStep:
 
 
 def decode_attention(
-    q_BHK: torch.Tensor,
-    k_BGLK: torch.Tensor,
-    v_BGLK: torch.Tensor,
-    pos_B: torch.Tensor,
-    future_B1L: torch.Tensor | None = None,
+    q_BHK: torch.Tensor, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor, future_B1L: torch.Tensor
 ) -> torch.Tensor:
-    """One query per sequence (a decode step) against its cached keys at positions <= ``pos_B``.
+    """One query per sequence (a decode step) against its cached keys, leaving out those past
+    its own position (``future_B1L``, True there).
 
     The H // G query heads sharing a key/value head become the rows of one (rows x L) product,
     so a batch is two batched matmuls over (B * G) small problems, reading the cache in place.
@@ -229,8 +225,6 @@ def decode_attention(
     r = H // G
     q = (q_BHK * K**-0.5).reshape(B * G, r, K)
     s_BHL = torch.bmm(q, k_BGLK.reshape(B * G, L, K).transpose(1, 2)).view(B, H, L)
-    if future_B1L is None:
-        future_B1L = torch.arange(L)[None, None, :] > pos_B[:, None, None]
     p = torch.softmax(s_BHL.masked_fill_(future_B1L, float("-inf")), dim=-1)
     return torch.bmm(p.view(B * G, r, L), v_BGLK.reshape(B * G, L, K)).view(B, H, K)
 
