@@ -27,6 +27,11 @@ from expertmesh.platform.sampling import SamplingParams, sample_next
 
 EOS_ID = 0
 MIN_MICRO_BATCH = 8  # rows; below this a split costs more than the overlap gains
+# NOTE: a step that admits new requests pads every running row to the longest new prompt. Past
+# this many padded decode rows the step runs as two passes (decode rows, then prompts): at 64
+# decode rows and a 32-token prompt the padding was ~2000 rows of dense work for 64 real ones,
+# against one more pass over the experts' weights (and, distributed, one more round of calls).
+PREFILL_SPLIT_ROWS = 1024
 _ids = itertools.count()
 
 
@@ -75,6 +80,7 @@ class Engine:
         max_step_tokens: int = 4096,
         track_routing: bool = False,
         micro_batches: int = 1,
+        prefill_split_rows: int = PREFILL_SPLIT_ROWS,
     ) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
@@ -94,6 +100,8 @@ class Engine:
         if micro_batches < 1:
             raise ConfigError("micro_batches", f"must be >= 1, got {micro_batches}")
         self.micro_batches = micro_batches
+        self.prefill_split_rows = prefill_split_rows
+        self.split_steps = 0  # steps run as a decode pass and a prefill pass
         self.overlapped_steps = 0  # steps that ran as several micro-batches
         self._pool = (
             ThreadPoolExecutor(micro_batches, thread_name_prefix="micro-batch")
@@ -214,7 +222,16 @@ class Engine:
         seqs = self.running
         feeds = [s.prompt_ids if s.n_cached == 0 else s.output_ids[-1:] for s in seqs]
         parts = self._split(len(seqs))
-        if len(parts) == 1:
+        first_new = self._prefill_split(seqs, feeds) if len(parts) == 1 else None
+        if first_new is not None:
+            self.split_steps += 1
+            logits_BV = torch.cat(
+                [
+                    self._forward(seqs[:first_new], feeds[:first_new]),
+                    self._forward(seqs[first_new:], feeds[first_new:]),
+                ]
+            )
+        elif len(parts) == 1:
             logits_BV = self._forward(seqs, feeds)
         else:
             # NOTE: overlap: while one micro-batch waits on remote experts (the GIL released),
@@ -230,6 +247,17 @@ class Engine:
         for s, f in zip(seqs, feeds, strict=True):
             s.n_cached += len(f)  # before any release moves a sequence's cache entries
         return [self._append(s, tok) for s, tok in zip(seqs, next_B.tolist(), strict=True)]
+
+    def _prefill_split(self, seqs: list[Sequence], feeds: list[list[int]]) -> int | None:
+        """Where the new sequences start, if this step should run them as a pass of their own.
+
+        New sequences are admitted at the end of ``running``, so they are a suffix of the batch
+        (and their slots a compact range of their own)."""
+        first = next((i for i, s in enumerate(seqs) if s.n_cached == 0), None)
+        if not first or any(s.n_cached for s in seqs[first:]):
+            return None
+        padded = first * (max(len(f) for f in feeds[first:]) - 1)
+        return first if padded >= self.prefill_split_rows else None
 
     def _split(self, n: int) -> list[tuple[int, int]]:
         """Row ranges of the micro-batches: one unless overlap is on and the batch is large."""

@@ -170,3 +170,23 @@ def test_text_is_decoded_per_token_only_for_streams_and_stop_strings(model_and_t
     assert "".join(deltas[False]) == "".join(deltas[True]) == lazy.text
     assert all(d == "" for d in deltas[False][:-1])  # nothing decoded before the end
     assert sum(1 for d in deltas[True] if d) > 1  # the stream got its text as it went
+
+
+def test_prompts_joining_running_sequences_run_as_their_own_pass(model_and_tok) -> None:
+    """With the split threshold at one padded row, every step that admits prompts next to
+    running sequences runs two passes; every sequence still gets exactly its tokens alone."""
+    model, tok = model_and_tok
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    eng = Engine(model, tok, max_batch=4, prefill_split_rows=1)
+    seqs = [eng.add(PROMPTS[0], params)]
+    for p in [*PROMPTS[1:], *PROMPTS]:  # one more request joins after each step
+        eng.step()
+        seqs.append(eng.add(p, params))
+    while eng.has_work():
+        eng.step()
+    assert eng.split_steps >= len(PROMPTS)
+    for s, p in zip(seqs, [*PROMPTS, *PROMPTS], strict=True):
+        assert s.output_ids == alone(model, tok, p, params), p
+    never = Engine(model, tok, max_batch=4, prefill_split_rows=10**9)
+    never.generate(PROMPTS, params)
+    assert never.split_steps == 0
