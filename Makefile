@@ -49,5 +49,6 @@ bench: $(STAMP)
 	$(PY) bench/quality_moe_vs_dense.py
 	$(PY) bench/placement_sim.py
 	$(PY) bench/serving.py
+	$(PY) bench/staggered_arrivals.py
 	$(PY) bench/chaos.py
 	$(PY) bench/ray_rpc.py
