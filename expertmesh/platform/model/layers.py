@@ -110,7 +110,11 @@ class Attention(nn.Module):
 
     def _fused_qkv(self) -> torch.Tensor:
         """The q, k and v weights as one (H*K + 2*G*K, D) matrix, rebuilt whenever any of them
-        changed (an optimizer step, ``load_state_dict``, ``.to()``)."""
+        changed (an optimizer step, ``load_state_dict``, in-place ops, ``.to()``, a new ``.data``).
+
+        NOTE: a write through ``weight.data`` in place (``w.data.copy_(...)``) bumps no version
+        counter and goes unseen; write the parameter itself under ``torch.no_grad()`` instead.
+        """
         ws = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         key = tuple(x for w in ws for x in (w._version, w.data_ptr()))
         if self._qkv is None or self._qkv[0] != key:
