@@ -23,10 +23,15 @@ class LayerStats:
 
     layer: int
     counts_E: torch.Tensor  # assignments per expert
-    routing: Routing | None = None  # kept only when asked for (routing reports)
-    router: Routing = field(repr=False)  # always kept: the losses are computed from it
+    router: Routing = field(repr=False)  # the losses are computed from it
+    recorded: bool = False  # the caller asked for the routing (routing reports)
     _aux_loss: torch.Tensor | None = field(default=None, init=False, repr=False)
     _z_loss: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    @property
+    def routing(self) -> Routing | None:
+        """The routing, when the caller asked for it (``return_routing=True``)."""
+        return self.router if self.recorded else None
 
     @property
     def dropped_fraction(self) -> float:
@@ -98,8 +103,8 @@ class MoELayer(nn.Module):
         stats = LayerStats(
             layer=self.layer,
             counts_E=routing.counts_E,
-            routing=routing if return_routing else None,
             router=routing,
+            recorded=return_routing,
         )
         if valid_BT is None:
             return y_ND.view(B, T, D), stats
