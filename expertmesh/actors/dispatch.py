@@ -88,6 +88,47 @@ class DispatchStats:
 Group = list[tuple[int, int, int]]  # (expert, first row, rows) of one shard's request
 
 
+@dataclass(kw_only=True, slots=True)
+class Round:
+    """One round of shard calls for a layer: what went where, and what failed on the way."""
+
+    by_shard: dict[str, Group]
+    issued: float  # time.monotonic() when the round began
+    deadline: float = 0.0
+    sent: dict[str, ShardChannel] = field(default_factory=dict)  # over the direct channel
+    refs: dict[str, ray.ObjectRef] = field(default_factory=dict)  # as Ray actor calls
+    failed: dict[str, str] = field(default_factory=dict)  # shard -> why
+
+
+@dataclass(kw_only=True, slots=True, eq=False)
+class RayPending:
+    """A layer's tokens sent to the shards (:meth:`RayDispatcher.submit`), answers not yet read."""
+
+    dispatcher: RayDispatcher
+    layer: int
+    routing: Routing
+    x_TD: torch.Tensor
+    x_np: np.ndarray
+    y_np: np.ndarray
+    round: Round | None = None  # None: no tokens for this layer
+    exclude: set[str] = field(default_factory=set)  # shards that failed this layer
+
+    def result(self) -> torch.Tensor:
+        """Wait for the answers, retry failed shards' work on other replicas, combine: (T, D)."""
+        d = self.dispatcher
+        t0 = time.perf_counter()
+        try:
+            rnd = self.round
+            while rnd is not None:
+                retry = d._gather(self.layer, rnd, self.y_np, self.exclude)
+                rnd = d._send(self.layer, self.x_np, retry, self.exclude) if retry else None
+            self.round = None
+            y_AD = torch.from_numpy(self.y_np).to(self.x_TD.dtype)
+            return combine(y_AD, self.routing, self.x_TD.shape[0])
+        finally:
+            d.stats.seconds += time.perf_counter() - t0
+
+
 class RayDispatcher:
     """Sends routed tokens to expert shard actors according to a :class:`PlacementView`."""
 
@@ -174,41 +215,41 @@ class RayDispatcher:
         return cover(options, next(self._rr), self.calls_by_shard)
 
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        t0 = time.perf_counter()
-        try:
-            return self._dispatch(layer, x_TD, routing)
-        finally:
-            self.stats.seconds += time.perf_counter() - t0
+        return self.submit(layer, x_TD, routing).result()
 
-    def _dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+    def submit(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> RayPending:
+        """Send the layer's tokens to the shards and return without waiting for the answers
+        (:meth:`RayPending.result` gathers them), so the caller can compute meanwhile."""
+        t0 = time.perf_counter()
         x_AD = permute(x_TD, routing).detach()
         x_np = x_AD.to(torch.float32).numpy().astype(self.wire_dtype, copy=False)
         counts = routing.counts_E.tolist()
         starts = list(itertools.accumulate([0, *counts[:-1]]))
-        pending = [(e, starts[e], n) for e, n in enumerate(counts) if n]
-        y_np = np.empty_like(x_np)
-        exclude: set[str] = set()
+        pending = RayPending(
+            dispatcher=self,
+            layer=layer,
+            routing=routing,
+            x_TD=x_TD,
+            x_np=x_np,
+            y_np=np.empty_like(x_np),
+        )
         if self._endpoint_refs:
             self.collect_endpoints()
-        while pending:
-            pending = self._round(layer, x_np, y_np, pending, exclude)
-        y_AD = torch.from_numpy(y_np).to(x_TD.dtype)
-        return combine(y_AD, routing, x_TD.shape[0])
+        items = [(e, starts[e], n) for e, n in enumerate(counts) if n]
+        if items:
+            pending.round = self._send(layer, x_np, items, pending.exclude)
+        self.stats.seconds += time.perf_counter() - t0
+        return pending
 
-    def _round(
-        self, layer: int, x_np: np.ndarray, y_np: np.ndarray, items: Group, exclude: set[str]
-    ) -> Group:
-        """Send every shard its part, then gather; returns the work of shards that failed."""
-        by_shard: dict[str, Group] = defaultdict(list)
+    def _send(self, layer: int, x_np: np.ndarray, items: Group, exclude: set[str]) -> Round:
+        """Send every shard its part of ``items``; a shard that cannot be sent to is noted as
+        failed in the returned round."""
+        rnd = Round(by_shard=defaultdict(list), issued=time.monotonic())
         shard_of = self._assign(layer, [e for e, _, _ in items], exclude)
         for e, start, n in items:
-            by_shard[shard_of[e]].append((e, start, n))
-        refs: dict[str, ray.ObjectRef] = {}
-        sent: dict[str, ShardChannel] = {}
-        failed: dict[str, str] = {}
-        issued = time.monotonic()
-        deadline = issued + self.deadline.current()
-        for shard, group in by_shard.items():
+            rnd.by_shard[shard_of[e]].append((e, start, n))
+        rnd.deadline = rnd.issued + self.deadline.current()
+        for shard, group in rnd.by_shard.items():
             parts = [x_np[s : s + n] for _, s, n in group]
             experts, counts = [g[0] for g in group], [g[2] for g in group]
             self.calls_by_shard[shard] += 1
@@ -216,8 +257,9 @@ class RayDispatcher:
             try:
                 ch = self.channels.acquire(shard)
                 if ch is not None:
-                    ch.send(layer, parts, experts, counts, timeout_s=deadline - time.monotonic())
-                    sent[shard] = ch
+                    timeout = rnd.deadline - time.monotonic()
+                    ch.send(layer, parts, experts, counts, timeout_s=timeout)
+                    rnd.sent[shard] = ch
                     continue
             except ConnectError as exc:
                 # alive but unreachable by TCP (a firewall between nodes), or dead: a Ray call
@@ -227,37 +269,42 @@ class RayDispatcher:
             except ChannelError as exc:
                 if ch is not None:
                     ch.close()
-                failed[shard] = f"ChannelError: {exc}"
+                rnd.failed[shard] = f"ChannelError: {exc}"
                 continue
             x_part = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            refs[shard] = self.view.handles[shard].run.remote(layer, x_part, experts, counts)
-        self.stats.calls += len(refs) + len(sent)
-        self.stats.channel_calls += len(sent)
-        for shard, ch in sent.items():
+            rnd.refs[shard] = self.view.handles[shard].run.remote(layer, x_part, experts, counts)
+        self.stats.calls += len(rnd.refs) + len(rnd.sent)
+        self.stats.channel_calls += len(rnd.sent)
+        return rnd
+
+    def _gather(self, layer: int, rnd: Round, y_np: np.ndarray, exclude: set[str]) -> Group:
+        """Wait for a round's answers (until its deadline); returns the work of shards that
+        failed, to be sent again to other replicas."""
+        for shard, ch in rnd.sent.items():
             try:
-                out = ch.receive(deadline - time.monotonic())
+                out = ch.receive(rnd.deadline - time.monotonic())
             except ChannelError as exc:
                 ch.close()
-                failed[shard] = f"{type(exc).__name__}: {exc}"
+                rnd.failed[shard] = f"{type(exc).__name__}: {exc}"
                 continue
             self.channels.release(shard, ch)
-            self._take(shard, out, by_shard[shard], y_np, issued)
-        for shard, ref in refs.items():
+            self._take(shard, out, rnd.by_shard[shard], y_np, rnd.issued)
+        for shard, ref in rnd.refs.items():
             try:
-                out = ray.get(ref, timeout=max(0.0, deadline - time.monotonic()))
+                out = ray.get(ref, timeout=max(0.0, rnd.deadline - time.monotonic()))
             except (RayActorError, GetTimeoutError, RayTaskError) as exc:
                 if isinstance(exc, GetTimeoutError):
                     ray.cancel(ref, force=False)
-                failed[shard] = type(exc).__name__
+                rnd.failed[shard] = type(exc).__name__
                 continue
-            self._take(shard, out, by_shard[shard], y_np, issued)
+            self._take(shard, out, rnd.by_shard[shard], y_np, rnd.issued)
         retry: Group = []
-        for shard, why in failed.items():
+        for shard, why in rnd.failed.items():
             log.warning("shard %s failed layer %d (%s); retrying on a replica", shard, layer, why)
             self.suspect[shard] = time.monotonic()
             self.stats.failed_shards.add(shard)
             exclude.add(shard)
-            retry.extend(by_shard[shard])
+            retry.extend(rnd.by_shard[shard])
         if retry:
             self.stats.retries += 1
         return retry

@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.model import Dispatcher, KVCache, MoETransformer
+from expertmesh.platform.overlap import Turns, TurnTakingDispatcher
 from expertmesh.platform.sampling import SamplingParams, sample_next
 
 EOS_ID = 0
@@ -234,11 +235,16 @@ class Engine:
         elif len(parts) == 1:
             logits_BV = self._forward(seqs, feeds)
         else:
-            # NOTE: overlap: while one micro-batch waits on remote experts (the GIL released),
-            # another runs its dense layers; rows are independent, so outputs do not change
+            # NOTE: overlap: while the shards compute one micro-batch's experts, another runs
+            # its dense layers (taking turns, see overlap.py); rows are independent, so outputs
+            # do not change
             assert self._pool is not None
             self.overlapped_steps += 1
-            futures = [self._pool.submit(self._forward, seqs[a:b], feeds[a:b]) for a, b in parts]
+            turns = Turns(len(parts))
+            futures = [
+                self._pool.submit(self._forward_in_turn, turns, i, seqs[a:b], feeds[a:b])
+                for i, (a, b) in enumerate(parts)
+            ]
             logits_BV = torch.cat([f.result() for f in futures])
         temps = torch.tensor([s.params.temperature for s in seqs])
         top_ps = torch.tensor([s.params.top_p for s in seqs])
@@ -267,9 +273,23 @@ class Engine:
         bounds = [round(i * n / k) for i in range(k + 1)]
         return list(itertools.pairwise(bounds))
 
+    def _forward_in_turn(
+        self, turns: Turns, i: int, seqs: list[Sequence], feeds: list[list[int]]
+    ) -> torch.Tensor:
+        """:meth:`_forward` for micro-batch ``i``, running only while it holds the turn."""
+        turns.wait(i)
+        try:
+            disp = self.dispatcher
+            return self._forward(seqs, feeds, disp and TurnTakingDispatcher(disp, turns, i))
+        finally:
+            turns.finish(i)
+
     @torch.no_grad()  # grad mode is per thread: micro-batches run in pool threads
-    def _forward(self, seqs: list[Sequence], feeds: list[list[int]]) -> torch.Tensor:
-        """One forward pass for ``seqs`` (fed ``feeds``); the next-token logits, (B, V)."""
+    def _forward(
+        self, seqs: list[Sequence], feeds: list[list[int]], dispatcher: Dispatcher | None = None
+    ) -> torch.Tensor:
+        """One forward pass for ``seqs`` (fed ``feeds``); the next-token logits, (B, V).
+        ``dispatcher`` replaces the engine's own for this pass."""
         T = max(len(f) for f in feeds)
         # NOTE: rows built as Python lists and converted once: per-row tensor writes were ~6
         # small torch ops per sequence, a few ms of a 64-sequence decode step
@@ -293,7 +313,7 @@ class Engine:
             positions_BT=pos_BT,
             cache=self.cache,
             slots_B=torch.tensor([s.slot for s in seqs]),
-            dispatcher=self.dispatcher,
+            dispatcher=dispatcher or self.dispatcher,
             return_routing=record,
             valid_BT=valid_BT if ragged else None,
             write_pos_BT=wpos_BT if ragged else None,

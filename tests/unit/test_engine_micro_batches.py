@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.model import LocalDispatcher, MoETransformer
+from expertmesh.platform.overlap import Turns
 from expertmesh.platform.sampling import SamplingParams
 from tests.integration.helpers import PROMPTS
 
@@ -55,3 +57,74 @@ def test_micro_batches_must_be_positive(model_and_tok) -> None:
     model, tok = model_and_tok
     with pytest.raises(ConfigError, match="micro_batches"):
         Engine(model, tok, micro_batches=0)
+
+
+class SubmittingDispatcher(LocalDispatcher):
+    """The in-process dispatcher with ``submit``: the experts run when the answer is read.
+    Notes each send and read as (event, micro-batch thread, layer)."""
+
+    def __init__(self, model: MoETransformer) -> None:
+        super().__init__({i: layer.experts for i, layer in model.moe_layers().items()})
+        self.events: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
+
+    def _note(self, what: str, layer: int) -> None:
+        with self._lock:
+            self.events.append((what, threading.current_thread().name, layer))
+
+    def submit(self, layer, x_TD, routing):
+        self._note("send", layer)
+        dispatcher = self
+
+        class Answer:
+            def result(self):
+                dispatcher._note("read", layer)
+                return LocalDispatcher.dispatch(dispatcher, layer, x_TD, routing)
+
+        return Answer()
+
+
+def test_micro_batches_take_turns_between_send_and_read(model_and_tok) -> None:
+    """With a dispatcher that can send now and read later, each micro-batch hands the turn on
+    after sending a layer's tokens: the other's send comes before its own read, every layer."""
+    model, tok = model_and_tok
+    prompts = [f"{p} {i}" for i in range(4) for p in PROMPTS]
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    whole = Engine(model, tok, max_batch=32).generate(prompts, params)
+    disp = SubmittingDispatcher(model)
+    got = Engine(model, tok, max_batch=32, dispatcher=disp, micro_batches=2).generate(
+        prompts, params
+    )
+    assert [s.output_ids for s in got] == [s.output_ids for s in whole]
+    n_layers = len(model.moe_layers())
+    steps = len(disp.events) // (4 * n_layers)  # 2 micro-batches x (send, read) per layer
+    assert steps >= 6 and len(disp.events) == steps * 4 * n_layers
+    layers = sorted(model.moe_layers())
+    for s in range(steps):
+        step = disp.events[s * 4 * n_layers : (s + 1) * 4 * n_layers]
+        first, second = step[0][1], step[1][1]
+        assert first != second
+        # A sends layer 0, B sends layer 0, then for every further layer: A reads the one
+        # before and sends, B the same; at the end A reads its last layer, then B
+        order = [("send", first, layers[0]), ("send", second, layers[0])]
+        for before, layer in itertools.pairwise(layers):
+            order += [("read", first, before), ("send", first, layer)]
+            order += [("read", second, before), ("send", second, layer)]
+        order += [("read", first, layers[-1]), ("read", second, layers[-1])]
+        assert step == order
+
+
+def test_turns_go_round_and_skip_finished_parties() -> None:
+    turns = Turns(3)
+    assert turns.turn == 0
+    turns.pass_on(0)
+    assert turns.turn == 1
+    turns.finish(2)  # not its turn: only marked done
+    assert turns.turn == 1
+    turns.pass_on(1)
+    assert turns.turn == 0  # 2 is skipped
+    turns.finish(0)
+    assert turns.turn == 1
+    turns.pass_on(1)
+    assert turns.turn == 1  # the last one left keeps the turn
+    turns.wait(1)  # returns at once: it holds the turn
