@@ -33,6 +33,12 @@ Transport = Literal["direct", "ray"]
 TRANSPORTS: tuple[str, ...] = ("direct", "ray")
 
 
+# NOTE: how long a shard whose call failed is left out. A dead one leaves the placement within
+# seconds (the controller's heartbeats); one that was only slow (a starved machine, a call past
+# its deadline) would otherwise lose its share of the work until the next placement change.
+SUSPECT_S = 10.0
+
+
 class NoReplicaError(RuntimeError):
     """Every replica of an expert failed or none exists."""
 
@@ -139,6 +145,7 @@ class RayDispatcher:
         call_timeout_s: float = 2.0,
         transport: Transport = "direct",
         wire_dtype: str = "float32",
+        suspect_s: float = SUSPECT_S,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -147,7 +154,8 @@ class RayDispatcher:
         self.deadline = AdaptiveDeadline(floor_s=call_timeout_s)  # call_timeout_s is its floor
         self.wire_dtype = np.dtype(wire_dtype)
         self.stats = DispatchStats()
-        self.suspect: dict[str, float] = {}  # shard -> time it failed; avoided until refreshed
+        self.suspect: dict[str, float] = {}  # shard -> when it failed; avoided for suspect_s
+        self.suspect_s = suspect_s
         self.channels = ChannelPool()
         self._endpoint_refs: dict[str, ray.ObjectRef] = {}  # asked for, not yet answered
         self._endpoints_checked = 0.0
@@ -201,6 +209,9 @@ class RayDispatcher:
 
     def _assign(self, layer: int, experts: list[int], exclude: set[str]) -> dict[int, str]:
         """A shard for each expert of ``layer``: few shards, rotated between steps."""
+        if self.suspect:  # a shard that failed long enough ago gets its share again
+            now = time.monotonic()
+            self.suspect = {s: t for s, t in self.suspect.items() if now - t < self.suspect_s}
         options: dict[int, list[str]] = {}
         for e in experts:
             replicas = self.view.replicas.get((layer, e), [])

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
-from expertmesh.actors.dispatch import AdaptiveDeadline, cover
+from expertmesh.actors.dispatch import AdaptiveDeadline, PlacementView, RayDispatcher, cover
 
 # 8 experts, 2 replicas each on 4 shards, as the placement lays them out for 4 shards
 OPTIONS = {
@@ -81,3 +82,17 @@ def test_deadline_follows_slow_calls_and_comes_back() -> None:
     for _ in range(256):
         d.observe(0.02)  # the window forgets the slow period
     assert d.current() == 2.0
+
+
+def test_a_failed_shard_is_avoided_for_a_while_then_used_again() -> None:
+    """A shard whose call failed gets no work while suspect; once ``suspect_s`` has passed it
+    gets its share back (a slow shard is not shut out until the next placement)."""
+    replicas = {(0, e): ["a", "b"] for e in range(4)}
+    view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
+    d = RayDispatcher(view, transport="ray", suspect_s=30.0)
+    d.suspect["a"] = time.monotonic()
+    assert {d._assign(0, [0, 1, 2, 3], set())[e] for e in range(4)} == {"b"}
+    assert set(d._assign(0, [0], {"b"}).values()) == {"a"}  # the only replica left: tried
+    d.suspect["a"] = time.monotonic() - 31.0
+    picked = [s for _ in range(4) for s in d._assign(0, [0, 1, 2, 3], set()).values()]
+    assert "a" in picked and "a" not in d.suspect
