@@ -306,6 +306,36 @@ def test_client_disconnect_stops_the_stream(served: Served) -> None:
     assert router_stats()["tokens_generated"] - before < 100
 
 
+def test_client_disconnect_stops_a_non_streamed_completion(served: Served) -> None:
+    """Serve cancels the handler of a gone client, and Ray the router call it awaits (the
+    router's ``_drain`` then aborts the sequence): checked here, as nothing in expertmesh does it
+    explicitly."""
+
+    def router_stats() -> dict:
+        return served.http.get("/api/cluster", headers=AUTH).json()["router"]
+
+    before = router_stats()["tokens_generated"]
+    payload = json.dumps(
+        {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 240, "ignore_eos": True}
+    ).encode()
+    url = httpx.URL(served.url)
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: {url.host}\r\nAuthorization: Bearer {TOKEN}"
+        f"\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    with socket.create_connection((url.host, url.port)) as sock:
+        sock.sendall(head.encode() + payload)
+        deadline = time.monotonic() + 10.0
+        while not router_stats()["running"]:  # generating now; then hang up
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
+    deadline = time.monotonic() + 10.0
+    while router_stats()["running"]:
+        assert time.monotonic() < deadline, "the router kept generating for a gone client"
+        time.sleep(0.1)
+    assert router_stats()["tokens_generated"] - before < 200
+
+
 # NOTE: keep last: it tears the deployment down (the API itself stays up).
 def test_without_a_deployment_requests_get_503(served: Served) -> None:
     served.cluster.controller.shutdown.remote()
