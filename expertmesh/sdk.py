@@ -93,8 +93,9 @@ class Cluster:
         ``warm_shards`` more actors are kept started (holding no experts) so that scaling out
         and replacing a failed shard take an already running process. ``router_threads`` is
         the number of torch threads the router's dense part (attention, gates) runs on;
-        ``micro_batches`` splits each step's batch so that one part's dense layers run while
-        another's tokens are with the expert shards. ``transport`` is how tokens reach the
+        ``micro_batches`` splits each step's batch into parts that take turns on the router:
+        one part's dense layers run while another's tokens are with the expert shards (worth
+        it where the router has cores of its own; even on a 2-core machine). ``transport`` is how tokens reach the
         shards: ``"direct"`` (a TCP channel per shard; Ray only finds and manages the shards)
         or ``"ray"`` (every shard call is a Ray actor call: slower, for comparison).
 
