@@ -40,12 +40,38 @@ def weights(
     return w13.to(dtype), w2.to(dtype)
 
 
-def reference(x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor):
-    """Plain float32 PyTorch, one expert slice at a time."""
+def reference(
+    x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor, *, round_act=False
+) -> torch.Tensor:
+    """Plain float32 PyTorch, one expert slice at a time. ``round_act``: the SwiGLU activations
+    rounded to bfloat16 before the down projection, as PyTorch's bfloat16 FFN does (and the
+    kernel's AVX512-BF16 path)."""
     outs, start = [], 0
     for e, n in enumerate(counts):
         gate, up = (x[start : start + n] @ w13[e].float().t()).chunk(2, dim=-1)
-        outs.append((torch.nn.functional.silu(gate) * up) @ w2[e].float().t())
+        act = torch.nn.functional.silu(gate) * up
+        if round_act:
+            act = act.to(torch.bfloat16).float()
+        outs.append(act @ w2[e].float().t())
+        start += n
+    return torch.cat(outs)
+
+
+def rounding_slack(
+    x: torch.Tensor, counts: list[int], w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """How far from ``reference(..., round_act=True)`` an output may lie because an activation
+    rounded to the other neighbouring bfloat16: the kernel's float32 activations differ from
+    PyTorch's by float32 rounding (other sum order, its own exp, ~1e-7), so one lying that close
+    to a midpoint between two bfloat16 may round the other way (~1 in 10^5 elements; each
+    moves its row's outputs by 1 bfloat16 ulp times w2, up to ~2e-4 here). Activations within
+    2^-16 (relative) of a midpoint count."""
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        gate, up = (x[start : start + n] @ w13[e].float().t()).chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate) * up
+        lo, hi = (act * (1 - 2**-16)).to(torch.bfloat16), (act * (1 + 2**-16)).to(torch.bfloat16)
+        outs.append((hi.float() - lo.float()).abs() @ w2[e].float().abs().t())
         start += n
     return torch.cat(outs)
 
@@ -91,17 +117,51 @@ def test_kernel_every_row_count_and_width(
     [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16], [21, 0, 45, 1, 20, 4, 3, 2]],
 )
 def test_kernel_bf16_activations(avx512: bool, d: int, f: int, counts: list[int]) -> None:
-    """bfloat16 activations and weights: the AVX512-BF16 path (pair dot products, every row
-    count up to and past its one-pass limit of 20, widths with 8/16/24-element tails) and the
-    AVX2 path both equal float32 PyTorch on the same bfloat16 numbers."""
+    """bfloat16 activations and weights. The AVX512-BF16 path (pair dot products, every row
+    count up to and past its one-pass limit of 20, widths with 8/16/24-element tails) equals
+    float32 PyTorch with the SwiGLU activations rounded to bfloat16 before the down projection
+    (and so differs from float32 PyTorch); the AVX2 path equals float32 PyTorch."""
     w13, w2 = weights(torch.bfloat16, seed=d + f, d=d, f=f)
     g = torch.Generator().manual_seed(d * f + sum(counts))
     x = torch.randn(sum(counts), d, generator=g).to(torch.bfloat16)
     out = torch.full(x.shape, float("nan"))
     starts = [sum(counts[:e]) for e in range(E)]
     kernels.thin_experts(x, starts, counts, w13, w2, out, avx512=avx512)
-    want = reference(x.float(), counts, w13, w2)
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    exact = reference(x.float(), counts, w13, w2)
+    if not avx512:
+        torch.testing.assert_close(out, exact, rtol=1e-5, atol=1e-5)
+        return
+    want = reference(x.float(), counts, w13, w2, round_act=True)
+    slack = rounding_slack(x.float(), counts, w13, w2)
+    excess = (out - want).abs() - (1e-5 + 1e-5 * want.abs() + slack)
+    assert excess.max() <= 0, f"off the rounded reference by {excess.max():.3g} beyond tolerance"
+    assert (out - exact).abs().max() > 1e-6  # it does round: float32 activations give another sum
+
+
+@BOTH_PATHS
+def test_avx512_path_rounds_activations_to_nearest_even(avx512: bool) -> None:
+    """Activations exactly on and either side of the midpoints between bfloat16 values: the
+    AVX512-BF16 path rounds them as PyTorch's float32 -> bfloat16 does (ties to even), the AVX2
+    path keeps them in float32; a NaN stays NaN. Every sum here is exact: gate = 128 (silu(128)
+    is 128 in float32), up = a + b for bfloat16 a, b, and w2 the identity picks act out."""
+    n = 40  # D = F = n: 2 blocks of 16 and a tail of 8 in the conversion
+    j = torch.arange(n)
+    a = torch.where(j % 2 == 0, 1.0, -1.0) * 2.0 ** (j // 8 - 2)
+    b = a * (j % 8) * 2.0**-9  # a + b: 1 + k/4 bfloat16 ulps of a, k = 0..7 (k = 2, 6: ties)
+    w13 = torch.zeros(1, 2 * n, n)
+    w13[0, :n, 2] = 128.0
+    w13[0, n:, 0], w13[0, n:, 1] = a, b
+    w2 = torch.eye(n).unsqueeze(0)
+    x = torch.zeros(2, n)
+    x[0, :3] = 1.0
+    x[1, 0] = float("nan")
+    out = torch.full((2, n), 7.0)
+    kernels.thin_experts(x.bfloat16(), [0], [2], w13.bfloat16(), w2.bfloat16(), out, avx512=avx512)
+    act = 128.0 * (a + b)
+    rounded = act.to(torch.bfloat16).float()
+    assert not torch.equal(rounded, act)
+    assert torch.equal(out[0], rounded if avx512 else act)
+    assert out[1].isnan().all()
 
 
 def test_kernel_silu_at_extremes() -> None:
@@ -192,7 +252,8 @@ def test_build_is_cached_and_atomic(tmp_path) -> None:
 )
 def test_switch_off_falls_back_to_the_same_numbers(dtype: str, tol: float) -> None:
     """EXPERTMESH_NATIVE_KERNELS=0: no kernel, the PyTorch path, the same outputs (bfloat16
-    activations and weights: the kernel computes in float32, PyTorch may not)."""
+    activations and weights: each side sums in float32 or rounds to bfloat16 at its own
+    points)."""
     counts = [3, 0, 6, 1, 13, 2, 5, 4]
     code = (
         "import torch; from expertmesh.platform.model import kernels;"

@@ -52,8 +52,11 @@ def run_experts(
     run in float32 on one expert's weights converted at a time, and the result is rounded back.
     Slices of up to :data:`KERNEL_MAX_ROWS` rows (:data:`KERNEL_MAX_ROWS_NATIVE_BF16` for
     bfloat16 weights where PyTorch has native bfloat16 GEMMs) run in the native kernel when it
-    is available (float32 or bfloat16 activations, computed in float32; float32 or bfloat16
-    weights read as stored), all in one call.
+    is available (float32 or bfloat16 activations; float32 or bfloat16 weights read as stored),
+    all in one call. It sums in float32; with bfloat16 weights and activations on CPUs with
+    AVX512-BF16 it rounds the SwiGLU activations to bfloat16 before the down projection, as
+    PyTorch's bfloat16 path does, and keeps them float32 otherwise (see
+    :func:`kernels.thin_experts`).
     """
     if x_AD.shape[0] == 0:
         return torch.empty_like(x_AD)

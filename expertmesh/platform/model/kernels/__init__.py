@@ -140,7 +140,8 @@ def has_avx512_bf16() -> bool:
 
 def supports(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
     """Whether :func:`thin_experts` takes these weights for activations of ``x_dtype`` (float32
-    or bfloat16, computed in float32) : float32 or bfloat16 CPU weights, widths multiples of 8."""
+    or bfloat16): float32 or bfloat16 CPU weights, widths multiples of 8. In which precision it
+    computes: see :func:`thin_experts`."""
     F2, D = w13_FD.shape
     return (
         x_dtype in (torch.float32, torch.bfloat16)
@@ -189,7 +190,15 @@ def thin_experts(
     """For each expert ``e`` with ``counts[e]`` rows (at most :data:`MAX_ROWS`) starting at row
     ``starts[e]`` of ``x_AD`` (float32 or bfloat16): write ``swiglu_e(x)`` to the same rows of
     ``out_AD`` (float32). Rows of experts with count 0 are left alone. Call :func:`supports`
-    first. ``avx512=False`` keeps to the AVX2 path (tests compare the two)."""
+    first. ``avx512=False`` keeps to the AVX2 path (tests compare the two).
+
+    Both paths accumulate in float32. The SwiGLU activations between the two projections are
+    float32 on the AVX2 path. On the AVX512-BF16 path (bfloat16 weights and ``x_AD``, ``avx512``
+    set, :func:`has_avx512_bf16`) they are rounded to bfloat16 (to nearest even, like
+    ``Tensor.to(torch.bfloat16)``) so that the down projection, like gate/up, runs on
+    ``vdpbf16ps``: one instruction per 32 weights and row, where widening to float32 takes two
+    FMAs per 16 and is compute bound. PyTorch's bfloat16 FFN rounds them at the same point.
+    """
     lib = _lib()
     if lib is None:
         raise KernelError("native kernel not available; check kernels.available() first")

@@ -11,6 +11,13 @@
  * or bfloat16 (widened to float32 in registers, or multiplied in pairs by vdpbf16ps; always
  * accumulated in float32). D and F must be multiples of 8.
  *
+ * Numbers: on the AVX2 path (float32 weights or activations, or no AVX512-BF16) everything after
+ * the inputs is float32, act included. On the AVX512-BF16 path (bfloat16 weights and x) act is
+ * rounded to bfloat16 (to nearest even, as PyTorch's float -> bfloat16) before phase 2, so phase
+ * 2 also runs on vdpbf16ps: one instruction per 32 weights and act row instead of four FMAs
+ * (see the AVX512 section). A bfloat16 model in PyTorch rounds there too (its down projection
+ * takes bfloat16 activations).
+ *
  * Work splits over threads by weight rows (each thread reads a disjoint slice of every expert):
  * phase 1 computes act = silu(gate) * up for all experts, a barrier, phase 2 the output. Threads
  * come from OpenMP: loaded into a process that has PyTorch, the library binds to PyTorch's own
@@ -216,13 +223,17 @@ static void dot_rows(const float *x, int n, const void *w0, int bf16, int64_t K,
     }
 }
 
-/* --- AVX512-BF16: bfloat16 weights against bfloat16 activations (phase 1 when the layer's
+/* --- AVX512-BF16: bfloat16 weights against bfloat16 activations (both phases when the layer's
  * input is bfloat16). vdpbf16ps multiplies pairs of bfloat16 exactly and adds them into float32
  * lanes: one instruction per 32 weights and x row, no widening, where the path above needs two
- * FMAs and two widening ops; on the AVX2 path phase 1 was compute bound at ~13 GB/s a core. The
- * activations are bfloat16 already (converted from a bfloat16 tensor), so the products are the
- * same numbers; only the order of the float32 sums differs. 32 zmm registers hold up to 20
- * accumulators, the weight rows and the x row they meet, so each x load serves R FMAs. */
+ * FMAs and two widening ops; on the AVX2 path phase 1 was compute bound at ~13 GB/s a core, and
+ * phase 2 at ~30 GB/s on both hyperthreads (they share the FMA units). In phase 1 the x rows
+ * are bfloat16 already (the layer's input), so the products are the same numbers as the AVX2
+ * path's; only the order of the float32 sums differs. Phase 2's x rows are act, computed in
+ * float32 and rounded to bfloat16 by act_to_bf16 (PyTorch's bfloat16 FFN rounds them there
+ * too), so phase 2 differs from the AVX2 path by that rounding (up to 2^-8 relative per element).
+ * 32 zmm registers hold up to 20 accumulators, the weight rows and the x row they meet, so
+ * each x load serves R FMAs. */
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define DP_ONE_PASS_ROWS 20
 
@@ -259,6 +270,23 @@ tile_dp(const uint16_t *x, const int NX, const int R, int64_t K, const uint16_t 
     }
     for (int i = 0; i < NX; i++)
         for (int r = 0; r < R; r++) y[i * ldy + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+/* dst = src rounded to bfloat16 for n elements, as PyTorch's vectorised float -> bfloat16
+ * (aten cvtfp32_bf16): to nearest even by adding 0x7FFF + lsb to the bits, NaN to 0xFFFF (the
+ * bias would carry a NaN's low bits into inf or -0), subnormals kept. Plain order, like x. */
+static AVX512 void act_to_bf16(const float *src, uint16_t *dst, int64_t n) {
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7FFF),
+                  nan = _mm512_set1_epi32(0xFFFF);
+    for (int64_t k = 0; k < n; k += 16) {
+        const __mmask16 m = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        const __m512 v = _mm512_maskz_loadu_ps(m, src + k);
+        const __m512i bits = _mm512_castps_si512(v);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(bits, bias), lsb), 16);
+        r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), nan);
+        _mm512_mask_cvtepi32_storeu_epi16(dst + k, m, r);
+    }
 }
 
 static inline int dp_rows_for(int n) { return n <= 4 ? 4 : n <= 6 ? 3 : n <= 10 ? 2 : 1; }
@@ -326,7 +354,9 @@ static void bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
 }
 
 /* x is (A, D) float32, or bfloat16 when x_bf16 is set. With bfloat16 weights and x, and
- * use_avx512 set on a CPU that has AVX512-BF16, phase 1 runs on vdpbf16ps.
+ * use_avx512 set on a CPU that has AVX512-BF16, both phases run on vdpbf16ps, act rounded to
+ * bfloat16 between them. act: scratch of A * F floats (act of row i at i * F, float32 on the
+ * AVX2 path; bfloat16 at element i * F of its first half on the AVX512 path).
  * Returns 0 on success, a positive code for arguments this kernel does not take. */
 int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t *counts,
                  int n_experts, const void *const *w13, const void *const *w2, int bf16,
@@ -346,13 +376,16 @@ int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t
     if (n_threads < 1) n_threads = 1;
     /* scratch: each thread's gate and up columns, (2 * maxn) rows of its slice of F; x as
      * float32 (in lane order for bf16 weights) unless given so or used as bfloat16; a widened
-     * copy of 4 weight rows per thread for bf16 */
+     * copy of 4 weight rows per thread for bf16 on the AVX2 path */
     const int64_t kmax = D > F ? D : F;
-    const int need_xf = !dp && (bf16 || x_bf16);
+    const int need_xf = !dp && (bf16 || x_bf16), need_wide = bf16 && !dp;
     float *h = (float *)malloc((size_t)(2 * maxn * F) * sizeof(float));
     float *xf = need_xf ? (float *)malloc((size_t)(rows * D) * sizeof(float)) : NULL;
-    float *wide = bf16 ? (float *)malloc((size_t)n_threads * 4 * kmax * sizeof(float)) : NULL;
-    if (!h || (need_xf && !xf) || (bf16 && !wide)) {
+    float *wide = need_wide ? (float *)malloc((size_t)n_threads * 4 * kmax * sizeof(float)) : NULL;
+    /* dp: act as bfloat16 rows of F; thread slices of F start on multiples of unit = 16, so
+     * each thread writes its own elements (whole 32-byte blocks but for an 8-element tail) */
+    uint16_t *act_bf = (uint16_t *)act;
+    if (!h || (need_xf && !xf) || (need_wide && !wide)) {
         free(h);
         free(xf);
         free(wide);
@@ -370,7 +403,7 @@ int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t
 #pragma omp parallel num_threads(n_threads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *wt = bf16 ? wide + (int64_t)t * 4 * kmax : NULL;
+        float *wt = need_wide ? wide + (int64_t)t * 4 * kmax : NULL;
         int64_t lo, hi;
         slice(F, unit, t, nt, &lo, &hi);
         const int64_t width = hi - lo;
@@ -390,7 +423,10 @@ int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t
             }
             for (int i = 0; i < n; i++) {
                 float *gi = g + (int64_t)i * width, *dst = act + (starts[e] + i) * F + lo;
-                if (bf16) { /* act is phase 2's x: lane order (lo is a multiple of 16) */
+                if (dp) { /* act is phase 2's x: bfloat16, plain order */
+                    swiglu(gi, u + (int64_t)i * width, gi, width);
+                    act_to_bf16(gi, act_bf + (starts[e] + i) * F + lo, width);
+                } else if (bf16) { /* act is phase 2's x: lane order (lo is a multiple of 16) */
                     swiglu(gi, u + (int64_t)i * width, gi, width);
                     to_lane_order(gi, dst, width);
                 } else {
@@ -402,7 +438,11 @@ int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t
         slice(D, 8, t, nt, &lo, &hi);
         for (int e = 0; e < n_experts && hi > lo; e++) {
             const int n = (int)counts[e];
-            if (n > 0)
+            if (n == 0) continue;
+            if (dp)
+                dot_rows_dp(act_bf + starts[e] * F, n, (const uint16_t *)w2[e] + lo * F, F, hi - lo,
+                            out + starts[e] * D + lo, D);
+            else
                 dot_rows(act + starts[e] * F, n, (const char *)w2[e] + lo * F * es, bf16, F, hi - lo,
                          out + starts[e] * D + lo, D, wt);
         }
