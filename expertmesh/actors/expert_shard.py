@@ -68,8 +68,11 @@ class ExpertShard:
             loaded = ckpt.load_experts(uri, wanted)
             with self._lock:
                 for key, t in loaded.items():
-                    w13 = torch.cat([t["w1"], t["w3"]], dim=0).float().contiguous()
-                    self.weights[key] = (w13, t["w2"].float().contiguous())
+                    # NOTE: kept in the checkpoint's dtype, as the in-process ExpertBank keeps
+                    # them: same kernel path, same numbers (a bfloat16 model's activations are
+                    # rounded where PyTorch rounds them), half the memory of float32 copies
+                    w13 = torch.cat([t["w1"], t["w3"]], dim=0).contiguous()
+                    self.weights[key] = (w13, t["w2"].contiguous())
         return self.held()
 
     def drop_experts(self, experts: list[ExpertKey]) -> list[ExpertKey]:
@@ -96,12 +99,13 @@ class ExpertShard:
                     f"shard {self.shard_id} does not hold expert {exc.args[0]}"
                 ) from None
             x = torch.from_numpy(x_AD)
-            dtype = x.dtype
-            y = run_experts(x.float(), counts, [p[0] for p in pairs], [p[1] for p in pairs])
+            wire = x.dtype  # rows travel as float32 (or float16); they hold model-dtype values
+            dtype = pairs[0][0].dtype if pairs else x.dtype
+            y = run_experts(x.to(dtype), counts, [p[0] for p in pairs], [p[1] for p in pairs])
             for e, n in zip(experts, counts, strict=True):
                 self.tokens_served[(layer, e)] += n
             self.metrics.record(layer, experts, counts, time.perf_counter() - t0)
-            return y.to(dtype).numpy()
+            return y.to(wire).numpy()
         finally:
             self.in_flight -= 1
             self.calls += 1

@@ -38,8 +38,15 @@ def tiny_tokenizer(vocab: int = 320) -> Tokenizer:
     return tok
 
 
-def tiny_checkpoint(root: Path, *, seed: int = 0, n_layers: int = 2, n_experts: int = 8) -> str:
-    """Save a random small MoE with a tokenizer; returns the checkpoint URI."""
+def tiny_checkpoint(
+    root: Path,
+    *,
+    seed: int = 0,
+    n_layers: int = 2,
+    n_experts: int = 8,
+    dtype: torch.dtype = torch.float32,
+) -> str:
+    """Save a random small MoE (in ``dtype``) with a tokenizer; returns the checkpoint URI."""
     tok = tiny_tokenizer()
     root.mkdir(parents=True, exist_ok=True)
     tok_path = root / "tokenizer.json"
@@ -56,5 +63,5 @@ def tiny_checkpoint(root: Path, *, seed: int = 0, n_layers: int = 2, n_experts: 
         top_k=2,
         max_seq_len=256,
     )
-    model = MoETransformer(cfg)
+    model = MoETransformer(cfg).to(dtype)
     return ckpt.save_checkpoint(str(root), "v1", model, tokenizer_path=str(tok_path))

@@ -94,6 +94,30 @@ def test_unreachable_channel_falls_back_to_ray_calls(setup) -> None:
     assert d.stats.channel_calls > before
 
 
+def test_bfloat16_experts_in_a_shard_equal_the_in_process_bank(tmp_path) -> None:
+    """A bfloat16 checkpoint's shard keeps bfloat16 weights and runs the same kernel path as
+    the in-process ExpertBank: the layer's output is bit for bit the same (float32 copies in
+    the shard would skip the bfloat16 rounding of the activations and differ)."""
+    uri = tiny_checkpoint(tmp_path / "bf16", seed=3, dtype=torch.bfloat16)
+    model, _ = load_for_inference(uri)
+    layers = model.moe_layers()
+    experts = [(layer, e) for layer in layers for e in range(model.cfg.n_experts)]
+    shard = ray.remote(ExpertShard).options(num_cpus=0.25).remote("h", uri, experts, 1)
+    try:
+        d = connected(RayDispatcher(view_of({"h": shard}, experts, 1)))
+        torch.manual_seed(5)
+        for layer in layers.values():
+            x_BTD = torch.randn(4, 9, layer.cfg.d_model).to(torch.bfloat16)
+            with torch.no_grad():
+                want, _ = layer(x_BTD)
+                got, _ = layer(x_BTD, dispatcher=d)
+            assert got.dtype == torch.bfloat16
+            assert torch.equal(got, want)
+        assert d.stats.channel_calls > 0
+    finally:
+        ray.kill(shard)
+
+
 def test_dead_shard_is_retried_on_its_replica(setup) -> None:
     layers, handles, experts = setup
     d = connected(RayDispatcher(view_of(handles, experts, 1)))
