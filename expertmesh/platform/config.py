@@ -51,6 +51,11 @@ class ModelConfig:
     # weights sum to 1, so k experts of width F otherwise give half of one of width k*F, k=2).
     # Mixtral has no such field: the Hugging Face export folds it into w2.
     routed_scale: float = 1.0
+    # auxiliary-loss-free load balancing (Wang et al. 2024; DeepSeek-V3): each MoE layer keeps a
+    # per-expert bias added to the gate logits to *choose* experts (weights stay unbiased); after
+    # every optimizer step b_e += rate * sign(mean load - load_e). 0 = off (no bias at all).
+    # topk and noisy_topk routers only; Mixtral has no such bias, so export refuses a non-zero one.
+    balance_bias_rate: float = 0.0
     max_seq_len: int = 512
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
@@ -98,9 +103,15 @@ class ModelConfig:
         if self.capacity_factor is not None:
             _positive("capacity_factor", self.capacity_factor)
         _positive("routed_scale", self.routed_scale)
-        for name in ("aux_loss_weight", "z_loss_weight", "router_noise_std"):
+        for name in ("aux_loss_weight", "z_loss_weight", "router_noise_std", "balance_bias_rate"):
             if getattr(self, name) < 0:
                 raise ConfigError(name, f"must be >= 0, got {getattr(self, name)!r}")
+        if self.balance_bias_rate > 0 and self.router not in ("topk", "noisy_topk"):
+            raise ConfigError(
+                "balance_bias_rate",
+                f"the selection bias works with the topk and noisy_topk routers only, not "
+                f"{self.router!r} (expert_choice is balanced by construction); set it to 0",
+            )
 
     @property
     def head_dim(self) -> int:

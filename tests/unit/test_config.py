@@ -38,6 +38,10 @@ def field_of(exc_info: pytest.ExceptionInfo[ConfigError]) -> str:
         ({"capacity_factor": 0.0}, "capacity_factor"),
         ({"routed_scale": 0.0}, "routed_scale"),
         ({"aux_loss_weight": -1.0}, "aux_loss_weight"),
+        ({"balance_bias_rate": -0.001}, "balance_bias_rate"),
+        ({"router": "switch", "top_k": 1, "balance_bias_rate": 0.001}, "balance_bias_rate"),
+        ({"router": "expert_choice", "balance_bias_rate": 0.001}, "balance_bias_rate"),
+        ({"router": "hash", "balance_bias_rate": 0.001}, "balance_bias_rate"),
     ],
 )
 def test_bad_model_config_names_the_field(kwargs: dict, field: str) -> None:

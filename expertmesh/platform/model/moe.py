@@ -74,6 +74,15 @@ class MoELayer(nn.Module):
         self.cfg, self.layer = cfg, layer
         self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
         self.experts = ExpertBank(cfg.n_experts, cfg.d_model, cfg.d_ff) if with_experts else None
+        self.expert_bias: torch.Tensor | None  # (E,) selection-only bias; see balance_bias_rate
+        if cfg.balance_bias_rate > 0:
+            # NOTE: a buffer, not a parameter: no gradient reaches it and the optimizer never
+            # sees it; training moves it by balance_bias_step. It is in the state dict, so
+            # checkpoints keep it and serving (the same forward) applies it. Keep it float32
+            # (assemble_model casts parameters only): steps of ~1e-3 vanish in bfloat16 at ~1.
+            self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
 
     def forward(
         self,
@@ -92,7 +101,13 @@ class MoELayer(nn.Module):
         else:
             x_ND = x_BTD[valid_BT]  # N = number of real tokens, row-major order
             ids_N = None if token_ids_BT is None else token_ids_BT[valid_BT]
-        routing = route(self.cfg, self.gate(x_ND), training=self.training, token_ids_T=ids_N)
+        routing = route(
+            self.cfg,
+            self.gate(x_ND),
+            training=self.training,
+            token_ids_T=ids_N,
+            select_bias_E=self.expert_bias,
+        )
         if dispatcher is None:
             if self.experts is None:
                 raise RuntimeError(f"MoE layer {self.layer} holds no experts; pass a dispatcher")

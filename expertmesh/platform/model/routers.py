@@ -94,17 +94,25 @@ def route(
     training: bool = False,
     token_ids_T: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    select_bias_E: torch.Tensor | None = None,
 ) -> Routing:
-    """Turn gate logits into sorted assignments according to ``cfg.router``."""
+    """Turn gate logits into sorted assignments according to ``cfg.router``.
+
+    ``select_bias_E`` (``topk`` and ``noisy_topk`` only) is added to the logits to *choose* each
+    token's experts; the gate weights still come from the unbiased logits (DeepSeek-V3's
+    auxiliary-loss-free balancing: the bias steers load without entering the output).
+    """
     T, E = logits_TE.shape
     k = cfg.top_k
     logits_TE = logits_TE.float()
     arange_T = torch.arange(T, device=logits_TE.device)
     capacity = capacity_for(cfg, T, cfg.capacity_factor)
+    if select_bias_E is not None and cfg.router not in ("topk", "noisy_topk"):
+        raise ValueError(f"the {cfg.router!r} router takes no selection bias")
     if cfg.router == "topk":
         # Mixtral: softmax over all experts, top-k, renormalised: that is the softmax of the top-k
         # logits, a few ops fewer per layer (the full softmax is computed if a loss reads it)
-        top_TK, expert_TK = logits_TE.topk(k, dim=-1)
+        top_TK, expert_TK = _top_k(logits_TE, k, select_bias_E)
         token_TK = arange_T[:, None].expand(T, k)
         weight_TK = top_TK.softmax(dim=-1)
         return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, None, capacity)
@@ -131,13 +139,31 @@ def route(
     if cfg.router == "noisy_topk" and training:
         noise = torch.randn(logits_TE.shape, generator=generator, device=logits_TE.device)
         select_TE = logits_TE + noise * cfg.router_noise_std
-    top_TK, expert_TK = select_TE.topk(k, dim=-1)
+    top_TK, expert_TK = _top_k(select_TE, k, select_bias_E)
     # Switch scales by the raw router probability; noisy top-k (Shazeer et al.) takes the
     # softmax over the kept noisy logits
     switch = cfg.router == "switch"
     weight_TK = probs_TE.gather(1, expert_TK) if switch else top_TK.softmax(dim=-1)
     token_TK = arange_T[:, None].expand(T, k)
     return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, probs_TE, capacity)
+
+
+def _top_k(
+    logits_TE: torch.Tensor, k: int, select_bias_E: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the chosen experts' *unbiased* logits, their indices), chosen by ``logits + bias``."""
+    if select_bias_E is None:
+        return logits_TE.topk(k, dim=-1)
+    expert_TK = (logits_TE + select_bias_E.float()).topk(k, dim=-1).indices
+    return logits_TE.gather(1, expert_TK), expert_TK
+
+
+def balance_bias_step(bias_E: torch.Tensor, counts_E: torch.Tensor, rate: float) -> None:
+    """One auxiliary-loss-free balancing update, in place (Wang et al. 2024, DeepSeek-V3):
+    ``b_e += rate * sign(mean load - load_e)``: overloaded experts become less likely to be
+    chosen, underloaded ones more, by a fixed step whatever the size of the imbalance."""
+    load_E = counts_E.to(bias_E.device, torch.float32)
+    bias_E.add_(torch.sign(load_E.mean() - load_E), alpha=rate)
 
 
 def load_balancing_loss(routing: Routing) -> torch.Tensor:
@@ -154,4 +180,11 @@ def z_loss(routing: Routing) -> torch.Tensor:
     return torch.logsumexp(routing.logits_TE, dim=-1).pow(2).mean()
 
 
-__all__ = ["Routing", "capacity_for", "load_balancing_loss", "route", "z_loss"]
+__all__ = [
+    "Routing",
+    "balance_bias_step",
+    "capacity_for",
+    "load_balancing_loss",
+    "route",
+    "z_loss",
+]
