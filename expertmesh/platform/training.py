@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from expertmesh.platform import checkpoint as ckpt
@@ -22,6 +23,7 @@ from expertmesh.platform.config import ExperimentConfig, TrainConfig, to_dict
 from expertmesh.platform.data import TokenData, load_tokenizer
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.model.moe import LayerStats
+from expertmesh.platform.model.routers import balance_bias_step
 from expertmesh.platform.tracking import CHECKPOINT_ARTIFACT, ModelVersionInfo, Tracker
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ def train_step(
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
     optimizer.step()
     stats = out.layer_stats
+    bias_metrics = update_balance_bias(model, stats)
     dropped = sum(s.dropped_fraction for s in stats) / max(1, len(stats))
     metrics = {
         "loss": float(loss.detach()),
@@ -82,7 +85,30 @@ def train_step(
         "lr": optimizer.param_groups[0]["lr"],
         "dropped_fraction": dropped,
     }
-    return metrics, stats
+    return metrics | bias_metrics, stats
+
+
+@torch.no_grad()
+def update_balance_bias(model: MoETransformer, stats: list[LayerStats]) -> dict[str, float]:
+    """Move every MoE layer's selection bias by this step's load (``balance_bias_rate`` > 0);
+    returns ``expert_bias_max_abs/L{layer}`` for MLflow, empty when balancing is off.
+
+    ``stats`` are the layers' stats of the step's batch; under ``torch.distributed`` the loads
+    are summed over ranks first, so every replica takes the same step and the biases stay equal.
+    """
+    rate = model.cfg.balance_bias_rate
+    if rate <= 0 or not stats:
+        return {}
+    counts_LE = torch.stack([s.counts_E for s in stats])  # L MoE layers x E experts
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts_LE)
+    moe = model.moe_layers()
+    out: dict[str, float] = {}
+    for s, counts_E in zip(stats, counts_LE, strict=True):
+        bias_E = moe[s.layer].expert_bias
+        balance_bias_step(bias_E, counts_E, rate)
+        out[f"expert_bias_max_abs/L{s.layer}"] = float(bias_E.abs().max())
+    return out
 
 
 def layer_metrics(stats: list[LayerStats]) -> dict[str, float]:

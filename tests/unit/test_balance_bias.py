@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from expertmesh.platform.config import ModelConfig
-from expertmesh.platform.model import MoELayer, route
+from expertmesh.platform.config import ModelConfig, TrainConfig
+from expertmesh.platform.model import MoELayer, MoETransformer, route
 from expertmesh.platform.model.routers import balance_bias_step
+from expertmesh.platform.training import make_optimizer, train_step
 
 BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4)
 
@@ -85,6 +86,47 @@ def test_update_step_moves_bias_against_the_load() -> None:
     assert torch.allclose(bias_E, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
     balance_bias_step(bias_E, torch.tensor([4, 4, 8, 0]), 0.1)  # at the mean: no move
     assert torch.allclose(bias_E, torch.tensor([-0.1, 0.1, 0.0, 0.2]))
+
+
+def skewed_model(rate: float) -> MoETransformer:
+    """A model whose gates prefer expert 0 for most tokens: every token embedding shares a large
+    component on dimension 0, and each gate reads that dimension for expert 0 only."""
+    torch.manual_seed(0)
+    model = MoETransformer(cfg(balance_bias_rate=rate, aux_loss_weight=0.0, z_loss_weight=0.0))
+    with torch.no_grad():
+        model.embed_tokens.weight.normal_(0.0, 1.0)
+        model.embed_tokens.weight[:, 0] = 3.0
+        for moe in model.moe_layers().values():
+            moe.gate.weight.normal_(0.0, 32**-0.5)
+            moe.gate.weight[:, 0] = 0.0
+            moe.gate.weight[0, 0] = 0.6
+    return model
+
+
+def busiest_share(model: MoETransformer, batches: list[torch.Tensor], rate: float) -> float:
+    """Train on ``batches``; the largest share of a layer's assignments one expert took, averaged
+    over the last 10 steps."""
+    tc = TrainConfig(steps=len(batches), batch_size=8, seq_len=32, lr=1e-3, warmup_steps=0)
+    optimizer = make_optimizer(model, tc)
+    shares = []
+    for step, batch in enumerate(batches):
+        metrics, stats = train_step(model, optimizer, batch, step, tc)
+        shares.append(max(max(s.load_fractions()) for s in stats))
+        assert ("expert_bias_max_abs/L0" in metrics) is (rate > 0)
+    return sum(shares[-10:]) / 10
+
+
+def test_training_with_bias_rate_balances_a_skewed_router() -> None:
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (8, 33), generator=gen) for _ in range(60)]
+    skewed = busiest_share(skewed_model(0.0), batches, 0.0)
+    model = skewed_model(0.05)
+    balanced = busiest_share(model, batches, 0.05)
+    assert skewed > 0.4  # the setup is skewed (uniform: 0.25) and stays so without the bias
+    assert balanced < 0.32 and balanced < skewed - 0.1
+    for moe in model.moe_layers().values():  # the busy expert was pushed down, the others up
+        assert moe.expert_bias[0] < 0 and moe.expert_bias.requires_grad is False
+    assert not any("expert_bias" in n for n, _ in model.named_parameters())
 
 
 def test_route_refuses_a_bias_for_routers_that_would_ignore_it() -> None:
