@@ -391,7 +391,11 @@ def assemble_model(
     moe = model.moe_layers()
     try:
         missing, unexpected = model.load_state_dict(dense, strict=False)
-        missing = [k for k in missing if not k.endswith((".experts.w13", ".experts.w2"))]
+        # NOTE: a selection bias absent from the weights (saved before balance_bias_rate
+        # existed, or with it 0) stays at its zeros: routing is then exactly the unbiased one
+        missing = [
+            k for k in missing if not k.endswith((".experts.w13", ".experts.w2", ".expert_bias"))
+        ]
         if missing or unexpected:
             raise CheckpointError(
                 f"{where}: weights do not match the config: missing {missing[:4]}, "

@@ -11,7 +11,7 @@ import torch
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.errors import CheckpointError
-from expertmesh.platform.model import MoETransformer
+from expertmesh.platform.model import LocalDispatcher, MoETransformer
 
 CFG = dict(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4)
 
@@ -74,6 +74,46 @@ def test_round_trip_is_exact(tmp_path: Path, dtype: torch.dtype) -> None:
     with torch.no_grad():
         assert torch.equal(model(tokens_BT).logits, loaded(tokens_BT).logits)
     assert manifest.config == model.cfg and manifest.version == {"step": 1}
+
+
+def test_selection_bias_survives_the_round_trip_and_old_checkpoints_load(tmp_path: Path) -> None:
+    model = tiny_model(dtype=torch.bfloat16, balance_bias_rate=0.01)
+    bias_E = torch.tensor([0.5, -0.25, 0.125, -0.375])  # steps of 1e-3 would vanish in bfloat16
+    with torch.no_grad():
+        model.layers[1].ffn.expert_bias.copy_(bias_E + 0.001)
+    uri = ckpt.save_checkpoint(str(tmp_path), "biased", model)
+    loaded, _ = ckpt.load_model(uri)
+    assert_same_weights(model, loaded)
+    assert loaded.layers[1].ffn.expert_bias.dtype == torch.float32
+    assert torch.equal(loaded.layers[1].ffn.expert_bias, bias_E + 0.001)
+    # serving: the router loads the dense part only, experts come from elsewhere; same routing
+    dense_only, _ = ckpt.load_model(uri, with_experts=False)
+    assert torch.equal(dense_only.layers[1].ffn.expert_bias, bias_E + 0.001)
+    banks = {i: moe.experts for i, moe in loaded.moe_layers().items()}
+    tokens_BT = torch.randint(0, 96, (2, 7))
+    with torch.no_grad():
+        want = model(tokens_BT, return_routing=True)
+        got = dense_only(tokens_BT, dispatcher=LocalDispatcher(banks), return_routing=True)
+    assert torch.equal(want.logits, got.logits)
+    assert all(set(e) == {0, 2} for e in got.layer_stats[1].experts_per_token())  # the bias won
+    for a, b in zip(want.layer_stats, got.layer_stats, strict=True):
+        assert a.experts_per_token() == b.experts_per_token()
+
+    # a checkpoint from before balance_bias_rate existed: no bias tensor, no config key
+    old = ckpt.save_checkpoint(str(tmp_path), "old", tiny_model())
+    manifest = json.loads((tmp_path / "old/manifest.json").read_text())
+    del manifest["config"]["balance_bias_rate"]
+    (tmp_path / "old/manifest.json").write_text(json.dumps(manifest))
+    old_model, old_manifest = ckpt.load_model(old)
+    assert old_manifest.config.balance_bias_rate == 0.0
+    assert all(moe.expert_bias is None for moe in old_model.moe_layers().values())
+    # ... and its weights into a model that balances from now on: the bias starts at zeros
+    cfg = ModelConfig(**{**CFG, "balance_bias_rate": 0.01})
+    experts = ckpt.load_experts(old, old_manifest.expert_keys()).items()
+    grown = ckpt.assemble_model(cfg, ckpt.load_dense(old), experts)
+    assert all(moe.expert_bias.tolist() == [0.0] * 4 for moe in grown.moe_layers().values())
+    with torch.no_grad():
+        assert torch.equal(grown(tokens_BT).logits, old_model(tokens_BT).logits)
 
 
 def test_manifest_lists_every_file_with_checksum(tmp_path: Path) -> None:
