@@ -11,7 +11,9 @@ What can be expressed as Mixtral: ``moe_every == 1`` and a ``topk`` or ``noisy_t
 (noise only acts in training, so in eval noisy top-k *is* Mixtral's softmax-then-renormalised
 top-k). ``switch`` (unrenormalised top-1 weight), ``expert_choice`` and ``hash`` routers raise
 :class:`ConfigError`. A ``capacity_factor`` is dropped with a warning: Mixtral is dropless, so the
-exported model matches this one run without a capacity limit.
+exported model matches this one run without a capacity limit. A non-zero expert selection bias
+(``balance_bias_rate``) raises :class:`ConfigError`: Mixtral's router has no bias, and dropping it
+would send tokens to other experts than the model was trained with.
 """
 
 from __future__ import annotations
@@ -58,6 +60,20 @@ def check_mixtral_compatible(cfg: ModelConfig) -> None:
             f"capacity_factor={cfg.capacity_factor} is not exported: Mixtral is dropless",
             stacklevel=3,
         )
+
+
+def check_no_selection_bias(model: MoETransformer) -> None:
+    """Raise :class:`ConfigError` if any MoE layer's selection bias is non-zero (an all-zero
+    bias, e.g. balancing enabled but never trained, selects exactly as Mixtral does)."""
+    for layer, moe in model.moe_layers().items():
+        if moe.expert_bias is not None and bool(moe.expert_bias.any()):
+            raise ConfigError(
+                "balance_bias_rate",
+                f"MoE layer {layer} has a non-zero expert selection bias (max |b| = "
+                f"{float(moe.expert_bias.abs().max()):.4g}) from auxiliary-loss-free balancing; "
+                "Mixtral's router has no such bias, and exporting without it would route tokens "
+                "to other experts than this model does",
+            )
 
 
 def config_to_hf(
@@ -138,9 +154,10 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 def state_to_hf(model: MoETransformer) -> dict[str, torch.Tensor]:
     """The model's tensors under HF Mixtral names (per-expert ``w1``/``w3``/``w2``)."""
+    check_no_selection_bias(model)
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict().items():
-        if name.endswith((".experts.w13", ".experts.w2")):
+        if name.endswith((".experts.w13", ".experts.w2", ".expert_bias")):  # bias: checked zero
             continue
         if name == "lm_head.weight":
             if not model.cfg.tie_embeddings:
@@ -292,6 +309,7 @@ def import_hf(hf_dir: str) -> MoETransformer:
 
 __all__ = [
     "check_mixtral_compatible",
+    "check_no_selection_bias",
     "config_from_hf",
     "config_to_hf",
     "export_hf",

@@ -169,6 +169,20 @@ def test_export_rejects_non_mixtral_models(tmp_path: Path, overrides: dict, fiel
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_refuses_a_non_zero_selection_bias(tmp_path: Path) -> None:
+    model = tiny_model(balance_bias_rate=0.01)
+    tokens_BT = torch.randint(0, 300, (2, 8))
+    out = export_hf(model, str(tmp_path / "zero"))  # all zeros: Mixtral routes the same
+    with torch.no_grad():
+        assert max_diff(model(tokens_BT).logits, hf_logits(out, tokens_BT)) <= TOL
+    with torch.no_grad():
+        model.layers[1].ffn.expert_bias[2] = 0.003
+    with pytest.raises(ConfigError, match="layer 1 has a non-zero expert selection bias") as err:
+        export_hf(model, str(tmp_path / "hf"))
+    assert err.value.field == "balance_bias_rate"
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_warns_on_what_mixtral_drops(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="dropless"):
         export_hf(tiny_model(capacity_factor=1.25), str(tmp_path / "a"))
