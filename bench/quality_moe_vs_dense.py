@@ -24,6 +24,10 @@ cross-entropy per domain comes from :func:`evaluate` on the same fixed, seeded v
 the unigram entropy of each domain's validation tokens is printed as a reference (a model that
 learnt only token frequencies would score about that).
 
+``--balance-bias-rate`` gives the MoE auxiliary-loss-free balancing instead of (or besides) the
+loss: a per-expert bias on the gate logits that only chooses experts, moved after every step
+towards equal load (``ModelConfig.balance_bias_rate``; DeepSeek-V3).
+
 Both runs are logged to MLflow, experiment ``bench-quality``. Unless ``EXPERTMESH_HOME`` is set,
 the MLflow store goes to a fresh folder under /tmp (printed), not the demo's ``.state``.
 
@@ -61,6 +65,7 @@ class Result:
     run_id: str
     aux_loss: float | None = None  # last training batch, mean over layers (1.0: uniform)
     busiest: float | None = None  # largest share of a layer's assignments one expert took
+    max_bias: float | None = None  # largest |selection bias| over layers (balance_bias_rate > 0)
 
     @property
     def mean(self) -> float:
@@ -68,7 +73,10 @@ class Result:
 
 
 def model_configs(
-    aux_loss_weight: float = 0.003, z_loss_weight: float = 3e-4, routed_scale: float = 1.0
+    aux_loss_weight: float = 0.003,
+    z_loss_weight: float = 3e-4,
+    routed_scale: float = 1.0,
+    balance_bias_rate: float = 0.0,
 ) -> dict[str, ModelConfig]:
     """The two models; the dense FFN is as wide as the top-k experts a token runs through."""
     shape = {"d_model": 256, "n_layers": N_LAYERS, "n_heads": 8, "n_kv_heads": 4}
@@ -90,6 +98,7 @@ def model_configs(
             aux_loss_weight=aux_loss_weight,
             z_loss_weight=z_loss_weight,
             routed_scale=routed_scale,
+            balance_bias_rate=balance_bias_rate,
         ),
     }
 
@@ -144,9 +153,11 @@ def run_one(
     tracker.client.set_tag(res.run_id, "bench.model", name)
     logged = tracker.client.get_run(res.run_id).data.metrics  # latest value of each key
     loads = [v for k, v in logged.items() if k.startswith("load/")]
+    biases = [v for k, v in logged.items() if k.startswith("expert_bias_max_abs/")]
     return Result(
         aux_loss=res.metrics.get("aux_loss") if model.n_experts > 1 else None,
         busiest=max(loads) if loads and model.n_experts > 1 else None,
+        max_bias=max(biases) if biases else None,
         model=name,
         total_params=counts[0],
         active_params=counts[1],
@@ -213,6 +224,12 @@ def main() -> None:
         default=1.0,
         help="MoE combined-output scale (ModelConfig.routed_scale; top_k matches dense at init)",
     )
+    p.add_argument(
+        "--balance-bias-rate",
+        type=float,
+        default=0.0,
+        help="MoE auxiliary-loss-free balancing step (ModelConfig.balance_bias_rate; 0: off)",
+    )
     p.add_argument("--models", default="dense,moe", help="which models to train (comma-separated)")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches per domain")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -229,7 +246,9 @@ def main() -> None:
     prepare(data)
     val = TokenData.load(data.data_dir, data.train_domains, "validation")
     entropy = {d: val.unigram_entropy(d) for d in data.train_domains}
-    cfgs = model_configs(args.aux_loss_weight, args.z_loss_weight, args.routed_scale)
+    cfgs = model_configs(
+        args.aux_loss_weight, args.z_loss_weight, args.routed_scale, args.balance_bias_rate
+    )
     counts = param_counts(cfgs)
     wanted = args.models.split(",")
     if unknown := sorted(set(wanted) - set(cfgs)):
@@ -240,7 +259,7 @@ def main() -> None:
         f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, "
         f"seed {args.seed}, {args.threads} threads; eval {args.eval_batches} batches per domain; "
         f"MoE load-balancing weight {args.aux_loss_weight}, z-loss weight {args.z_loss_weight}, "
-        f"routed scale {args.routed_scale}"
+        f"routed scale {args.routed_scale}, balance bias rate {args.balance_bias_rate}"
     )
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="expertmesh-bench-ckpt-") as ckpt_root:
@@ -261,6 +280,7 @@ def main() -> None:
                 f"{r.model} routing, last training batch: load-balancing loss {r.aux_loss:.3f} "
                 f"(1.0 = uniform), busiest expert {r.busiest:.1%} of its layer's assignments "
                 f"(uniform {1 / N_EXPERTS:.1%})"
+                + ("" if r.max_bias is None else f", largest |selection bias| {r.max_bias:.3f}")
             )
     wall_s = time.perf_counter() - t_start
     print(f"\nwall time {wall_s:.0f} s")
