@@ -154,9 +154,18 @@ def _in_process_worker(uri: str, conn: Connection) -> None:
 class Distributed:
     """Router actor + expert shard actors on a local Ray cluster, driven by actor calls."""
 
-    def __init__(self, uri: str, *, shards: int, transport: str = "direct", **deploy: Any) -> None:
+    def __init__(
+        self,
+        uri: str,
+        *,
+        shards: int,
+        router_threads: int = 1,
+        micro_batches: int = 1,
+        transport: str = "direct",
+    ) -> None:
         self.name = "distributed" if transport == "direct" else "dist-ray-calls"
-        self.uri, self.shards, self.transport, self.deploy = uri, shards, transport, deploy
+        self.uri, self.shards, self.transport = uri, shards, transport
+        self.router_threads, self.micro_batches = router_threads, micro_batches
         self.cluster: Any = None
         self.params = {
             "max_tokens": MAX_TOKENS,
@@ -175,7 +184,12 @@ class Distributed:
 
         self.cluster = expertmesh.connect()
         self.cluster.deploy(
-            self.uri, shards=self.shards, replicas=2, transport=self.transport, **self.deploy
+            self.uri,
+            shards=self.shards,
+            replicas=2,
+            router_threads=self.router_threads,
+            micro_batches=self.micro_batches,
+            transport=self.transport,
         )
         wait_for_spares(self.cluster)
         self.router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
@@ -348,8 +362,16 @@ def main(argv: list[str] | None = None) -> int:
             prompts[-1][c] = pool[i : i + n_requests(c)]
             i += n_requests(c)
 
-    deploy = {"router_threads": args.router_threads, "micro_batches": args.micro_batches}
-    targets: list[Target] = [InProcess(uri), Distributed(uri, shards=args.shards, **deploy)]
+    def distributed(transport: str) -> Distributed:
+        return Distributed(
+            uri,
+            shards=args.shards,
+            router_threads=args.router_threads,
+            micro_batches=args.micro_batches,
+            transport=transport,
+        )
+
+    targets: list[Target] = [InProcess(uri), distributed("direct")]
     if args.skip_vllm:
         print("(c) vLLM left out (--skip-vllm)")
     elif vllm_available():
@@ -359,8 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run_rounds(targets, prompts[:-1], levels))
     if not args.skip_ray_transport:
         print("(b') distributed engine, shard calls as Ray actor calls (one round) ...")
-        ray_calls = Distributed(uri, shards=args.shards, transport="ray", **deploy)
-        results |= asyncio.run(run_rounds([ray_calls], prompts[-1:], levels))
+        results |= asyncio.run(run_rounds([distributed("ray")], prompts[-1:], levels))
     print_report(results, levels, args.rounds)
     if args.out:
         Path(args.out).write_text(
