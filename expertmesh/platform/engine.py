@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 import torch
@@ -245,6 +245,7 @@ class Engine:
                 self._pool.submit(self._forward_in_turn, turns, i, seqs[a:b], feeds[a:b])
                 for i, (a, b) in enumerate(parts)
             ]
+            wait(futures)  # all of them, even when one failed: none may outlive the step
             logits_BV = torch.cat([f.result() for f in futures])
         temps = torch.tensor([s.params.temperature for s in seqs])
         top_ps = torch.tensor([s.params.top_p for s in seqs])

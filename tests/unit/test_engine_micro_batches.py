@@ -128,3 +128,41 @@ def test_turns_go_round_and_skip_finished_parties() -> None:
     turns.pass_on(1)
     assert turns.turn == 1  # the last one left keeps the turn
     turns.wait(1)  # returns at once: it holds the turn
+
+
+class FailingDispatcher(SubmittingDispatcher):
+    """Fails the first micro-batch's reads of one step; notes when each micro-batch finished."""
+
+    def __init__(self, model: MoETransformer) -> None:
+        super().__init__(model)
+        self.fail_thread: str | None = None
+
+    def submit(self, layer, x_TD, routing):
+        answer = super().submit(layer, x_TD, routing)
+        if self.fail_thread is None:
+            self.fail_thread = threading.current_thread().name
+        if threading.current_thread().name != self.fail_thread:
+            return answer
+
+        class Failing:
+            def result(self):
+                raise RuntimeError("no live replica (test)")
+
+        return Failing()
+
+
+def test_a_failed_micro_batch_fails_the_step_after_the_others_finish(model_and_tok) -> None:
+    """One micro-batch's dispatch fails: the step raises, but only once every other
+    micro-batch of it has finished (none may still run into the next step)."""
+    model, tok = model_and_tok
+    disp = FailingDispatcher(model)
+    eng = Engine(model, tok, max_batch=32, dispatcher=disp, micro_batches=2)
+    for p in [f"{p} {i}" for i in range(4) for p in PROMPTS]:
+        eng.add(p, SamplingParams(max_tokens=4, ignore_eos=True))
+    with pytest.raises(RuntimeError, match="no live replica"):
+        eng.step()
+    other = {t for _, t, _ in disp.events} - {disp.fail_thread}
+    assert len(other) == 1
+    last_layer = max(model.moe_layers())
+    # the other micro-batch read its last layer's answer before step() raised
+    assert ("read", other.pop(), last_layer) in disp.events
