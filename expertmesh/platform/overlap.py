@@ -79,11 +79,13 @@ class TurnTakingDispatcher:
 
     def __init__(self, inner: Dispatcher, turns: Turns, i: int) -> None:
         self.inner, self.turns, self.i = inner, turns, i
+        # checked once: a runtime Protocol check inspects the class, every MoE layer would pay it
+        self.submitter = inner if isinstance(inner, Submitter) else None
 
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if not isinstance(self.inner, Submitter):
+        if self.submitter is None:
             return self.inner.dispatch(layer, x_TD, routing)
-        pending = self.inner.submit(layer, x_TD, routing)
+        pending = self.submitter.submit(layer, x_TD, routing)
         self.turns.pass_on(self.i)
         self.turns.wait(self.i)
         return pending.result()
