@@ -281,3 +281,80 @@ def test_switch_off_falls_back_to_the_same_numbers(dtype: str, tol: float) -> No
     torch.testing.assert_close(on.float(), off.float(), rtol=tol, atol=tol)
     want = reference(x.float(), counts, w13, w2)
     torch.testing.assert_close(on.float(), want, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------------- decode attention
+def masked_attention(
+    q_BHK: torch.Tensor, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor, n_keys_B: torch.Tensor
+) -> torch.Tensor:
+    """The reference: PyTorch's SDPA in float64, row b seeing its first n_keys_B[b] keys."""
+    L = k_BGLK.shape[2]
+    mask = (torch.arange(L)[None, :] < n_keys_B[:, None])[:, None, None]
+    return torch.nn.functional.scaled_dot_product_attention(
+        q_BHK.double()[:, :, None],
+        k_BGLK.double(),
+        v_BGLK.double(),
+        attn_mask=mask,
+        enable_gqa=True,
+    )[:, :, 0].float()
+
+
+@pytest.mark.parametrize(
+    "H,G,K,L",
+    [(8, 4, 32, 96), (4, 4, 8, 1), (8, 2, 16, 9), (16, 2, 64, 33), (2, 1, 24, 8), (32, 2, 8, 17)],
+)
+def test_decode_attention_matches_sdpa(H: int, G: int, K: int, L: int) -> None:
+    g = torch.Generator().manual_seed(H * 1000 + L)
+    B, M = 6, L + 5  # the cache holds more positions than the step reads
+    k_buf, v_buf = torch.randn(2, B + 2, G, M, K, generator=g)
+    q = torch.randn(B, H, K, generator=g) * 2
+    n_keys = torch.randint(1, L + 1, (B,), generator=g)
+    n_keys[0], n_keys[-1] = 1, L  # a row at position 0 and one at the step's last position
+    # read in place: a slice of the cache (row strides of the whole buffer), and gathered
+    k_view, v_view = k_buf[1 : B + 1, :, :L], v_buf[1 : B + 1, :, :L]
+    rows = torch.tensor([3, 0, 7, 5, 2, 1])
+    for k, v in ((k_view, v_view), (k_buf[rows, :, :L], v_buf[rows, :, :L])):
+        assert kernels.supports_decode_attention(q, k, v)
+        got = kernels.decode_attention(q, k, v, n_keys)
+        assert torch.allclose(got, masked_attention(q, k, v, n_keys), atol=2e-6, rtol=1e-5)
+
+
+def test_decode_attention_ignores_what_a_row_must_not_see() -> None:
+    g = torch.Generator().manual_seed(1)
+    B, H, G, K, L = 3, 4, 2, 16, 12
+    k, v = torch.randn(2, B, G, L, K, generator=g)
+    q = torch.randn(B, H, K, generator=g)
+    n_keys = torch.tensor([1, 5, 12])
+    want = kernels.decode_attention(q, k, v, n_keys)
+    k[0, :, 1:], v[0, :, 1:] = 1e4, float("nan")  # past row 0's position: must not leak in
+    k[1, :, 5:], v[1, :, 5:] = -1e4, float("inf")
+    assert torch.equal(kernels.decode_attention(q, k, v, n_keys), want)
+    # a single visible key: its value, whatever the score
+    assert torch.allclose(want[0], v[0, :, :1].repeat_interleave(H // G, 0)[:, 0], atol=1e-6)
+
+
+def test_decode_attention_peaked_and_flat_softmax() -> None:
+    """Scores far apart (exp underflows to 0 for all but the top key) and all equal."""
+    B, H, G, K, L = 2, 2, 1, 8, 40
+    k = torch.zeros(B, G, L, K)
+    v = torch.randn(B, G, L, K, generator=torch.Generator().manual_seed(2))
+    q = torch.zeros(B, H, K)
+    k[0, 0, 17, 0] = 1.0
+    q[0, :, 0] = 1e3  # row 0: key 17 scores 1e3 / sqrt(8), the rest 0
+    n_keys = torch.tensor([L, 23])
+    got = kernels.decode_attention(q, k, v, n_keys)
+    assert torch.allclose(got[0], v[0, 0, 17].expand(H, K), atol=1e-6)
+    assert torch.allclose(got[1], v[1, 0, :23].mean(0).expand(H, K), atol=1e-6)  # uniform
+    assert torch.isfinite(got).all()
+
+
+def test_decode_attention_refuses_what_it_cannot_read() -> None:
+    q, k = torch.randn(2, 4, 16), torch.randn(2, 2, 5, 16)
+    assert not kernels.supports_decode_attention(q[..., :12], k[..., :12], k[..., :12])  # K % 8
+    assert not kernels.supports_decode_attention(q.double(), k.double(), k.double())
+    assert not kernels.supports_decode_attention(q, k, k.transpose(2, 3).contiguous().mT)
+    assert not kernels.supports_decode_attention(q[:, :3], k, k)  # 3 query heads over 2
+    with pytest.raises(kernels.KernelError, match="float32 CPU tensors"):
+        kernels.decode_attention(q.double(), k.double(), k.double(), torch.tensor([1, 2]))
+    with pytest.raises(kernels.KernelError, match=r"n_keys must have shape \(2,\)"):
+        kernels.decode_attention(q, k, k, torch.tensor([1, 2, 3]))

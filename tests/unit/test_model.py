@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from expertmesh.platform.config import ModelConfig
-from expertmesh.platform.model import KVCache, MoELayer, MoETransformer, SwiGLU, route
+from expertmesh.platform.model import KVCache, MoELayer, MoETransformer, SwiGLU, kernels, route
 from expertmesh.platform.model.routers import capacity_for
 
 BASE = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4)
@@ -200,8 +200,21 @@ def test_casting_to_bfloat16_keeps_rope_frequencies_float32() -> None:
     assert torch.equal(model.rotary.inv_freq, want)
 
 
+@pytest.mark.parametrize(
+    "native",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not kernels.available(), reason="native kernel needs x86-64 AVX2 and a compiler"
+            ),
+        ),
+    ],
+    ids=["torch", "native"],
+)
 @pytest.mark.parametrize("n_heads,n_kv_heads", [(4, 4), (4, 2), (8, 2)])
-def test_decode_attention_equals_masked_sdpa(n_heads: int, n_kv_heads: int) -> None:
+def test_decode_attention_equals_masked_sdpa(n_heads: int, n_kv_heads: int, native: bool) -> None:
     from expertmesh.platform.model.layers import decode_attention
 
     torch.manual_seed(0)
@@ -214,11 +227,12 @@ def test_decode_attention_equals_masked_sdpa(n_heads: int, n_kv_heads: int) -> N
         q_BHK[:, :, None], k_BGLK, v_BGLK, attn_mask=mask_B11L, enable_gqa=True
     )[:, :, 0]
     future_B1L = ~mask_B11L[:, 0]
-    got = decode_attention(q_BHK, k_BGLK, v_BGLK, future_B1L)
+    n_keys_B = pos_B + 1 if native else None  # the kernel takes lengths, not the mask
+    got = decode_attention(q_BHK, k_BGLK, v_BGLK, future_B1L, n_keys_B)
     assert torch.allclose(got, want, atol=1e-6)
     v_BGLK[1, :, 1:] = 1e6  # row 1 sits at position 0: later values must not leak in
     assert torch.allclose(
-        decode_attention(q_BHK, k_BGLK, v_BGLK, future_B1L)[1], want[1], atol=1e-6
+        decode_attention(q_BHK, k_BGLK, v_BGLK, future_B1L, n_keys_B)[1], want[1], atol=1e-6
     )
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.platform.config import ModelConfig
+from expertmesh.platform.model import kernels
 
 
 class RMSNorm(nn.Module):
@@ -172,7 +173,7 @@ class Attention(nn.Module):
         k_BGLK, v_BGLK = k_BGLK.to(q_BTHK.dtype), v_BGLK.to(q_BTHK.dtype)
         if T == 1 and q_BTHK.dtype == torch.float32:
             assert step.future_B1L is not None  # built for every single-position step
-            out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.future_B1L)
+            out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.future_B1L, step.n_keys_B)
             return self.o_proj(out_BHK.reshape(B, 1, -1))
         out_BHTK = F.scaled_dot_product_attention(
             q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, attn_mask=step.allowed_B1TL, enable_gqa=True
@@ -191,6 +192,7 @@ class CacheStep:
     L: int  # key positions read: 0 .. max query position
     first_slot: int | None  # slots are first_slot .. first_slot + B - 1: read the cache in place
     future_B1L: torch.Tensor | None = None  # decode: keys past a row's position
+    n_keys_B: torch.Tensor | None = None  # decode: keys a row sees (its position + 1)
     allowed_B1TL: torch.Tensor | None = None  # otherwise: keys each query may see
 
     @classmethod
@@ -208,22 +210,33 @@ class CacheStep:
             L=L,
             first_slot=s0 if torch.equal(slots_B, torch.arange(s0, s0 + B)) else None,
             future_B1L=keys_L[None, None, :] > pos_BT[:, :1, None] if T == 1 else None,
+            n_keys_B=pos_BT[:, 0] + 1 if T == 1 else None,
             # each query sees keys of its own slot at positions <= its own position
             allowed_B1TL=None if T == 1 else (keys_L[None, None, :] <= pos_BT[:, :, None])[:, None],
         )
 
 
 def decode_attention(
-    q_BHK: torch.Tensor, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor, future_B1L: torch.Tensor
+    q_BHK: torch.Tensor,
+    k_BGLK: torch.Tensor,
+    v_BGLK: torch.Tensor,
+    future_B1L: torch.Tensor,
+    n_keys_B: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query per sequence (a decode step) against its cached keys, leaving out those past
     its own position (``future_B1L``, True there).
+
+    With ``n_keys_B`` (each row's position + 1: the same keys as ``future_B1L`` leaves) and the
+    native kernel available, one pass over the cache in C (:func:`kernels.decode_attention`:
+    1.9-2.1x this path at L=64-96 with the cache cold, as a decode step finds it). Otherwise:
 
     The H // G query heads sharing a key/value head become the rows of one (rows x L) product,
     so a batch is two batched matmuls over (B * G) small problems, reading the cache in place.
     Measured at B=64, G=4, L=96-128 on one core: 0.49-0.52 ms against 0.73-0.93 ms for
     ``scaled_dot_product_attention`` with a mask (one flash-attention block per head and row).
     """
+    if n_keys_B is not None and kernels.supports_decode_attention(q_BHK, k_BGLK, v_BGLK):
+        return kernels.decode_attention(q_BHK, k_BGLK, v_BGLK, n_keys_B)
     B, H, K = q_BHK.shape
     G, L = k_BGLK.shape[1], k_BGLK.shape[2]
     r = H // G

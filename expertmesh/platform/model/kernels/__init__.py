@@ -1,9 +1,11 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Only one for now: :func:`thin_experts`, SwiGLU experts for slices of a few rows each, where a
-step is bound by reading the weights (see ``thin_experts.c``). Everything here is optional: with
-no compiler, a CPU without AVX2/FMA, a non-x86 machine or ``EXPERTMESH_NATIVE_KERNELS=0``,
-:func:`available` is False and callers use their PyTorch path, which computes the same numbers.
+Two of them, in one library: :func:`thin_experts`, SwiGLU experts for slices of a few rows
+each, where a step is bound by reading the weights (see ``thin_experts.c``), and
+:func:`decode_attention`, a decode step's attention in one pass over the KV cache (see
+``decode_attention.c``). Everything here is optional: with no compiler, a CPU without AVX2/FMA,
+a non-x86 machine or ``EXPERTMESH_NATIVE_KERNELS=0``, :func:`available` is False and callers use
+their PyTorch path, which computes the same numbers (to float32 rounding).
 
 The shared library is cached per source and flags under ``$EXPERTMESH_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``), written to a
@@ -31,7 +33,7 @@ from expertmesh import envs
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("thin_experts.c")
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("thin_experts.c", "decode_attention.c"))
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 LIBS = ("-lm",)
 MAX_ROWS = 256  # must match MAX_ROWS in thin_experts.c
@@ -60,14 +62,14 @@ def _cpu_supported() -> bool:
 
 
 def build(cache_dir: Path | None = None) -> Path:
-    """Compile ``thin_experts.c`` (if not cached) and return the shared library's path."""
+    """Compile :data:`SOURCES` into one library (if not cached) and return its path."""
     cc = envs.c_compiler()
     if shutil.which(cc) is None:
         raise FileNotFoundError(f"no C compiler {cc!r} on PATH (set CC)")
-    src = SOURCE.read_bytes()
+    src = b"".join(p.read_bytes() for p in SOURCES)
     digest = hashlib.sha256(src + " ".join((cc, *CFLAGS, *LIBS)).encode()).hexdigest()[:16]
     out_dir = cache_dir or envs.kernel_cache_dir()
-    lib = out_dir / f"thin_experts-{digest}.so"
+    lib = out_dir / f"expertmesh-kernels-{digest}.so"
     if lib.exists():
         return lib
     try:
@@ -84,10 +86,11 @@ def build(cache_dir: Path | None = None) -> Path:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [cc, *CFLAGS, "-o", tmp, str(SOURCE), *LIBS], capture_output=True, text=True
+            [cc, *CFLAGS, "-o", tmp, *map(str, SOURCES), *LIBS], capture_output=True, text=True
         )
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed to build {SOURCE.name}:\n{proc.stderr[-2000:]}")
+            names = ", ".join(p.name for p in SOURCES)
+            raise RuntimeError(f"{cc} failed to build {names}:\n{proc.stderr[-2000:]}")
         os.replace(tmp, lib)
     finally:
         if os.path.exists(tmp):
@@ -123,6 +126,20 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_int,  # use AVX512-BF16 where the CPU has it
     ]
     lib.thin_experts_has_avx512_bf16.restype = ctypes.c_int
+    attn = lib.decode_attention
+    attn.restype = ctypes.c_int
+    attn.argtypes = [
+        ctypes.c_void_p,  # q (B, H, K)
+        ctypes.c_void_p,  # k
+        ctypes.c_void_p,  # v
+        ctypes.c_int64,  # k and v stride between sequences (elements)
+        ctypes.c_int64,  # ... and between key/value heads
+        ctypes.c_void_p,  # n_keys (int64, B)
+        *[ctypes.c_int64] * 5,  # B, H, G, K, L
+        ctypes.c_float,  # scale
+        ctypes.c_void_p,  # out (B, H, K)
+        ctypes.c_int,  # threads
+    ]
     return lib
 
 
@@ -236,3 +253,75 @@ def thin_experts(
     )
     if rc != 0:
         raise KernelError(f"thin_experts refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")
+
+
+ATTN_MAX_HEAD_DIM = 256  # must match ATTN_MAX_K in decode_attention.c
+ATTN_MAX_GROUP = 16  # query heads per key/value head; ATTN_MAX_R there
+
+
+def supports_decode_attention(
+    q_BHK: torch.Tensor, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor
+) -> bool:
+    """Whether :func:`decode_attention` takes these tensors: float32 on the CPU, the kernel
+    available, a head size that is a multiple of 8, and keys and values laid out alike with
+    contiguous rows (the KV cache read in place, or a gathered copy)."""
+    _, H, K = q_BHK.shape
+    G = k_BGLK.shape[1]
+    return (
+        q_BHK.dtype == k_BGLK.dtype == v_BGLK.dtype == torch.float32
+        and q_BHK.device.type == "cpu"
+        and K % 8 == 0
+        and K <= ATTN_MAX_HEAD_DIM
+        and G > 0
+        and H % G == 0
+        and H // G <= ATTN_MAX_GROUP
+        and k_BGLK.shape == v_BGLK.shape
+        and k_BGLK.shape[2] > 0
+        and k_BGLK.stride() == v_BGLK.stride()
+        and k_BGLK.stride()[2:] == (K, 1)
+        and available()
+    )
+
+
+def decode_attention(
+    q_BHK: torch.Tensor, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor, n_keys_B: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(K)) v for one query per sequence: row ``b`` attends to its first
+    ``n_keys_B[b]`` positions (clipped to [1, L]); query head ``h`` reads key/value head
+    ``h // (H // G)``. Returns (B, H, K). Check :func:`supports_decode_attention` first."""
+    lib = _lib()
+    if lib is None or not supports_decode_attention(q_BHK, k_BGLK, v_BGLK):
+        raise KernelError(
+            "decode_attention takes float32 CPU tensors, K a multiple of 8 up to "
+            f"{ATTN_MAX_HEAD_DIM}, keys and values with the same strides and contiguous rows; got "
+            f"q {tuple(q_BHK.shape)} {q_BHK.dtype}, k {tuple(k_BGLK.shape)} {k_BGLK.dtype} "
+            f"strides {k_BGLK.stride()}, v strides {v_BGLK.stride()}"
+        )
+    B, H, K = q_BHK.shape
+    G, L = k_BGLK.shape[1], k_BGLK.shape[2]
+    if n_keys_B.shape != (B,):
+        raise KernelError(f"n_keys must have shape ({B},), got {tuple(n_keys_B.shape)}")
+    q_BHK = q_BHK.contiguous()
+    n_keys_B = n_keys_B.to(torch.int64).contiguous()
+    out = torch.empty_like(q_BHK)
+    if B == 0:
+        return out
+    rc = lib.decode_attention(
+        q_BHK.data_ptr(),
+        k_BGLK.data_ptr(),
+        v_BGLK.data_ptr(),
+        k_BGLK.stride(0),
+        k_BGLK.stride(1),
+        n_keys_B.data_ptr(),
+        B,
+        H,
+        G,
+        K,
+        L,
+        K**-0.5,
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise KernelError(f"decode_attention refused its arguments (code {rc})")
+    return out
