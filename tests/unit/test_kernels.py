@@ -240,6 +240,17 @@ def test_bad_arguments_are_named() -> None:
     assert not kernels.supports(torch.empty(2 * F, D + 4), torch.float32)  # D not a multiple of 8
 
 
+def test_build_digest_covers_every_included_header() -> None:
+    """A header the sources include but the digest leaves out would keep a stale library."""
+    import re
+
+    included = {
+        name for src in kernels.SOURCES for name in re.findall(r'#include "(.+?)"', src.read_text())
+    }
+    assert included and included == {h.name for h in kernels.HEADERS}
+    assert all(h.is_file() for h in kernels.HEADERS)
+
+
 def test_build_is_cached_and_atomic(tmp_path) -> None:
     lib = kernels.build(tmp_path)
     mtime = lib.stat().st_mtime_ns

@@ -34,6 +34,7 @@ from expertmesh import envs
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(n) for n in ("thin_experts.c", "decode_attention.c"))
+HEADERS = (Path(__file__).with_name("vec_math.h"),)  # included by the sources: part of the digest
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 LIBS = ("-lm",)
 MAX_ROWS = 256  # must match MAX_ROWS in thin_experts.c
@@ -66,7 +67,7 @@ def build(cache_dir: Path | None = None) -> Path:
     cc = envs.c_compiler()
     if shutil.which(cc) is None:
         raise FileNotFoundError(f"no C compiler {cc!r} on PATH (set CC)")
-    src = b"".join(p.read_bytes() for p in SOURCES)
+    src = b"".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
     digest = hashlib.sha256(src + " ".join((cc, *CFLAGS, *LIBS)).encode()).hexdigest()[:16]
     out_dir = cache_dir or envs.kernel_cache_dir()
     lib = out_dir / f"expertmesh-kernels-{digest}.so"
