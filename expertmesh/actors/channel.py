@@ -59,6 +59,10 @@ class RemoteError(ChannelError):
     """The shard answered with an error (e.g. it does not hold an expert)."""
 
 
+class ChannelTimeout(ChannelError):
+    """The shard did not answer (or take the request) in time: slow or hung, not known dead."""
+
+
 class ConnectError(ChannelError):
     """No connection could be made (nothing listens there, a firewall, a wrong secret)."""
 
@@ -244,6 +248,8 @@ class ShardChannel:
         try:
             self.sock.settimeout(max(timeout_s, 1e-3))
             _send_all(self.sock, [head, _as_bytes(groups), *map(_as_bytes, parts)])
+        except TimeoutError as exc:
+            raise ChannelTimeout(f"send not taken within {timeout_s:.2f}s") from exc
         except OSError as exc:
             raise ChannelError(f"send failed: {exc}") from exc
         self._dtype = dtype
@@ -266,7 +272,7 @@ class ShardChannel:
                 raise ChannelError("connection closed mid-frame")
             return y_AD
         except TimeoutError as exc:
-            raise ChannelError(f"no answer within {timeout_s:.2f}s") from exc
+            raise ChannelTimeout(f"no answer within {timeout_s:.2f}s") from exc
         except OSError as exc:
             raise ChannelError(f"receive failed: {exc}") from exc
 

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +24,13 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-from expertmesh.actors.channel import ChannelError, ChannelPool, ConnectError, ShardChannel
+from expertmesh.actors.channel import (
+    ChannelError,
+    ChannelPool,
+    ChannelTimeout,
+    ConnectError,
+    ShardChannel,
+)
 from expertmesh.platform.model import Routing, combine, permute
 
 log = logging.getLogger(__name__)
@@ -101,9 +107,15 @@ class Round:
     by_shard: dict[str, Group]
     issued: float  # time.monotonic() when the round began
     deadline: float = 0.0
+    # last replicas that had timed out: waited for up to the deadline's ceiling, until patient_until
+    patient: set[str] = field(default_factory=set)
+    patient_until: float = 0.0
     sent: dict[str, ShardChannel] = field(default_factory=dict)  # over the direct channel
     refs: dict[str, ray.ObjectRef] = field(default_factory=dict)  # as Ray actor calls
     failed: dict[str, str] = field(default_factory=dict)  # shard -> why
+
+    def deadline_of(self, shard: str) -> float:
+        return self.patient_until if shard in self.patient else self.deadline
 
 
 @dataclass(kw_only=True, slots=True, eq=False)
@@ -118,6 +130,9 @@ class RayPending:
     y_np: np.ndarray
     round: Round | None = None  # None: no tokens for this layer
     exclude: set[str] = field(default_factory=set)  # shards that failed this layer
+    # of those, the ones that only timed out (slow or starved, not known dead): where no other
+    # replica is left, one of them gets the work again with the deadline's ceiling
+    slow: set[str] = field(default_factory=set)
 
     def result(self) -> torch.Tensor:
         """Wait for the answers, retry failed shards' work on other replicas, combine: (T, D)."""
@@ -126,8 +141,12 @@ class RayPending:
         try:
             rnd = self.round
             while rnd is not None:
-                retry = d._gather(self.layer, rnd, self.y_np, self.exclude)
-                rnd = d._send(self.layer, self.x_np, retry, self.exclude) if retry else None
+                retry = d._gather(self.layer, rnd, self.y_np, self.exclude, self.slow)
+                rnd = (
+                    d._send(self.layer, self.x_np, retry, self.exclude, self.slow)
+                    if retry
+                    else None
+                )
             self.round = None
             y_AD = torch.from_numpy(self.y_np).to(self.x_TD.dtype)
             return combine(y_AD, self.routing, self.x_TD.shape[0])
@@ -207,8 +226,12 @@ class RayDispatcher:
             except Exception as exc:  # a dead shard: the placement drops it; Ray calls meanwhile
                 log.warning("no channel endpoint from shard %s (%s)", shard, type(exc).__name__)
 
-    def _assign(self, layer: int, experts: list[int], exclude: set[str]) -> dict[int, str]:
-        """A shard for each expert of ``layer``: few shards, rotated between steps."""
+    def _assign(
+        self, layer: int, experts: list[int], exclude: set[str], slow: Set[str] = frozenset()
+    ) -> dict[int, str]:
+        """A shard for each expert of ``layer``: few shards, rotated between steps. Replicas that
+        failed this layer (``exclude``) are left out, unless every replica of an expert did and
+        one of them only timed out (``slow``): better late than a failed request."""
         if self.suspect:  # a shard that failed long enough ago gets its share again
             now = time.monotonic()
             self.suspect = {s: t for s, t in self.suspect.items() if now - t < self.suspect_s}
@@ -218,6 +241,8 @@ class RayDispatcher:
             live = [s for s in replicas if s not in exclude and s not in self.suspect]
             if not live:  # every replica is suspect: try the suspects before giving up
                 live = [s for s in replicas if s not in exclude]
+            if not live:  # every replica failed this layer: wait on a slow one, if any
+                live = [s for s in replicas if s in slow]
             if not live:
                 raise NoReplicaError(
                     f"no live replica of expert {(layer, e)} (replicas: {replicas})"
@@ -248,18 +273,24 @@ class RayDispatcher:
             self.collect_endpoints()
         items = [(e, starts[e], n) for e, n in enumerate(counts) if n]
         if items:
-            pending.round = self._send(layer, x_np, items, pending.exclude)
+            pending.round = self._send(layer, x_np, items, pending.exclude, pending.slow)
         self.stats.seconds += time.perf_counter() - t0
         return pending
 
-    def _send(self, layer: int, x_np: np.ndarray, items: Group, exclude: set[str]) -> Round:
+    def _send(
+        self, layer: int, x_np: np.ndarray, items: Group, exclude: set[str], slow: set[str]
+    ) -> Round:
         """Send every shard its part of ``items``; a shard that cannot be sent to is noted as
-        failed in the returned round."""
+        failed in the returned round. A shard that timed out and is sent the work again (no
+        other replica left) is waited for up to the deadline's ceiling, once per layer."""
         rnd = Round(by_shard=defaultdict(list), issued=time.monotonic())
-        shard_of = self._assign(layer, [e for e, _, _ in items], exclude)
+        shard_of = self._assign(layer, [e for e, _, _ in items], exclude, slow)
         for e, start, n in items:
             rnd.by_shard[shard_of[e]].append((e, start, n))
+        rnd.patient = slow & rnd.by_shard.keys()
+        slow -= rnd.patient
         rnd.deadline = rnd.issued + self.deadline.current()
+        rnd.patient_until = rnd.issued + self.deadline.ceiling_s
         for shard, group in rnd.by_shard.items():
             parts = [x_np[s : s + n] for _, s, n in group]
             experts, counts = [g[0] for g in group], [g[2] for g in group]
@@ -268,7 +299,7 @@ class RayDispatcher:
             try:
                 ch = self.channels.acquire(shard)
                 if ch is not None:
-                    timeout = rnd.deadline - time.monotonic()
+                    timeout = rnd.deadline_of(shard) - time.monotonic()
                     ch.send(layer, parts, experts, counts, timeout_s=timeout)
                     rnd.sent[shard] = ch
                     continue
@@ -288,24 +319,31 @@ class RayDispatcher:
         self.stats.channel_calls += len(rnd.sent)
         return rnd
 
-    def _gather(self, layer: int, rnd: Round, y_np: np.ndarray, exclude: set[str]) -> Group:
+    def _gather(
+        self, layer: int, rnd: Round, y_np: np.ndarray, exclude: set[str], slow: set[str]
+    ) -> Group:
         """Wait for a round's answers (until its deadline); returns the work of shards that
-        failed, to be sent again to other replicas."""
+        failed, to be sent again to other replicas. Shards that timed out, unless already
+        waited for up to the ceiling, are added to ``slow``."""
+        timed_out: set[str] = set()
         for shard, ch in rnd.sent.items():
             try:
-                out = ch.receive(rnd.deadline - time.monotonic())
+                out = ch.receive(rnd.deadline_of(shard) - time.monotonic())
             except ChannelError as exc:
                 ch.close()
                 rnd.failed[shard] = f"{type(exc).__name__}: {exc}"
+                if isinstance(exc, ChannelTimeout):
+                    timed_out.add(shard)
                 continue
             self.channels.release(shard, ch)
             self._take(shard, out, rnd.by_shard[shard], y_np, rnd.issued)
         for shard, ref in rnd.refs.items():
             try:
-                out = ray.get(ref, timeout=max(0.0, rnd.deadline - time.monotonic()))
+                out = ray.get(ref, timeout=max(0.0, rnd.deadline_of(shard) - time.monotonic()))
             except (RayActorError, GetTimeoutError, RayTaskError) as exc:
                 if isinstance(exc, GetTimeoutError):
                     ray.cancel(ref, force=False)
+                    timed_out.add(shard)
                 rnd.failed[shard] = type(exc).__name__
                 continue
             self._take(shard, out, rnd.by_shard[shard], y_np, rnd.issued)
@@ -315,6 +353,8 @@ class RayDispatcher:
             self.suspect[shard] = time.monotonic()
             self.stats.failed_shards.add(shard)
             exclude.add(shard)
+            if shard in timed_out and shard not in rnd.patient:
+                slow.add(shard)
             retry.extend(rnd.by_shard[shard])
         if retry:
             self.stats.retries += 1

@@ -7,6 +7,8 @@ in process, so a transport that lost, reordered or mixed up rows fails here.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
 
 import pytest
@@ -144,3 +146,24 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_last_replica_that_times_out_is_waited_for(setup) -> None:
+    """A shard that is the only replica and stops answering for a while (a starved or paused
+    process, not a dead one) times out at the call deadline; with no other replica to take its
+    work, the dispatcher sends it again and waits up to the deadline's ceiling: the layer's
+    output is complete and right, where before the request failed with NoReplicaError."""
+    layers, handles, experts = setup
+    only_b = {"b": handles["b"]}
+    d = connected(RayDispatcher(view_of(only_b, experts, 1), call_timeout_s=0.3))
+    check_layer(layers, d, seed=11)  # a pooled connection exists, calls are fast
+    pid = ray.get(handles["b"].stats.remote())["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    resume = threading.Timer(1.2, os.kill, (pid, signal.SIGCONT))
+    resume.start()
+    try:
+        check_layer(layers, d, seed=12)
+    finally:
+        resume.join()
+    assert d.stats.failed_shards == {"b"}  # it did time out once
+    assert d.stats.retries >= 1

@@ -5,7 +5,15 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from expertmesh.actors.dispatch import AdaptiveDeadline, PlacementView, RayDispatcher, cover
+import pytest
+
+from expertmesh.actors.dispatch import (
+    AdaptiveDeadline,
+    NoReplicaError,
+    PlacementView,
+    RayDispatcher,
+    cover,
+)
 
 # 8 experts, 2 replicas each on 4 shards, as the placement lays them out for 4 shards
 OPTIONS = {
@@ -96,3 +104,14 @@ def test_a_failed_shard_is_avoided_for_a_while_then_used_again() -> None:
     d.suspect["a"] = time.monotonic() - 31.0
     picked = [s for _ in range(4) for s in d._assign(0, [0, 1, 2, 3], set()).values()]
     assert "a" in picked and "a" not in d.suspect
+
+
+def test_a_last_replica_that_only_timed_out_is_tried_again() -> None:
+    """When every replica of an expert failed this layer, one that only timed out (alive but
+    slow, e.g. starved of CPU) gets the work again; a dead one never does."""
+    replicas = {(0, e): ["a", "b"] for e in range(2)}
+    view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
+    d = RayDispatcher(view, transport="ray")
+    with pytest.raises(NoReplicaError, match=r"no live replica of expert \(0, 0\)"):
+        d._assign(0, [0, 1], {"a", "b"})
+    assert d._assign(0, [0, 1], {"a", "b"}, slow={"b"}) == {0: "b", 1: "b"}
