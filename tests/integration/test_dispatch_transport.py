@@ -158,12 +158,27 @@ def test_last_replica_that_times_out_is_waited_for(setup) -> None:
     d = connected(RayDispatcher(view_of(only_b, experts, 1), call_timeout_s=0.3))
     check_layer(layers, d, seed=11)  # a pooled connection exists, calls are fast
     pid = ray.get(handles["b"].stats.remote())["pid"]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            check_layer(layers, d, seed=12)
+        except BaseException as exc:  # handed to the test thread
+            errors.append(exc)
+
     os.kill(pid, signal.SIGSTOP)
-    resume = threading.Timer(1.2, os.kill, (pid, signal.SIGCONT))
-    resume.start()
+    worker = threading.Thread(target=run)
     try:
-        check_layer(layers, d, seed=12)
+        worker.start()
+        # resume the shard only once its call has timed out (the retry then waits for it)
+        deadline = time.monotonic() + 20
+        while "b" not in d.stats.failed_shards and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert d.stats.failed_shards == {"b"}, "the paused shard's call never timed out"
+        time.sleep(0.3)  # the retry is waiting on the paused shard now
     finally:
-        resume.join()
-    assert d.stats.failed_shards == {"b"}  # it did time out once
+        os.kill(pid, signal.SIGCONT)
+        worker.join(timeout=60)
+    assert not worker.is_alive()
+    assert not errors, errors  # NoReplicaError before the change; a wrong row fails here too
     assert d.stats.retries >= 1
