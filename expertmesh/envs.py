@@ -55,6 +55,12 @@ def native_kernels() -> bool:
     return os.environ.get("EXPERTMESH_NATIVE_KERNELS", "1") != "0"
 
 
+def onednn_linear() -> bool:
+    """``EXPERTMESH_ONEDNN_LINEAR``: ``0`` turns off the packed oneDNN matmuls of inference
+    (:mod:`expertmesh.platform.model.packed`); ``F.linear`` (MKL) everywhere then."""
+    return os.environ.get("EXPERTMESH_ONEDNN_LINEAR", "1") != "0"
+
+
 def kernel_cache_dir() -> Path:
     """``EXPERTMESH_KERNEL_CACHE``: where compiled kernels are kept (default
     ``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``)."""

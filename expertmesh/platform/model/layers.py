@@ -14,6 +14,7 @@ from torch import nn
 
 from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.model import kernels
+from expertmesh.platform.model.packed import PackedWeight
 
 
 class RMSNorm(nn.Module):
@@ -108,6 +109,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         # inference only: q|k|v weights concatenated, with the versions they were built from
         self._qkv: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._qkv_packed, self._o_packed = PackedWeight(), PackedWeight()
 
     def _fused_qkv(self) -> torch.Tensor:
         """The q, k and v weights as one (H*K + 2*G*K, D) matrix, rebuilt whenever any of them
@@ -134,7 +136,7 @@ class Attention(nn.Module):
             return q, k, self.v_proj(x_BTD).view(B, T, G, K)
         # NOTE: inference: one matmul for q, k and v and one rotation for q and k (at serving
         # batch sizes each op costs about its fixed overhead)
-        qkv = F.linear(x_BTD, self._fused_qkv()).view(B, T, H + 2 * G, K)
+        qkv = self._qkv_packed.linear(x_BTD, self._fused_qkv()).view(B, T, H + 2 * G, K)
         qk = apply_rotary(qkv[:, :, : H + G], *rope)
         return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + G :]
 
@@ -158,7 +160,7 @@ class Attention(nn.Module):
             out_BHTK = F.scaled_dot_product_attention(
                 q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, is_causal=T > 1, enable_gqa=True
             )
-            return self.o_proj(out_BHTK.transpose(1, 2).reshape(B, T, -1))
+            return self._out(out_BHTK.transpose(1, 2).reshape(B, T, -1))
         if step is None:
             assert slots_B is not None
             step = CacheStep.build(pos_BT, slots_B, write_pos_BT)
@@ -174,11 +176,15 @@ class Attention(nn.Module):
         if T == 1 and q_BTHK.dtype == torch.float32:
             assert step.future_B1L is not None  # built for every single-position step
             out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.future_B1L, step.n_keys_B)
-            return self.o_proj(out_BHK.reshape(B, 1, -1))
+            return self._out(out_BHK.reshape(B, 1, -1))
         out_BHTK = F.scaled_dot_product_attention(
             q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, attn_mask=step.allowed_B1TL, enable_gqa=True
         )
-        return self.o_proj(out_BHTK.transpose(1, 2).reshape(B, T, -1))
+        return self._out(out_BHTK.transpose(1, 2).reshape(B, T, -1))
+
+    def _out(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The output projection (packed for oneDNN where no gradient is wanted)."""
+        return self._o_packed.linear(x_BTD, self.o_proj.weight)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -254,6 +260,9 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
         self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
         self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
+        self._packed = (PackedWeight(), PackedWeight(), PackedWeight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        p1, p3, p2 = self._packed
+        gate, up = p1.linear(x, self.w1.weight), p3.linear(x, self.w3.weight)
+        return p2.linear(F.silu(gate) * up, self.w2.weight)
