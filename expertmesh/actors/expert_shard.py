@@ -9,6 +9,7 @@ channel (:mod:`expertmesh.actors.channel`, the router's default) or as Ray actor
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -24,6 +25,7 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.model.experts import run_experts
 
 ExpertKey = tuple[int, int]
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -34,14 +36,22 @@ class ShardResources:
     num_gpus: float = 0.0
     resources: dict[str, float] | None = None
     threads: int = 1  # torch intra-op threads inside the shard
+    batch_scheduling: bool = True  # Linux SCHED_BATCH for the shard's threads (see below)
 
 
 class ExpertShard:
     """Hosts expert weights; wrapped with ``ray.remote`` by :func:`shard_actor_class`."""
 
     def __init__(
-        self, shard_id: str, checkpoint_uri: str, experts: list[ExpertKey], threads: int = 1
+        self,
+        shard_id: str,
+        checkpoint_uri: str,
+        experts: list[ExpertKey],
+        threads: int = 1,
+        batch_scheduling: bool = True,
     ) -> None:
+        # before any thread of ours starts: the channel's threads inherit the policy
+        self.sched_policy = use_batch_scheduling() if batch_scheduling else _policy_name()
         torch.set_num_threads(max(1, threads))
         self.shard_id = shard_id
         self.checkpoint_uri = checkpoint_uri
@@ -136,9 +146,41 @@ class ExpertShard:
             "mean_call_ms": 1000 * self.busy_s / self.calls if self.calls else 0.0,
             "busy_s": self.busy_s,
             "queue_depth": self.in_flight,
+            "sched_policy": self.sched_policy,
             "draining": self.draining,
             "uptime_s": time.time() - self.started_at,
         }
+
+
+def use_batch_scheduling() -> str:
+    """Put the calling thread (and the threads it starts from now on) under ``SCHED_BATCH``;
+    returns the policy it runs under ("batch", or "other" where that is not possible).
+
+    A shard's work arrives as a socket write from the router, and Linux lets a woken thread of
+    the normal policy preempt the one that woke it. The router sends a layer's requests to
+    two or more shards one after another: the first shard, woken on the router's core, used to
+    take that core before the router had sent to the next one, and the shards then ran one
+    after the other while another core idled. A ``SCHED_BATCH`` thread is not scheduled ahead
+    of the running one on wake-up (its CPU share is unchanged; only that preemption goes).
+    Measured on the 2-core reference machine, 64 clients, tiny model, 4 shards: the router's
+    send to a shard took 1.7 ms at p90 against 0.2 ms, a layer's round of shard calls 3.85 ms
+    median against 4.5, and throughput 1.07x in 8 A/B pairs on one deployment (6 above 1).
+    Any process may choose this policy for itself (no privilege).
+    """
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is None:  # not Linux
+        return _policy_name()
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError as exc:  # a container's seccomp profile, say: run as before
+        log.warning("shard keeps the normal scheduling policy (%s)", exc)
+    return _policy_name()
+
+
+def _policy_name() -> str:
+    if getattr(os, "SCHED_BATCH", None) is not None and os.sched_getscheduler(0) == os.SCHED_BATCH:
+        return "batch"
+    return "other"
 
 
 def _node_ip() -> str:

@@ -50,6 +50,8 @@ def test_distributed_greedy_equals_in_process(cluster, checkpoint) -> None:
     shards = status["shards"]
     assert len(shards) == 4
     assert all(s["experts"] for s in shards)
+    # shards run under SCHED_BATCH: woken by the router, they do not preempt it
+    assert {s["sched_policy"] for s in shards} == {"batch"}
     pids = {s["pid"] for s in shards}
     alive = {
         a.name: a

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -18,6 +19,7 @@ from expertmesh.actors.channel import (
     RemoteError,
     ShardChannel,
 )
+from expertmesh.actors.expert_shard import use_batch_scheduling
 
 
 def expert_math(layer: int, x_AD: np.ndarray, experts: list[int], counts: list[int]) -> np.ndarray:
@@ -145,3 +147,35 @@ def test_pool_reuses_connections_and_forgets_shards(server: ChannelServer) -> No
     pool.release("s0", ch)  # returned after the shard left: closed, not kept
     assert ch.sock.fileno() == -1
     assert pool.acquire("s0") is None
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies")
+def test_shard_threads_inherit_batch_scheduling() -> None:
+    """ExpertShard puts its thread under SCHED_BATCH before it starts the channel: the threads
+    that then run the handler must inherit it (they are the ones the router wakes)."""
+    seen: list[int] = []
+
+    def handler(layer, x_AD, experts, counts):
+        seen.append(os.sched_getscheduler(0))
+        return x_AD
+
+    servers: list[ChannelServer] = []
+    policy: list[str] = []
+
+    def start() -> None:  # a thread of its own: the policy must not stick to pytest's thread
+        policy.append(use_batch_scheduling())
+        servers.append(ChannelServer(handler, "127.0.0.1"))
+
+    t = threading.Thread(target=start)
+    t.start()
+    t.join()
+    ch = ShardChannel(servers[0].endpoint())
+    try:
+        ch.send(0, [np.ones((2, 8), np.float32)], [0], [2])
+        ch.receive(5.0)
+    finally:
+        ch.close()
+        servers[0].close()
+    assert policy == ["batch"]
+    assert seen == [os.SCHED_BATCH]
+    assert os.sched_getscheduler(0) != os.SCHED_BATCH  # the test's own thread is untouched
