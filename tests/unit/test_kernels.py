@@ -369,3 +369,72 @@ def test_decode_attention_refuses_what_it_cannot_read() -> None:
         kernels.decode_attention(q.double(), k.double(), k.double(), torch.tensor([1, 2]))
     with pytest.raises(kernels.KernelError, match=r"n_keys must have shape \(2,\)"):
         kernels.decode_attention(q, k, k, torch.tensor([1, 2, 3]))
+
+
+# ---------------------------------------------------------------------- decode step (rotary + append)
+def torch_decode_step(
+    qkv_BRK: torch.Tensor,
+    pos_B: torch.Tensor,
+    k_buf: torch.Tensor,
+    v_buf: torch.Tensor,
+    first: int,
+    H: int,
+) -> torch.Tensor:
+    """The PyTorch path the kernel replaces: layers.apply_rotary, index_put into the cache,
+    then the float64 reference attention over positions 0..pos."""
+    from expertmesh.platform.model.layers import Rotary, apply_rotary
+
+    B, _, K = qkv_BRK.shape
+    G = k_buf.shape[1]
+    cos, sin = Rotary(K, 10000.0)(pos_B[:, None], torch.float32)
+    qk = apply_rotary(qkv_BRK[:, None, : H + G], cos, sin)[:, 0]
+    slots = torch.arange(first, first + B)
+    k_buf[slots, :, pos_B] = qk[:, H:]
+    v_buf[slots, :, pos_B] = qkv_BRK[:, H + G :]
+    L = int(pos_B.max()) + 1
+    k, v = k_buf[slots, :, :L].nan_to_num(0.0), v_buf[slots, :, :L].nan_to_num(0.0)  # masked
+    return masked_attention(qk[:, :H], k, v, pos_B + 1)
+
+
+@pytest.mark.parametrize("H,G,K", [(8, 4, 32), (4, 4, 8), (16, 2, 64), (2, 1, 24)])
+def test_decode_rope_attention_equals_rotary_append_attention(H: int, G: int, K: int) -> None:
+    from expertmesh.platform.model.layers import Rotary
+
+    g = torch.Generator().manual_seed(H + K)
+    S, M, B, first = 9, 40, 5, 3  # slots 3..7 of 9: the others must stay untouched
+    k_buf, v_buf = torch.randn(2, S, G, M, K, generator=g)
+    pos = torch.tensor([0, 17, 39, 4, 22])  # position 0, and the cache's last
+    for b, p in enumerate(pos.tolist()):  # positions past a row's own: must not leak in
+        k_buf[first + b, :, p + 1 :], v_buf[first + b, :, p + 1 :] = 1e4, float("nan")
+    qkv = torch.randn(B, H + 2 * G, K, generator=g) * 2
+    k_ref, v_ref = k_buf.clone(), v_buf.clone()
+    want = torch_decode_step(qkv, pos, k_ref, v_ref, first, H)
+    cos, sin = (t[:, 0] for t in Rotary(K, 10000.0)(pos[:, None], torch.float32))
+    assert kernels.supports_decode_rope_attention(qkv, cos, k_buf, v_buf)
+    got = kernels.decode_rope_attention(qkv, cos, sin, k_buf, v_buf, first, pos, H)
+    # the cache, written entries and all others, bitwise as the PyTorch path leaves it
+    assert torch.equal(k_buf.nan_to_num(7.0), k_ref.nan_to_num(7.0))
+    assert torch.equal(v_buf.nan_to_num(7.0), v_ref.nan_to_num(7.0))
+    assert torch.allclose(got, want, atol=2e-6, rtol=1e-5)
+
+
+def test_decode_rope_attention_refuses_before_writing() -> None:
+    from expertmesh.platform.model.layers import Rotary
+
+    H, G, K, S, M = 4, 2, 16, 4, 10
+    k_buf, v_buf = torch.randn(2, S, G, M, K)
+    before = (k_buf.clone(), v_buf.clone())
+    qkv = torch.randn(2, H + 2 * G, K)
+    cos, sin = (t[:, 0] for t in Rotary(K, 10000.0)(torch.tensor([[3], [9]]), torch.float32))
+    with pytest.raises(kernels.KernelError, match="outside the cache's 10"):
+        kernels.decode_rope_attention(qkv, cos, sin, k_buf, v_buf, 0, torch.tensor([3, 10]), H)
+    with pytest.raises(kernels.KernelError, match=r"slots 3\.\.4 outside the cache's 4"):
+        kernels.decode_rope_attention(qkv, cos, sin, k_buf, v_buf, 3, torch.tensor([3, 9]), H)
+    with pytest.raises(kernels.KernelError, match=r"expected 6 \+ 2 x 2"):
+        kernels.decode_rope_attention(qkv, cos, sin, k_buf, v_buf, 0, torch.tensor([3, 9]), 6)
+    with pytest.raises(kernels.KernelError, match="float32 CPU tensors"):
+        kernels.decode_rope_attention(
+            qkv, cos, sin, k_buf.double(), v_buf, 0, torch.tensor([3, 9]), H
+        )
+    assert not kernels.supports_decode_rope_attention(qkv[:, :, :12], cos[:, :12], k_buf, v_buf)
+    assert torch.equal(k_buf, before[0]) and torch.equal(v_buf, before[1])

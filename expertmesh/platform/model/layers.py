@@ -154,6 +154,13 @@ class Attention(nn.Module):
         point at the cache's scratch position so they never overwrite a real entry. ``step``
         (the same for every layer of a forward pass) is derived from the three when not given."""
         B, T, _ = x_BTD.shape
+        if cache is not None and step is None:
+            assert slots_B is not None
+            step = CacheStep.build(pos_BT, slots_B, write_pos_BT)
+        if cache is not None and step is not None and step.decode_pos_B is not None:
+            out_BHK = self._decode_native(x_BTD, rope, cache, step)
+            if out_BHK is not None:
+                return self._out(out_BHK.reshape(B, 1, -1))
         q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, rope)
         if cache is None:
             k_BGLK, v_BGLK = k_BTGK.transpose(1, 2), v_BTGK.transpose(1, 2)
@@ -161,9 +168,7 @@ class Attention(nn.Module):
                 q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, is_causal=T > 1, enable_gqa=True
             )
             return self._out(out_BHTK.transpose(1, 2).reshape(B, T, -1))
-        if step is None:
-            assert slots_B is not None
-            step = CacheStep.build(pos_BT, slots_B, write_pos_BT)
+        assert step is not None
         k_buf, v_buf = cache
         k_buf[step.slot_BT, :, step.write_pos_BT] = k_BTGK.to(k_buf.dtype)
         v_buf[step.slot_BT, :, step.write_pos_BT] = v_BTGK.to(v_buf.dtype)
@@ -182,6 +187,40 @@ class Attention(nn.Module):
         )
         return self._out(out_BHTK.transpose(1, 2).reshape(B, T, -1))
 
+    def _decode_native(
+        self,
+        x_BTD: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        cache: tuple[torch.Tensor, torch.Tensor],
+        step: CacheStep,
+    ) -> torch.Tensor | None:
+        """A decode step's attention in one native call (rotary, cache append, attention:
+        :func:`kernels.decode_rope_attention`), (B, H, K); None where that does not apply
+        (training, other dtypes, slots that are not one compact range, no kernel).
+
+        NOTE: the PyTorch path spends ~10 small ops per layer between the projection and the
+        attention (the rotation's slices, cat, negation, products and sum; two index_put writes
+        into the cache), each costing its dispatch overhead at a decode step's 64 rows."""
+        k_buf, v_buf = cache
+        if (
+            torch.is_grad_enabled()
+            or step.first_slot is None
+            or x_BTD.dtype != torch.float32
+            or k_buf.dtype != torch.float32
+            or self.head_dim % 8
+            or not kernels.available()
+        ):
+            return None
+        B = x_BTD.shape[0]
+        qkv_BRK = self._qkv_packed.linear(x_BTD, self._fused_qkv()).view(B, -1, self.head_dim)
+        cos_BK, sin_BK = rope[0].reshape(B, -1), rope[1].reshape(B, -1)
+        if not kernels.supports_decode_rope_attention(qkv_BRK, cos_BK, k_buf, v_buf):
+            return None
+        assert step.decode_pos_B is not None
+        return kernels.decode_rope_attention(
+            qkv_BRK, cos_BK, sin_BK, k_buf, v_buf, step.first_slot, step.decode_pos_B, self.n_heads
+        )
+
     def _out(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """The output projection (packed for oneDNN where no gradient is wanted)."""
         return self._o_packed.linear(x_BTD, self.o_proj.weight)
@@ -199,6 +238,8 @@ class CacheStep:
     first_slot: int | None  # slots are first_slot .. first_slot + B - 1: read the cache in place
     future_B1L: torch.Tensor | None = None  # decode: keys past a row's position
     n_keys_B: torch.Tensor | None = None  # decode: keys a row sees (its position + 1)
+    # decode, each token written at its own position: that position (the native path's input)
+    decode_pos_B: torch.Tensor | None = None
     allowed_B1TL: torch.Tensor | None = None  # otherwise: keys each query may see
 
     @classmethod
@@ -217,6 +258,7 @@ class CacheStep:
             first_slot=s0 if torch.equal(slots_B, torch.arange(s0, s0 + B)) else None,
             future_B1L=keys_L[None, None, :] > pos_BT[:, :1, None] if T == 1 else None,
             n_keys_B=pos_BT[:, 0] + 1 if T == 1 else None,
+            decode_pos_B=pos_BT[:, 0] if T == 1 and write_pos_BT is None else None,
             # each query sees keys of its own slot at positions <= its own position
             allowed_B1TL=None if T == 1 else (keys_L[None, None, :] <= pos_BT[:, :, None])[:, None],
         )

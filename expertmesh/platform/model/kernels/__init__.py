@@ -1,9 +1,10 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Two of them, in one library: :func:`thin_experts`, SwiGLU experts for slices of a few rows
-each, where a step is bound by reading the weights (see ``thin_experts.c``), and
-:func:`decode_attention`, a decode step's attention in one pass over the KV cache (see
-``decode_attention.c``). Everything here is optional: with no compiler, a CPU without AVX2/FMA,
+Three of them, in one library: :func:`thin_experts`, SwiGLU experts for slices of a few rows
+each, where a step is bound by reading the weights (see ``thin_experts.c``);
+:func:`decode_attention`, a decode step's attention in one pass over the KV cache, and
+:func:`decode_rope_attention`, the same preceded by the rotary embedding and the cache append
+(see ``decode_attention.c``). Everything here is optional: with no compiler, a CPU without AVX2/FMA,
 a non-x86 machine or ``EXPERTMESH_NATIVE_KERNELS=0``, :func:`available` is False and callers use
 their PyTorch path, which computes the same numbers (to float32 rounding).
 
@@ -138,6 +139,24 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # n_keys (int64, B)
         *[ctypes.c_int64] * 5,  # B, H, G, K, L
         ctypes.c_float,  # scale
+        ctypes.c_void_p,  # out (B, H, K)
+        ctypes.c_int,  # threads
+    ]
+    step = lib.decode_rope_attention
+    step.restype = ctypes.c_int
+    step.argtypes = [
+        ctypes.c_void_p,  # qkv (B, H + 2G, K)
+        ctypes.c_void_p,  # cos (B, K)
+        ctypes.c_void_p,  # sin (B, K)
+        ctypes.c_void_p,  # k cache
+        ctypes.c_void_p,  # v cache
+        ctypes.c_int64,  # cache stride between sequences (elements)
+        ctypes.c_int64,  # ... and between key/value heads
+        ctypes.c_void_p,  # pos (int64, B)
+        ctypes.c_int64,  # positions a cache row holds
+        *[ctypes.c_int64] * 4,  # B, H, G, K
+        ctypes.c_float,  # scale
+        ctypes.c_void_p,  # rotated queries (B, H, K)
         ctypes.c_void_p,  # out (B, H, K)
         ctypes.c_int,  # threads
     ]
@@ -325,4 +344,94 @@ def decode_attention(
     )
     if rc != 0:
         raise KernelError(f"decode_attention refused its arguments (code {rc})")
+    return out
+
+
+def supports_decode_rope_attention(
+    qkv_BRK: torch.Tensor, cos_BK: torch.Tensor, k_SGMK: torch.Tensor, v_SGMK: torch.Tensor
+) -> bool:
+    """Whether :func:`decode_rope_attention` takes these tensors: float32 on the CPU, the kernel
+    available, ``qkv`` and the rotary tables contiguous, and the key and value caches laid out
+    alike (contiguous rows of a head size that is a multiple of 8)."""
+    K = qkv_BRK.shape[-1]
+    return (
+        qkv_BRK.dtype == cos_BK.dtype == k_SGMK.dtype == v_SGMK.dtype == torch.float32
+        and qkv_BRK.device.type == "cpu"
+        and qkv_BRK.dim() == 3
+        and qkv_BRK.is_contiguous()
+        and cos_BK.is_contiguous()
+        and cos_BK.shape == (qkv_BRK.shape[0], K)
+        and K % 8 == 0
+        and K <= ATTN_MAX_HEAD_DIM
+        and k_SGMK.dim() == 4
+        and k_SGMK.shape == v_SGMK.shape
+        and k_SGMK.shape[3] == K
+        and k_SGMK.stride() == v_SGMK.stride()
+        and k_SGMK.stride()[2:] == (K, 1)
+        and available()
+    )
+
+
+def decode_rope_attention(
+    qkv_BRK: torch.Tensor,
+    cos_BK: torch.Tensor,
+    sin_BK: torch.Tensor,
+    k_SGMK: torch.Tensor,
+    v_SGMK: torch.Tensor,
+    first_slot: int,
+    pos_B: torch.Tensor,
+    n_heads: int,
+) -> torch.Tensor:
+    """A decode step's attention from the fused projection ``qkv`` (B, H + 2G, K): rotate the
+    queries and keys (``cos``/``sin`` (B, K), as :func:`layers.apply_rotary`), write each
+    sequence's key and value into cache slot ``first_slot + b`` at position ``pos_B[b]``, and
+    attend to positions ``0 .. pos_B[b]`` of that slot. Returns (B, H, K). The cache entries
+    are bitwise those of the PyTorch path; the attention is :func:`decode_attention`'s.
+    Check :func:`supports_decode_rope_attention` first."""
+    lib = _lib()
+    if lib is None or not supports_decode_rope_attention(qkv_BRK, cos_BK, k_SGMK, v_SGMK):
+        raise KernelError(
+            "decode_rope_attention takes float32 CPU tensors: qkv and cos/sin contiguous, a "
+            f"cache of rows of K floats; got qkv {tuple(qkv_BRK.shape)} {qkv_BRK.dtype}, "
+            f"cos {tuple(cos_BK.shape)}, cache {tuple(k_SGMK.shape)} strides {k_SGMK.stride()}"
+        )
+    B, R, K = qkv_BRK.shape
+    S, G, M, _ = k_SGMK.shape
+    if n_heads + 2 * G != R or n_heads % G:
+        raise KernelError(f"qkv has {R} rows per sequence, expected {n_heads} + 2 x {G}")
+    if sin_BK.shape != cos_BK.shape or not sin_BK.is_contiguous() or sin_BK.dtype != cos_BK.dtype:
+        raise KernelError(f"sin must be like cos {tuple(cos_BK.shape)}, got {tuple(sin_BK.shape)}")
+    if pos_B.shape != (B,):
+        raise KernelError(f"pos must have shape ({B},), got {tuple(pos_B.shape)}")
+    if not 0 <= first_slot <= S - B:
+        raise KernelError(f"slots {first_slot}..{first_slot + B - 1} outside the cache's {S}")
+    pos_B = pos_B.to(torch.int64).contiguous()
+    q_rot = torch.empty(B, n_heads, K)
+    out = torch.empty(B, n_heads, K)
+    if B == 0:
+        return out
+    offset = first_slot * k_SGMK.stride(0) * k_SGMK.element_size()
+    rc = lib.decode_rope_attention(
+        qkv_BRK.data_ptr(),
+        cos_BK.data_ptr(),
+        sin_BK.data_ptr(),
+        k_SGMK.data_ptr() + offset,
+        v_SGMK.data_ptr() + offset,
+        k_SGMK.stride(0),
+        k_SGMK.stride(1),
+        pos_B.data_ptr(),
+        M,
+        B,
+        n_heads,
+        G,
+        K,
+        K**-0.5,
+        q_rot.data_ptr(),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc == 2:
+        raise KernelError(f"a position in {pos_B.tolist()} is outside the cache's {M}")
+    if rc != 0:
+        raise KernelError(f"decode_rope_attention refused its arguments (code {rc})")
     return out

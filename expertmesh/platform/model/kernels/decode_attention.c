@@ -159,3 +159,68 @@ int decode_attention(const float *q, const float *k, const float *v, int64_t sb,
     }
     return rc;
 }
+
+/* A whole decode step's attention from the fused q|k|v projection: rotary embedding of the
+ * queries and keys, the step's key and value appended to the cache, then decode_attention.
+ *
+ * Why: in PyTorch these are ~10 small ops per layer (the rotation's slices, cat, negation,
+ * products and sum; two index_put writes into the cache), each costing its dispatch overhead at
+ * a decode step's 64 rows; here they are one pass over B x (H + 2G) rows of K floats.
+ *
+ * Layout: qkv is (B, H + 2G, K) contiguous: H query rows, then G key rows, then G value rows per
+ * sequence. cos and sin are (B, K) contiguous (both halves of a row equal, as layers.Rotary
+ * makes them). Sequence b's new key and value go to position pos[b] of its cache rows (k + b * sb
+ * + g * sg, rows of K floats; positions below n_pos), and it then attends to positions
+ * 0 .. pos[b]. q_rot (B, H, K) receives the rotated queries; out is (B, H, K).
+ *
+ * Numbers: the rotation is layers.apply_rotary's, x * cos + rotate_half(x) * sin with each
+ * product and the sum rounded to float32 on its own (no fused multiply-add), so the rotated
+ * rows and the cache entries are bitwise those of the PyTorch path.
+ *
+ * Returns 0; 1 for an unsupported shape, 2 for a position outside [0, n_pos), 3 when scratch
+ * memory ran out. Nothing is written unless every position is in range. */
+__attribute__((optimize("fp-contract=off"))) static void rotate(const float *x, const float *c,
+                                                               const float *s, float *y,
+                                                               int64_t K) {
+    const int64_t h = K / 2;
+    for (int64_t j = 0; j < h; j++) {
+        const float a = x[j] * c[j], b = x[j + h] * s[j];
+        y[j] = a - b;
+    }
+    for (int64_t j = h; j < K; j++) {
+        const float a = x[j] * c[j], b = x[j - h] * s[j];
+        y[j] = a + b;
+    }
+}
+
+int decode_rope_attention(const float *qkv, const float *cos, const float *sin, float *k, float *v,
+                          int64_t sb, int64_t sg, const int64_t *pos, int64_t n_pos, int64_t B,
+                          int64_t H, int64_t G, int64_t K, float scale, float *q_rot, float *out,
+                          int n_threads) {
+    if (B < 0 || G <= 0 || H % G != 0 || H / G > ATTN_MAX_R || K <= 0 || K % 8 != 0 ||
+        K > ATTN_MAX_K)
+        return 1;
+    int64_t L = 1;
+    for (int64_t b = 0; b < B; b++) {
+        if (pos[b] < 0 || pos[b] >= n_pos) return 2;
+        if (pos[b] + 1 > L) L = pos[b] + 1;
+    }
+    int64_t *n_keys = malloc(sizeof(int64_t) * (size_t)(B > 0 ? B : 1));
+    if (n_keys == NULL) return 3;
+    const int64_t rows = H + 2 * G;
+    for (int64_t b = 0; b < B; b++) {
+        const float *xb = qkv + b * rows * K, *cb = cos + b * K, *snb = sin + b * K;
+        for (int64_t i = 0; i < H; i++) rotate(xb + i * K, cb, snb, q_rot + (b * H + i) * K, K);
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t at = b * sb + g * sg + pos[b] * K;
+            rotate(xb + (H + g) * K, cb, snb, k + at, K);
+            const float *vx = xb + (H + G + g) * K;
+            for (int64_t j = 0; j < K; j++) v[at + j] = vx[j];
+        }
+        n_keys[b] = pos[b] + 1;
+    }
+    const int rc = decode_attention(q_rot, k, v, sb, sg, n_keys, B, H, G, K, L, scale, out,
+                                    n_threads);
+    free(n_keys);
+    return rc;
+}
