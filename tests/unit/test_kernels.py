@@ -438,3 +438,45 @@ def test_decode_rope_attention_refuses_before_writing() -> None:
         )
     assert not kernels.supports_decode_rope_attention(qkv[:, :, :12], cos[:, :12], k_buf, v_buf)
     assert torch.equal(k_buf, before[0]) and torch.equal(v_buf, before[1])
+
+
+# ---------------------------------------------------------------------- RMSNorm
+@pytest.mark.parametrize("shape", [(64, 1, 256), (3, 8), (5, 7, 40), (0, 16)])
+def test_rms_norm_equals_pytorch(shape: tuple[int, ...]) -> None:
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(*shape, generator=g) * 3
+    w = torch.randn(shape[-1], generator=g)
+    assert kernels.supports_rms_norm(x, w)
+    got = kernels.rms_norm(x, w, 1e-5)
+    want = torch.nn.functional.rms_norm(x.double(), (shape[-1],), w.double(), 1e-5)
+    assert got.shape == x.shape and got.dtype == torch.float32
+    assert torch.allclose(got.double(), want, atol=1e-6, rtol=1e-6)
+    z = torch.zeros(2, shape[-1])  # eps keeps an all-zero row finite
+    assert torch.equal(kernels.rms_norm(z, w, 1e-5), torch.zeros_like(z))
+
+
+def test_rms_norm_refuses_what_it_cannot_read() -> None:
+    x, w = torch.randn(4, 16), torch.randn(16)
+    assert not kernels.supports_rms_norm(x[:, :12], w[:12])  # not a multiple of 8
+    assert not kernels.supports_rms_norm(x.t(), w)  # not contiguous (and the wrong width)
+    assert not kernels.supports_rms_norm(x, torch.randn(8))
+    assert not kernels.supports_rms_norm(x.double(), w.double())
+    with pytest.raises(kernels.KernelError, match="multiple of 8"):
+        kernels.rms_norm(x[:, :12], w[:12], 1e-5)
+
+
+def test_rms_norm_module_takes_the_kernel_in_inference_only(monkeypatch) -> None:
+    from expertmesh.platform.model.layers import RMSNorm
+
+    norm = RMSNorm(32, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(6, 32)
+    calls: list[int] = []
+    real = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    y = norm(x)  # grad mode: PyTorch's, differentiable
+    assert y.requires_grad and calls == []
+    with torch.no_grad():
+        assert torch.allclose(norm(x), y.detach(), atol=1e-6)
+    assert calls == [1]

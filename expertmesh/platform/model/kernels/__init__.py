@@ -1,10 +1,10 @@
 """Native CPU kernels, compiled on first use with the system C compiler and loaded with ctypes.
 
-Three of them, in one library: :func:`thin_experts`, SwiGLU experts for slices of a few rows
-each, where a step is bound by reading the weights (see ``thin_experts.c``);
-:func:`decode_attention`, a decode step's attention in one pass over the KV cache, and
-:func:`decode_rope_attention`, the same preceded by the rotary embedding and the cache append
-(see ``decode_attention.c``). Everything here is optional: with no compiler, a CPU without AVX2/FMA,
+In one library: :func:`thin_experts`, SwiGLU experts for slices of a few rows each, where a
+step is bound by reading the weights (see ``thin_experts.c``); :func:`decode_attention`, a
+decode step's attention in one pass over the KV cache, and :func:`decode_rope_attention`, the
+same preceded by the rotary embedding and the cache append (see ``decode_attention.c``); and
+:func:`rms_norm` (``rms_norm.c``). Everything here is optional: with no compiler, a CPU without AVX2/FMA,
 a non-x86 machine or ``EXPERTMESH_NATIVE_KERNELS=0``, :func:`available` is False and callers use
 their PyTorch path, which computes the same numbers (to float32 rounding).
 
@@ -34,7 +34,9 @@ from expertmesh import envs
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("thin_experts.c", "decode_attention.c"))
+SOURCES = tuple(
+    Path(__file__).with_name(n) for n in ("thin_experts.c", "decode_attention.c", "rms_norm.c")
+)
 HEADERS = (Path(__file__).with_name("vec_math.h"),)  # included by the sources: part of the digest
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 LIBS = ("-lm",)
@@ -141,6 +143,16 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_float,  # scale
         ctypes.c_void_p,  # out (B, H, K)
         ctypes.c_int,  # threads
+    ]
+    norm = lib.rms_norm
+    norm.restype = ctypes.c_int
+    norm.argtypes = [
+        ctypes.c_void_p,  # x (rows, D)
+        ctypes.c_void_p,  # weight (D,)
+        ctypes.c_float,  # eps
+        ctypes.c_int64,  # rows
+        ctypes.c_int64,  # D
+        ctypes.c_void_p,  # out (rows, D)
     ]
     step = lib.decode_rope_attention
     step.restype = ctypes.c_int
@@ -434,4 +446,39 @@ def decode_rope_attention(
         raise KernelError(f"a position in {pos_B.tolist()} is outside the cache's {M}")
     if rc != 0:
         raise KernelError(f"decode_rope_attention refused its arguments (code {rc})")
+    return out
+
+
+def supports_rms_norm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`rms_norm` takes these: float32 CPU tensors, ``x`` contiguous with a last
+    dimension that is a multiple of 8 and equals the weight's length, the kernel available."""
+    return (
+        x.dtype == weight.dtype == torch.float32
+        and x.device.type == "cpu"
+        and x.dim() >= 1
+        and x.is_contiguous()
+        and weight.is_contiguous()
+        and weight.dim() == 1
+        and x.shape[-1] == weight.shape[0]
+        and x.shape[-1] % 8 == 0
+        and available()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``x / sqrt(mean(x^2, -1) + eps) * weight`` over the last dimension, as ``F.rms_norm``
+    (to float32 rounding). Check :func:`supports_rms_norm` first."""
+    lib = _lib()
+    if lib is None or not supports_rms_norm(x, weight):
+        raise KernelError(
+            "rms_norm takes contiguous float32 CPU tensors with a last dimension that is a "
+            f"multiple of 8 and the weight's length; got x {tuple(x.shape)} {x.dtype}, weight "
+            f"{tuple(weight.shape)} {weight.dtype}"
+        )
+    out = torch.empty_like(x)
+    D = x.shape[-1]
+    if x.numel():
+        rc = lib.rms_norm(x.data_ptr(), weight.data_ptr(), eps, x.numel() // D, D, out.data_ptr())
+        if rc != 0:
+            raise KernelError(f"rms_norm refused its arguments (code {rc})")
     return out
