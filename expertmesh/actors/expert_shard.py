@@ -23,6 +23,7 @@ from expertmesh.actors.channel import ChannelServer, Endpoint
 from expertmesh.actors.metrics import ShardMetrics
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.model.experts import run_experts
+from expertmesh.platform.model.packed import PackedWeight
 
 ExpertKey = tuple[int, int]
 log = logging.getLogger(__name__)
@@ -56,6 +57,8 @@ class ExpertShard:
         self.shard_id = shard_id
         self.checkpoint_uri = checkpoint_uri
         self.weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        # each expert's weights packed for oneDNN on first use (large slices, see run_experts)
+        self.packed: dict[ExpertKey, tuple[PackedWeight, PackedWeight]] = {}
         self.tokens_served: dict[ExpertKey, int] = defaultdict(int)
         self.calls = 0
         self.busy_s = 0.0
@@ -83,12 +86,14 @@ class ExpertShard:
                     # rounded where PyTorch rounds them), half the memory of float32 copies
                     w13 = torch.cat([t["w1"], t["w3"]], dim=0).contiguous()
                     self.weights[key] = (w13, t["w2"].contiguous())
+                    self.packed[key] = (PackedWeight(), PackedWeight())
         return self.held()
 
     def drop_experts(self, experts: list[ExpertKey]) -> list[ExpertKey]:
         with self._lock:
             for k in experts:
                 self.weights.pop(tuple(k), None)
+                self.packed.pop(tuple(k), None)
         return self.held()
 
     def held(self) -> list[ExpertKey]:
@@ -104,6 +109,7 @@ class ExpertShard:
         try:
             try:
                 pairs = [self.weights[(layer, e)] for e in experts]
+                packed = [self.packed[(layer, e)] for e in experts]
             except KeyError as exc:
                 raise LookupError(
                     f"shard {self.shard_id} does not hold expert {exc.args[0]}"
@@ -111,7 +117,9 @@ class ExpertShard:
             x = torch.from_numpy(x_AD)
             wire = x.dtype  # rows travel as float32 (or float16); they hold model-dtype values
             dtype = pairs[0][0].dtype if pairs else x.dtype
-            y = run_experts(x.to(dtype), counts, [p[0] for p in pairs], [p[1] for p in pairs])
+            y = run_experts(
+                x.to(dtype), counts, [p[0] for p in pairs], [p[1] for p in pairs], packed
+            )
             for e, n in zip(experts, counts, strict=True):
                 self.tokens_served[(layer, e)] += n
             self.metrics.record(layer, experts, counts, time.perf_counter() - t0)

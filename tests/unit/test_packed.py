@@ -139,3 +139,30 @@ def test_model_inference_uses_it_and_matches_training_path(monkeypatch: pytest.M
     with torch.no_grad():
         assert torch.allclose(clone(tokens).logits, got, atol=1e-5, rtol=1e-5)
         assert torch.allclose(restored(tokens).logits, got, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+def test_expert_bank_packs_each_large_slice_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices past the native kernel's rows run on weights packed once per expert, the same
+    numbers as the MKL path; a change to the bank's weights is seen."""
+    from expertmesh.platform.model.experts import KERNEL_MAX_ROWS, ExpertBank, run_experts
+
+    calls = _count_packs(monkeypatch)
+    torch.manual_seed(0)
+    bank = ExpertBank(3, 32, 48)
+    bank.reset_parameters(0.1, 0.1)
+    n = KERNEL_MAX_ROWS + 20  # past the thin-slice kernel: a GEMM slice
+    counts = [n, 0, 5]  # expert 1 idle, expert 2 thin
+    x = torch.randn(sum(counts), 32)
+    with torch.no_grad():
+        want = run_experts(x, counts, bank.w13, bank.w2)  # no holders: MKL
+        got = bank(x, counts)
+        again = bank(x, counts)
+    assert calls == [96, 32]  # expert 0's w13 (2F rows) and w2 (D rows), once
+    assert torch.allclose(got, want, atol=1e-5) and torch.equal(got, again)
+    with torch.no_grad():
+        bank.w13.mul_(0.5)  # in place, as an optimizer step: a new version
+        assert torch.allclose(bank(x, counts), run_experts(x, counts, bank.w13, bank.w2), atol=1e-5)
+    assert calls[2:] == [96]  # w13 again; w2 unchanged
+    y = bank(x.requires_grad_(), counts)  # grad mode: the autograd path, nothing packed
+    assert y.requires_grad and len(calls) == 3

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.platform.model import kernels
+from expertmesh.platform.model.packed import PackedWeight, applies
 
 # NOTE: measured on a 2-core AVX2 EPYC with 2 threads (MKL): for slices of a few rows MKL runs
 # ``x @ W^T`` on one core but ``W @ x^T`` (``x^T`` a transposed view) on both: 2.2x faster at 2-4
@@ -40,6 +41,7 @@ def run_experts(
     counts: list[int],
     w13_EFD: torch.Tensor | Sequence[torch.Tensor],
     w2_EDF: torch.Tensor | Sequence[torch.Tensor],
+    packed: Sequence[tuple[PackedWeight, PackedWeight]] | None = None,
 ) -> torch.Tensor:
     """Run ``counts[e]`` consecutive rows of ``x_AD`` through expert ``e``; rows sorted by expert.
 
@@ -57,6 +59,11 @@ def run_experts(
     AVX512-BF16 it rounds the SwiGLU activations to bfloat16 before the down projection, as
     PyTorch's bfloat16 path does, and keeps them float32 otherwise (see
     :func:`kernels.thin_experts`).
+
+    ``packed`` (one (w13, w2) pair of :class:`PackedWeight` holders per expert, kept by the
+    caller with the weights) lets the larger float32 slices run on oneDNN with the weights
+    packed once instead of MKL re-packing them every call: 1.24-1.41x at 256-1024 rows per
+    expert (d=512, f=1408, two threads).
     """
     if x_AD.shape[0] == 0:
         return torch.empty_like(x_AD)
@@ -83,6 +90,13 @@ def run_experts(
     start = 0
     for e, n in enumerate(counts):
         if n == 0 or thin[e]:
+            start += n
+            continue
+        if packed is not None and applies(x_AD_m, w13_EFD[e]):  # (w2 falls back by itself)
+            p13, p2 = packed[e]
+            gate_nF, up_nF = p13.linear(x_AD_m[start : start + n], w13_EFD[e]).chunk(2, dim=-1)
+            act_nF = F.silu(gate_nF, inplace=True).mul_(up_nF)
+            out_AD[start : start + n] = p2.linear(act_nF, w2_EDF[e])
             start += n
             continue
         h_n2F = _linear(x_AD_m[start : start + n], w13_EFD[e], out=h_N2F[:n], w_buf=w13_buf)
@@ -150,6 +164,8 @@ class ExpertBank(nn.Module):
         self.n_experts, self.d_model, self.d_ff = n_experts, d_model, d_ff
         self.w13 = nn.Parameter(torch.empty(n_experts, 2 * d_ff, d_model))
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
+        # inference: each expert's weights packed for oneDNN (large slices), see run_experts
+        self._packed = [(PackedWeight(), PackedWeight()) for _ in range(n_experts)]
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w13, std=std)
@@ -158,7 +174,7 @@ class ExpertBank(nn.Module):
     def forward(self, x_AD: torch.Tensor, counts: list[int]) -> torch.Tensor:
         if torch.is_grad_enabled() and (x_AD.requires_grad or self.w13.requires_grad):
             return run_experts_autograd(x_AD, counts, self.w13, self.w2)
-        return run_experts(x_AD, counts, self.w13, self.w2)
+        return run_experts(x_AD, counts, self.w13, self.w2, self._packed)
 
     # --- per-expert views in the Hugging Face / checkpoint layout (w1 gate, w3 up, w2 down) ---
     def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:

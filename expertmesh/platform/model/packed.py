@@ -80,11 +80,11 @@ class PackedWeight:
     first use, and oneDNN tensors can be neither deep-copied nor pickled.
     """
 
-    __slots__ = ("_packed", "_source", "_version")
+    __slots__ = ("_key", "_packed", "_source")
 
     def __init__(self) -> None:
-        self._source: torch.Tensor | None = None
-        self._version: tuple[int, int] = (-1, 0)
+        self._source: torch.UntypedStorage | None = None
+        self._key: tuple = ()
         self._packed: torch.Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:
@@ -95,18 +95,21 @@ class PackedWeight:
 
     def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``x @ w.T``, through the packed copy where it applies, else ``F.linear(x, w)``."""
-        if not _applies(x, w):
+        if not applies(x, w):
             return F.linear(x, w)
-        version = (w._version, w.data_ptr())
-        # NOTE: identity as well as version: a new tensor (a rebuilt fused q|k|v matrix) can
-        # land at a freed one's address with the same version number
-        if self._source is not w or self._version != version or self._packed is None:
+        # NOTE: the memory of the weight last packed is kept alive (_source: its storage, even
+        # if a parameter's .data moved on), so no other tensor can have been allocated at its
+        # address since: the same address, layout and version is the same weight unchanged (a
+        # fresh view of it too, as an expert's slice of a stacked bank is)
+        key = (w.data_ptr(), w._version, w.shape, w.stride())
+        if self._key != key or self._packed is None:
             self._packed = _pack(w)
-            self._source, self._version = w, version
+            self._source, self._key = w.untyped_storage(), key
         return _run(x, self._packed)
 
 
-def _applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+def applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether :meth:`PackedWeight.linear` takes the packed path for ``x @ w.T``."""
     return (
         x.dtype == w.dtype == torch.float32
         and x.device.type == w.device.type == "cpu"
