@@ -92,17 +92,18 @@ def run_experts(
         if n == 0 or thin[e]:
             start += n
             continue
-        if packed is not None and applies(x_AD_m, w13_EFD[e]):  # (w2 falls back by itself)
-            p13, p2 = packed[e]
-            gate_nF, up_nF = p13.linear(x_AD_m[start : start + n], w13_EFD[e]).chunk(2, dim=-1)
-            act_nF = F.silu(gate_nF, inplace=True).mul_(up_nF)
-            out_AD[start : start + n] = p2.linear(act_nF, w2_EDF[e])
-            start += n
-            continue
-        h_n2F = _linear(x_AD_m[start : start + n], w13_EFD[e], out=h_N2F[:n], w_buf=w13_buf)
+        x_nD = x_AD_m[start : start + n]
+        pair = packed[e] if packed is not None and applies(x_nD, w13_EFD[e]) else None
+        if pair is not None:
+            h_n2F = pair[0].linear(x_nD, w13_EFD[e])
+        else:
+            h_n2F = _linear(x_nD, w13_EFD[e], out=h_N2F[:n], w_buf=w13_buf)
         gate_nF, up_nF = h_n2F.chunk(2, dim=-1)
         act_nF = F.silu(gate_nF, inplace=True).mul_(up_nF)
-        _linear(act_nF, w2_EDF[e], out=out_AD[start : start + n], w_buf=w2_buf)
+        if pair is not None:
+            out_AD[start : start + n] = pair[1].linear(act_nF, w2_EDF[e])
+        else:
+            _linear(act_nF, w2_EDF[e], out=out_AD[start : start + n], w_buf=w2_buf)
         start += n
     return out_AD.to(x_AD.dtype)
 

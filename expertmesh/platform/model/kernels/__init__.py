@@ -4,9 +4,10 @@ In one library: :func:`thin_experts`, SwiGLU experts for slices of a few rows ea
 step is bound by reading the weights (see ``thin_experts.c``); :func:`decode_attention`, a
 decode step's attention in one pass over the KV cache, and :func:`decode_rope_attention`, the
 same preceded by the rotary embedding and the cache append (see ``decode_attention.c``); and
-:func:`rms_norm` (``rms_norm.c``). Everything here is optional: with no compiler, a CPU without AVX2/FMA,
-a non-x86 machine or ``EXPERTMESH_NATIVE_KERNELS=0``, :func:`available` is False and callers use
-their PyTorch path, which computes the same numbers (to float32 rounding).
+:func:`rms_norm` (``rms_norm.c``). Everything here is optional: with no compiler, a CPU
+without AVX2/FMA, a non-x86 machine or ``EXPERTMESH_NATIVE_KERNELS=0``, :func:`available` is
+False and callers use their PyTorch path, which computes the same numbers (to float32
+rounding).
 
 The shared library is cached per source and flags under ``$EXPERTMESH_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``), written to a
