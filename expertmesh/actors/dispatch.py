@@ -227,16 +227,21 @@ class RayDispatcher:
                 log.warning("no channel endpoint from shard %s (%s)", shard, type(exc).__name__)
 
     def _assign(
-        self, layer: int, experts: list[int], exclude: set[str], slow: Set[str] = frozenset()
+        self,
+        layer: int,
+        rows: dict[int, int],
+        exclude: set[str],
+        slow: Set[str] = frozenset(),
     ) -> dict[int, str]:
-        """A shard for each expert of ``layer``: few shards, rotated between steps. Replicas that
-        failed this layer (``exclude``) are left out, unless every replica of an expert did and
-        one of them only timed out (``slow``): better late than a failed request."""
+        """A shard for each expert of ``layer`` (``rows``: its tokens): few shards, rotated
+        between steps, rows balanced among them. Replicas that failed this layer (``exclude``)
+        are left out, unless every replica of an expert did and one of them only timed out
+        (``slow``): better late than a failed request."""
         if self.suspect:  # a shard that failed long enough ago gets its share again
             now = time.monotonic()
             self.suspect = {s: t for s, t in self.suspect.items() if now - t < self.suspect_s}
         options: dict[int, list[str]] = {}
-        for e in experts:
+        for e in rows:
             replicas = self.view.replicas.get((layer, e), [])
             live = [s for s in replicas if s not in exclude and s not in self.suspect]
             if not live:  # every replica is suspect: try the suspects before giving up
@@ -248,7 +253,7 @@ class RayDispatcher:
                     f"no live replica of expert {(layer, e)} (replicas: {replicas})"
                 )
             options[e] = live
-        return cover(options, next(self._rr), self.calls_by_shard)
+        return cover(options, next(self._rr), self.calls_by_shard, rows)
 
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return self.submit(layer, x_TD, routing).result()
@@ -284,7 +289,7 @@ class RayDispatcher:
         failed in the returned round. A shard that timed out and is sent the work again (no
         other replica left) is waited for up to the deadline's ceiling, once per layer."""
         rnd = Round(by_shard=defaultdict(list), issued=time.monotonic())
-        shard_of = self._assign(layer, [e for e, _, _ in items], exclude, slow)
+        shard_of = self._assign(layer, {e: n for e, _, n in items}, exclude, slow)
         for e, start, n in items:
             rnd.by_shard[shard_of[e]].append((e, start, n))
         rnd.patient = slow & rnd.by_shard.keys()
@@ -372,16 +377,24 @@ class RayDispatcher:
 
 
 def cover(
-    options: dict[int, list[str]], turn: int, used: Mapping[str, int] | None = None
+    options: dict[int, list[str]],
+    turn: int,
+    used: Mapping[str, int] | None = None,
+    rows: Mapping[int, int] | None = None,
 ) -> dict[int, str]:
     """Pick one shard per expert from ``options`` (expert -> candidate shards) so that few shards
     are called: greedy set cover; ties go to the shard called least so far (``used``: calls per
-    shard), then to a shard order rotated by ``turn``.
+    shard), then to a shard order rotated by ``turn``. With ``rows`` (tokens per expert), the
+    experts are then spread over the shards picked so that their rows are balanced: heaviest
+    first, each to the least loaded picked shard that holds it.
 
     Every shard call costs a round trip whatever it carries, so a step that needs all 8 experts
     of a layer calls e.g. 2 shards that hold them between them instead of 4; the tie-breaks spread
     the steps (and their load) evenly over all the replicas (rotation alone gave one of two
-    identical shards 3 calls in 4).
+    identical shards 3 calls in 4). The calls of a round run at once and the round waits for the
+    slowest, so an expert that two picked shards hold goes to the one with fewer rows: with
+    every expert on every shard (replicas=4 of 4 shards), splitting a layer's experts by rows
+    instead of in two fixed halves was 1.07x the tokens/s (64 clients, A/B in one deployment).
     """
     used = used or {}
     shards = sorted({s for cands in options.values() for s in cands})
@@ -400,4 +413,11 @@ def cover(
         for e in [e for e in left if best in options[e]]:
             out[e] = best
             left.discard(e)
+    picked = set(out.values())
+    if rows is not None and len(picked) > 1:
+        load = dict.fromkeys(picked, 0)
+        for e in sorted(options, key=lambda e: (-rows.get(e, 0), e)):
+            best = min((s for s in options[e] if s in load), key=lambda s: (load[s], order[s]))
+            out[e] = best
+            load[best] += rows.get(e, 0)
     return out

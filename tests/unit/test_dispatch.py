@@ -99,10 +99,12 @@ def test_a_failed_shard_is_avoided_for_a_while_then_used_again() -> None:
     view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
     d = RayDispatcher(view, transport="ray", suspect_s=30.0)
     d.suspect["a"] = time.monotonic()
-    assert {d._assign(0, [0, 1, 2, 3], set())[e] for e in range(4)} == {"b"}
-    assert set(d._assign(0, [0], {"b"}).values()) == {"a"}  # the only replica left: tried
+    assert {d._assign(0, dict.fromkeys([0, 1, 2, 3], 1), set())[e] for e in range(4)} == {"b"}
+    assert set(d._assign(0, {0: 1}, {"b"}).values()) == {"a"}  # the only replica left: tried
     d.suspect["a"] = time.monotonic() - 31.0
-    picked = [s for _ in range(4) for s in d._assign(0, [0, 1, 2, 3], set()).values()]
+    picked = [
+        s for _ in range(4) for s in d._assign(0, dict.fromkeys([0, 1, 2, 3], 1), set()).values()
+    ]
     assert "a" in picked and "a" not in d.suspect
 
 
@@ -113,5 +115,30 @@ def test_a_last_replica_that_only_timed_out_is_tried_again() -> None:
     view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
     d = RayDispatcher(view, transport="ray")
     with pytest.raises(NoReplicaError, match=r"no live replica of expert \(0, 0\)"):
-        d._assign(0, [0, 1], {"a", "b"})
-    assert d._assign(0, [0, 1], {"a", "b"}, slow={"b"}) == {0: "b", 1: "b"}
+        d._assign(0, {0: 1, 1: 1}, {"a", "b"})
+    assert d._assign(0, {0: 1, 1: 1}, {"a", "b"}, slow={"b"}) == {0: "b", 1: "b"}
+
+
+def test_cover_balances_rows_among_the_shards_it_picks() -> None:
+    """Two shards cover the layer between them and four experts are on both: those go where
+    they even out the rows (the round waits for the slower shard)."""
+    overlap = {e: (["a"] if e < 2 else ["b"] if e > 5 else ["a", "b"]) for e in range(8)}
+    rows = {0: 40, 1: 30, 2: 20, 3: 10, 4: 10, 5: 8, 6: 6, 7: 4}
+
+    def loads(assigned: dict[int, str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for e, s in assigned.items():
+            out[s] = out.get(s, 0) + rows[e]
+        return out
+
+    plain_max = []
+    for turn in range(4):
+        plain, balanced = cover(overlap, turn), cover(overlap, turn, rows=rows)
+        assert set(plain.values()) == set(balanced.values()) == {"a", "b"}  # the same calls
+        assert all(balanced[e] in overlap[e] for e in range(8))
+        # a must take experts 0 and 1 (70 rows); everything else fits on b (58)
+        assert loads(balanced) == {"a": 70, "b": 58}
+        plain_max.append(max(loads(plain).values()))
+    assert max(plain_max) == 118  # without rows: on some turns a takes experts 0-5
+    halves = {e: ["a", "b"] for e in range(8)}
+    assert len(set(cover(halves, 0, rows=rows).values())) == 1  # one call: nothing to balance
