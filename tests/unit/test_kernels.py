@@ -480,3 +480,107 @@ def test_rms_norm_module_takes_the_kernel_in_inference_only(monkeypatch) -> None
     with torch.no_grad():
         assert torch.allclose(norm(x), y.detach(), atol=1e-6)
     assert calls == [1]
+
+
+# --- float32 weights in blocks (AVX-512F): the path ExpertBank and the shards take ---
+needs_avx512f = pytest.mark.skipif(not kernels.has_avx512f(), reason="no AVX-512F")
+
+
+def blocked(w: torch.Tensor) -> list[torch.Tensor]:
+    return [kernels.block_weights(m) for m in w]
+
+
+def test_block_weights_layout() -> None:
+    w = torch.arange(32 * 5, dtype=torch.float32).reshape(32, 5)
+    b = kernels.block_weights(w)
+    assert b.shape == (2, 5, 16) and b.is_contiguous()
+    for blk in range(2):
+        for k in range(5):
+            for r in range(16):
+                assert b[blk, k, r] == w[16 * blk + r, k]
+    with pytest.raises(kernels.KernelError, match="multiples of 16"):
+        kernels.block_weights(torch.zeros(24, 8))
+    with pytest.raises(kernels.KernelError, match="float32"):
+        kernels.block_weights(torch.zeros(32, 8, dtype=torch.bfloat16))
+
+
+@needs_avx512f
+@pytest.mark.parametrize(("d", "f"), [(64, 176), (32, 16), (256, 704), (48, 208)])
+@pytest.mark.parametrize(
+    "counts",
+    [[1, 0, 2, 3, 4, 5, 6, 7], [12, 13, 24, 25, 0, 0, 40, 1], [128] + [0] * 7, [0] * 7 + [9]],
+)
+def test_blocked_equals_pytorch(d: int, f: int, counts: list[int]) -> None:
+    """Every row group shape (1-12 rows, even groups above), an odd number of 16-row blocks
+    per thread (f=16, 208), and experts without rows."""
+    w13, w2 = weights(torch.float32, d=d, f=f)
+    x = torch.randn(sum(counts), d)
+    out = torch.full_like(x, float("nan"))
+    starts = [0, *torch.tensor(counts).cumsum(0).tolist()][:-1]
+    b13 = [kernels.block_weights(w13[e]) if n else None for e, n in enumerate(counts)]
+    b2 = [kernels.block_weights(w2[e]) if n else None for e, n in enumerate(counts)]
+    kernels.thin_experts(x, starts, counts, b13, b2, out, blocked=True)
+    torch.testing.assert_close(out, reference(x, counts, w13, w2), rtol=1e-5, atol=2e-5)
+
+
+@needs_avx512f
+@pytest.mark.parametrize("n", [2, 9, 13, 25, 40])
+def test_blocked_rows_do_not_depend_on_batch_or_thread_count(n: int) -> None:
+    """As for the row-major path: one FMA chain per output element, whatever the batch."""
+    w13, w2 = weights(torch.float32, d=64, f=176)
+    b13, b2 = blocked(w13[:1]), blocked(w2[:1])
+    x = torch.randn(n, 64)
+    full = torch.empty(n, 64)
+    kernels.thin_experts(x, [0], [n], b13, b2, full, blocked=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for i in sorted({0, n // 2, n - 1}):
+            alone = torch.empty(1, 64)
+            kernels.thin_experts(x[i : i + 1], [0], [1], b13, b2, alone, blocked=True)
+            assert torch.equal(alone[0], full[i])
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_avx512f
+def test_blocked_refuses_what_it_cannot_read() -> None:
+    w13, w2 = weights(torch.float32)
+    x = torch.randn(3, D)
+    with pytest.raises(kernels.KernelError, match="float32 weights and activations"):
+        kernels.thin_experts(
+            x.bfloat16(),
+            [0],
+            [3],
+            blocked(w13[:1]),
+            blocked(w2[:1]),
+            torch.empty(3, D),
+            blocked=True,
+        )
+    with pytest.raises(kernels.KernelError, match="expert 0"):  # row-major weights as blocks
+        kernels.thin_experts(x, [0], [3], w13[:1], w2[:1], torch.empty(3, D), blocked=True)
+    assert not kernels.supports_blocked(torch.empty(2 * 24, D), torch.float32)  # F = 24
+    assert not kernels.supports_blocked(torch.empty(2 * F, D), torch.bfloat16)
+
+
+@needs_avx512f
+def test_run_experts_takes_blocks_from_the_holders_and_follows_weight_changes() -> None:
+    """With holders (ExpertBank, shards) the kernel reads cached blocks; an in-place weight
+    update is seen on the next call."""
+    from expertmesh.platform.model.packed import PackedWeight
+
+    w13, w2 = weights(torch.float32)
+    holders = [(PackedWeight(), PackedWeight()) for _ in range(E)]
+    counts = [3, 0, 5, 1, 0, 0, 2, 4]
+    x = torch.randn(sum(counts), D)
+    got = run_experts(x, counts, w13, w2, holders)
+    torch.testing.assert_close(got, reference(x, counts, w13, w2), rtol=1e-5, atol=2e-5)
+    assert holders[1][0]._blocks is None and holders[0][0]._blocks is not None  # no rows, no copy
+    first = holders[0][0]._blocks
+    run_experts(x, counts, w13, w2, holders)
+    assert holders[0][0]._blocks is first  # made once
+    with torch.no_grad():
+        w13[0].mul_(2.0)
+    got = run_experts(x, counts, w13, w2, holders)
+    torch.testing.assert_close(got, reference(x, counts, w13, w2), rtol=1e-5, atol=2e-5)
+    assert holders[0][0]._blocks is not first

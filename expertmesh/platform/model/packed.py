@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from expertmesh import envs
+from expertmesh.platform.model import kernels
 
 log = logging.getLogger(__name__)
 
@@ -80,12 +81,16 @@ class PackedWeight:
     first use, and oneDNN tensors can be neither deep-copied nor pickled.
     """
 
-    __slots__ = ("_key", "_packed", "_source")
+    __slots__ = ("_blocks", "_blocks_key", "_blocks_source", "_key", "_packed", "_source")
 
     def __init__(self) -> None:
         self._source: torch.UntypedStorage | None = None
         self._key: tuple = ()
         self._packed: torch.Tensor | None = None
+        # the native expert kernel's layout (kernels.block_weights), kept the same way
+        self._blocks_source: torch.UntypedStorage | None = None
+        self._blocks_key: tuple = ()
+        self._blocks: torch.Tensor | None = None
 
     def __deepcopy__(self, memo: dict) -> PackedWeight:
         return PackedWeight()
@@ -106,6 +111,15 @@ class PackedWeight:
             self._packed = _pack(w)
             self._source, self._key = w.untyped_storage(), key
         return _run(x, self._packed)
+
+    def blocks(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` in the native expert kernel's blocked layout (:func:`kernels.block_weights`),
+        made on first use and again whenever ``w`` changes (the same test as :meth:`linear`)."""
+        key = (w.data_ptr(), w._version, w.shape, w.stride())
+        if self._blocks_key != key or self._blocks is None:
+            self._blocks = kernels.block_weights(w)
+            self._blocks_source, self._blocks_key = w.untyped_storage(), key
+        return self._blocks
 
 
 def applies(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -46,6 +46,7 @@ _ERRORS = {
     1: "D and F must be positive multiples of 8",
     2: f"a slice has more than {MAX_ROWS} rows",
     3: "out of memory for the scratch buffers",
+    4: "blocked weights need float32 weights and activations, widths multiples of 16, AVX-512F",
 }
 
 
@@ -129,8 +130,10 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # out
         ctypes.c_int,  # threads
         ctypes.c_int,  # use AVX512-BF16 where the CPU has it
+        ctypes.c_int,  # float32 weights in blocks of 16 rows (block_weights)
     ]
     lib.thin_experts_has_avx512_bf16.restype = ctypes.c_int
+    lib.thin_experts_has_avx512f.restype = ctypes.c_int
     attn = lib.decode_attention
     attn.restype = ctypes.c_int
     attn.argtypes = [
@@ -188,6 +191,39 @@ def has_avx512_bf16() -> bool:
     return lib is not None and bool(lib.thin_experts_has_avx512_bf16())
 
 
+def has_avx512f() -> bool:
+    """Whether :func:`thin_experts` can take float32 weights in blocks (:func:`block_weights`)."""
+    lib = _lib()
+    return lib is not None and bool(lib.thin_experts_has_avx512f())
+
+
+BLOCK = 16  # rows of a weight block (one zmm register of float32)
+
+
+def supports_blocked(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
+    """Whether :func:`thin_experts` takes these weights in blocks (``blocked=True``): float32
+    weights and activations, widths multiples of 16, a CPU with AVX-512F."""
+    F2, D = w13_FD.shape
+    return (
+        x_dtype == w13_FD.dtype == torch.float32
+        and w13_FD.device.type == "cpu"
+        and D % BLOCK == 0
+        and F2 % (2 * BLOCK) == 0
+        and has_avx512f()
+    )
+
+
+def block_weights(w_RK: torch.Tensor) -> torch.Tensor:
+    """A (R, K) float32 matrix as R/16 blocks of (K, 16): block b holds rows 16b..16b+15,
+    column by column. The layout :func:`thin_experts` reads with ``blocked=True``."""
+    R, K = w_RK.shape
+    if R % BLOCK or w_RK.dtype != torch.float32:
+        raise KernelError(
+            f"blocks want float32 rows in multiples of {BLOCK}, got {tuple(w_RK.shape)} {w_RK.dtype}"
+        )
+    return w_RK.detach().reshape(R // BLOCK, BLOCK, K).transpose(1, 2).contiguous()
+
+
 def supports(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
     """Whether :func:`thin_experts` takes these weights for activations of ``x_dtype`` (float32
     or bfloat16): float32 or bfloat16 CPU weights, widths multiples of 8. In which precision it
@@ -206,25 +242,37 @@ def supports(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
 def _expert_pointers(
     w: torch.Tensor | Sequence[torch.Tensor],
     n: int,
-    shape: tuple[int, int],
+    shape: tuple[int, ...],
     dtype: torch.dtype,
     alive: list[torch.Tensor],
+    counts: Sequence[int],
 ) -> list[int]:
     """Addresses of the n experts' matrices; tensors they point into are appended to ``alive``
-    (copies made to get contiguous ones must outlive the call)."""
+    (copies made to get contiguous ones must outlive the call). In a list, an expert without
+    rows (``counts``) may be None."""
     if isinstance(w, torch.Tensor) and w.is_contiguous():
-        if w.dim() != 3 or w.shape[0] < n or tuple(w.shape[1:]) != shape or w.dtype != dtype:
+        if (
+            w.dim() != len(shape) + 1
+            or w.shape[0] < n
+            or tuple(w.shape[1:]) != shape
+            or w.dtype != dtype
+        ):
             raise KernelError(f"weights {tuple(w.shape)} {w.dtype}, want (E, *{shape}) {dtype}")
         step = w.stride(0) * w.element_size()
         return [w.data_ptr() + e * step for e in range(n)]
-    mats = [w[e].contiguous() for e in range(n)]
-    for e, m in enumerate(mats):
+    ptrs = []
+    for e in range(n):
+        if w[e] is None and counts[e] == 0:
+            ptrs.append(0)
+            continue
+        m = w[e].contiguous()
         if tuple(m.shape) != shape or m.dtype != dtype:
             raise KernelError(
                 f"expert {e}: weights {tuple(m.shape)} {m.dtype}, want {shape} {dtype}"
             )
-    alive.extend(mats)
-    return [m.data_ptr() for m in mats]
+        alive.append(m)
+        ptrs.append(m.data_ptr())
+    return ptrs
 
 
 def thin_experts(
@@ -236,6 +284,7 @@ def thin_experts(
     out_AD: torch.Tensor,
     *,
     avx512: bool = True,
+    blocked: bool = False,
 ) -> None:
     """For each expert ``e`` with ``counts[e]`` rows (at most :data:`MAX_ROWS`) starting at row
     ``starts[e]`` of ``x_AD`` (float32 or bfloat16): write ``swiglu_e(x)`` to the same rows of
@@ -248,6 +297,11 @@ def thin_experts(
     ``Tensor.to(torch.bfloat16)``) so that the down projection, like gate/up, runs on
     ``vdpbf16ps``: one instruction per 32 weights and row, where widening to float32 takes two
     FMAs per 16 and is compute bound. PyTorch's bfloat16 FFN rounds them at the same point.
+
+    ``blocked``: float32 weights given per expert in :func:`block_weights`' layout (an expert
+    without rows may be None), multiplied on AVX-512F with no horizontal sums; float32
+    activations only (:func:`supports_blocked`). Each output element is then one FMA chain over
+    the inputs in order, so results differ from the row-major path's by float32 summation order.
     """
     lib = _lib()
     if lib is None:
@@ -260,11 +314,22 @@ def thin_experts(
     x_AD, E = x_AD.contiguous(), len(counts)
     if not out_AD.is_contiguous() or out_AD.shape != x_AD.shape:
         raise KernelError(f"out must be contiguous {tuple(x_AD.shape)}, got {tuple(out_AD.shape)}")
-    F2, D = w13_EFD[0].shape
-    dtype = w13_EFD[0].dtype
     alive: list[torch.Tensor] = []
-    p13 = _expert_pointers(w13_EFD, E, (F2, D), dtype, alive)
-    p2 = _expert_pointers(w2_EDF, E, (D, F2 // 2), dtype, alive)
+    if blocked:  # (R/16, K, 16) per expert, as block_weights makes them
+        first = next((e for e, w in enumerate(w13_EFD) if w is not None), 0)
+        if w13_EFD[first].dim() != 3:
+            raise KernelError(
+                f"expert {first}: weights {tuple(w13_EFD[first].shape)}, want blocks (R/16, K, 16)"
+            )
+        nb13, D, _ = w13_EFD[first].shape
+        F2, dtype = nb13 * BLOCK, torch.float32
+        p13 = _expert_pointers(w13_EFD, E, (nb13, D, BLOCK), dtype, alive, counts)
+        p2 = _expert_pointers(w2_EDF, E, (D // BLOCK, F2 // 2, BLOCK), dtype, alive, counts)
+    else:
+        F2, D = w13_EFD[0].shape
+        dtype = w13_EFD[0].dtype
+        p13 = _expert_pointers(w13_EFD, E, (F2, D), dtype, alive, counts)
+        p2 = _expert_pointers(w2_EDF, E, (D, F2 // 2), dtype, alive, counts)
     meta = (ctypes.c_int64 * (2 * E))(*starts, *counts)
     ptrs = (ctypes.c_void_p * (2 * E))(*p13, *p2)
     act = out_AD.new_empty(x_AD.shape[0], F2 // 2)  # float32 scratch
@@ -283,6 +348,7 @@ def thin_experts(
         out_AD.data_ptr(),
         torch.get_num_threads(),
         int(avx512),
+        int(blocked),
     )
     if rc != 0:
         raise KernelError(f"thin_experts refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")
