@@ -584,3 +584,26 @@ def test_run_experts_takes_blocks_from_the_holders_and_follows_weight_changes() 
     got = run_experts(x, counts, w13, w2, holders)
     torch.testing.assert_close(got, reference(x, counts, w13, w2), rtol=1e-5, atol=2e-5)
     assert holders[0][0]._blocks is not first
+
+
+@needs_avx512f
+@pytest.mark.parametrize("shape", [(1, 64), (13, 64), (64, 256), (3, 5, 64), (0, 64)])
+@pytest.mark.parametrize("n_out", [16, 48, 512])
+def test_blocked_linear_equals_f_linear(shape: tuple[int, ...], n_out: int) -> None:
+    w = torch.randn(n_out, shape[-1])
+    x = torch.randn(*shape)
+    got = kernels.blocked_linear(x, kernels.block_weights(w))
+    assert got.shape == (*shape[:-1], n_out)
+    want = torch.nn.functional.linear(x.double(), w.double())
+    assert got.numel() == 0 or (got.double() - want).abs().max() < 1e-4
+
+
+@needs_avx512f
+def test_blocked_linear_refuses_what_it_cannot_read() -> None:
+    blocks = kernels.block_weights(torch.randn(32, 64))
+    with pytest.raises(kernels.KernelError, match="float32 x"):
+        kernels.blocked_linear(torch.randn(4, 64).bfloat16(), blocks)
+    with pytest.raises(kernels.KernelError, match=r"x \(4, 48\)"):
+        kernels.blocked_linear(torch.randn(4, 48), blocks)
+    with pytest.raises(kernels.KernelError, match="blocks"):
+        kernels.blocked_linear(torch.randn(4, 64), torch.randn(32, 64))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from expertmesh.platform.config import ModelConfig
-from expertmesh.platform.model import MoETransformer, packed
+from expertmesh.platform.model import MoETransformer, kernels, packed
 from expertmesh.platform.model.packed import PackedWeight
 
 needs_onednn = pytest.mark.skipif(
@@ -20,16 +20,22 @@ needs_onednn = pytest.mark.skipif(
 
 
 def _count_packs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Rows of every weight packed from now on (the one-time self-check runs first)."""
+    """Rows of every weight packed from now on, for oneDNN or in the native kernel's blocks (the
+    one-time self-check runs first)."""
     packed.available()
     calls: list[int] = []
-    real = packed._pack
+    real, real_blocks = packed._pack, kernels.block_weights
 
     def counting(w: torch.Tensor) -> torch.Tensor:
         calls.append(w.shape[0])
         return real(w)
 
+    def counting_blocks(w: torch.Tensor) -> torch.Tensor:
+        calls.append(w.shape[0])
+        return real_blocks(w)
+
     monkeypatch.setattr(packed, "_pack", counting)
+    monkeypatch.setattr(kernels, "block_weights", counting_blocks)
     return calls
 
 
@@ -52,6 +58,26 @@ def test_equals_f_linear(shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
     assert got.shape == want.shape and got.dtype == torch.float32
     # float32 summation order only: |y| ~ 16 here, so a 1e-4 bound is ~6e-6 relative
     assert (got.double() - want).abs().max() < 1e-4
+
+
+@needs_onednn
+@pytest.mark.skipif(not packed.blocked_linear_available(), reason="no AVX-512F native kernel")
+@pytest.mark.parametrize(
+    ("rows", "blocked"), [(1, True), (64, True), (packed.BLOCKED_MAX_ROWS, True), (300, False)]
+)
+def test_few_rows_take_the_blocked_kernel(rows: int, blocked: bool) -> None:
+    """Up to BLOCKED_MAX_ROWS rows the weight is read in the native kernel's blocks, above
+    that packed for oneDNN; a weight whose rows are not a multiple of 16 stays on oneDNN."""
+    w, x = torch.randn(48, 32), torch.randn(rows, 32)
+    holder = PackedWeight()
+    with torch.no_grad():
+        got = holder.linear(x, w)
+    assert (holder._blocks is not None) == blocked and (holder._packed is not None) != blocked
+    assert (got.double() - F.linear(x.double(), w.double())).abs().max() < 1e-4
+    odd = PackedWeight()
+    with torch.no_grad():
+        odd.linear(x, torch.randn(40, 32))
+    assert odd._blocks is None and odd._packed is not None
 
 
 @needs_onednn
@@ -121,9 +147,19 @@ def test_model_inference_uses_it_and_matches_training_path(monkeypatch: pytest.M
     model that has used it can still be deep-copied and pickled."""
     calls = _count_packs(monkeypatch)
     torch.manual_seed(0)
+    # d_ff 88: the experts' 2F rows are no whole pairs of 16-row blocks, so only the dense
+    # layers' weights are counted here (test_kernels covers the experts' blocks)
     cfg = ModelConfig(
-        vocab_size=300, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=96,
-        n_experts=4, top_k=2, moe_every=2, max_seq_len=64,
+        vocab_size=300,
+        d_model=64,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        d_ff=88,
+        n_experts=4,
+        top_k=2,
+        moe_every=2,
+        max_seq_len=64,
     )  # fmt: skip
     model = MoETransformer(cfg).eval()
     tokens = torch.randint(0, 300, (3, 9))
@@ -132,7 +168,7 @@ def test_model_inference_uses_it_and_matches_training_path(monkeypatch: pytest.M
     with torch.no_grad():
         got = model(tokens).logits
     # per layer q|k|v and o; layer 0's dense FFN (w1, w3, w2); the LM head
-    assert sorted(calls) == sorted([128, 64, 128, 64, 96, 96, 64, 300])
+    assert sorted(calls) == sorted([128, 64, 128, 64, 88, 88, 64, 300])
     assert torch.allclose(got, want.detach(), atol=1e-5, rtol=1e-5)
     clone = copy.deepcopy(model)
     restored = pickle.loads(pickle.dumps(model))
@@ -149,7 +185,7 @@ def test_expert_bank_packs_each_large_slice_once(monkeypatch: pytest.MonkeyPatch
 
     calls = _count_packs(monkeypatch)
     torch.manual_seed(0)
-    bank = ExpertBank(3, 32, 48)
+    bank = ExpertBank(3, 32, 40)  # 2F = 80: the thin slice takes the row-major kernel
     bank.reset_parameters(0.1, 0.1)
     n = KERNEL_MAX_ROWS + 20  # past the thin-slice kernel: a GEMM slice
     counts = [n, 0, 5]  # expert 1 idle, expert 2 thin
@@ -158,11 +194,11 @@ def test_expert_bank_packs_each_large_slice_once(monkeypatch: pytest.MonkeyPatch
         want = run_experts(x, counts, bank.w13, bank.w2)  # no holders: MKL
         got = bank(x, counts)
         again = bank(x, counts)
-    assert calls == [96, 32]  # expert 0's w13 (2F rows) and w2 (D rows), once
+    assert calls == [80, 32]  # expert 0's w13 (2F rows) and w2 (D rows), once
     assert torch.allclose(got, want, atol=1e-5) and torch.equal(got, again)
     with torch.no_grad():
         bank.w13.mul_(0.5)  # in place, as an optimizer step: a new version
         assert torch.allclose(bank(x, counts), run_experts(x, counts, bank.w13, bank.w2), atol=1e-5)
-    assert calls[2:] == [96]  # w13 again; w2 unchanged
+    assert calls[2:] == [80]  # w13 again; w2 unchanged
     y = bank(x.requires_grad_(), counts)  # grad mode: the autograd path, nothing packed
     assert y.requires_grad and len(calls) == 3

@@ -134,6 +134,17 @@ def _lib() -> ctypes.CDLL | None:
     ]
     lib.thin_experts_has_avx512_bf16.restype = ctypes.c_int
     lib.thin_experts_has_avx512f.restype = ctypes.c_int
+    lin = lib.blocked_linear
+    lin.restype = ctypes.c_int
+    lin.argtypes = [
+        ctypes.c_void_p,  # x (n, K)
+        ctypes.c_int64,  # n
+        ctypes.c_int64,  # K
+        ctypes.c_void_p,  # w in blocks (N/16, K, 16)
+        ctypes.c_int64,  # N
+        ctypes.c_void_p,  # y (n, N)
+        ctypes.c_int,  # threads
+    ]
     attn = lib.decode_attention
     attn.restype = ctypes.c_int
     attn.argtypes = [
@@ -549,3 +560,38 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if rc != 0:
             raise KernelError(f"rms_norm refused its arguments (code {rc})")
     return out
+
+
+def blocked_linear(x: torch.Tensor, w_blocks: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T`` for float32 ``x`` (..., K) and ``w`` (N, K) given as :func:`block_weights`
+    made it: the experts' blocked tile for a dense layer's few rows. Each output element is one
+    FMA chain over K in order (F.linear's order may differ: float32 rounding)."""
+    lib = _lib()
+    nb, K, width = w_blocks.shape if w_blocks.dim() == 3 else (0, 0, 0)
+    if (
+        lib is None
+        or not has_avx512f()
+        or width != BLOCK
+        or x.dtype != torch.float32
+        or w_blocks.dtype != torch.float32
+        or x.shape[-1] != K
+        or not w_blocks.is_contiguous()
+    ):
+        raise KernelError(
+            f"blocked_linear takes float32 x (..., K) and blocks (N/16, K, 16) on AVX-512F; got "
+            f"x {tuple(x.shape)} {x.dtype}, blocks {tuple(w_blocks.shape)} {w_blocks.dtype}"
+        )
+    x2 = x.reshape(-1, K).contiguous()
+    y = x2.new_empty(x2.shape[0], nb * BLOCK)
+    rc = lib.blocked_linear(
+        x2.data_ptr(),
+        x2.shape[0],
+        K,
+        w_blocks.data_ptr(),
+        nb * BLOCK,
+        y.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc != 0:
+        raise KernelError(f"blocked_linear refused its arguments (code {rc})")
+    return y.view(*x.shape[:-1], nb * BLOCK)

@@ -409,6 +409,25 @@ static void slice(int64_t total, int64_t unit, int t, int nt, int64_t *lo, int64
     *hi = t == nt - 1 ? total : blocks * (t + 1) / nt * unit;
 }
 
+/* y (n, N) = x (n, K) @ w.T for float32 w (N, K) in blocks (N a multiple of 16): the blocked
+ * tile of the experts above, for a dense layer's few rows (a decode step's projections). Threads
+ * split the blocks. Returns 0, or 4 where AVX-512F is missing or N is not a multiple of 16. */
+int blocked_linear(const float *x, int64_t n, int64_t K, const float *wb, int64_t N, float *y,
+                   int n_threads) {
+    if (N % 16 || K <= 0 || n < 0 || !thin_experts_has_avx512f()) return 4;
+    if (n == 0) return 0;
+    const int64_t nblocks = N / 16;
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > nblocks) n_threads = (int)nblocks;
+#pragma omp parallel num_threads(n_threads)
+    {
+        int64_t lo, hi;
+        slice(nblocks, 1, omp_get_thread_num(), omp_get_num_threads(), &lo, &hi);
+        if (hi > lo) dot_rows_bc(x, K, (int)n, wb + lo * K * 16, K, hi - lo, y + lo * 16, N);
+    }
+    return 0;
+}
+
 /* Whether this CPU (and OS) runs the AVX512-BF16 path. */
 int thin_experts_has_avx512_bf16(void) {
     __builtin_cpu_init();
