@@ -607,3 +607,38 @@ def test_blocked_linear_refuses_what_it_cannot_read() -> None:
         kernels.blocked_linear(torch.randn(4, 48), blocks)
     with pytest.raises(kernels.KernelError, match="blocks"):
         kernels.blocked_linear(torch.randn(4, 64), torch.randn(32, 64))
+
+
+@needs_avx512f
+def test_large_op_threads_change_no_result() -> None:
+    """The router runs its large calls on 2 threads and everything else on 1; the in-process
+    engine runs all on torch's count. Outputs must be the same bits either way."""
+    from expertmesh.platform.model.layers import Rotary
+
+    g = torch.Generator().manual_seed(3)
+    rows = 64
+    w = kernels.block_weights(torch.randn(512, 256, generator=g))
+    x = torch.randn(rows, 256, generator=g)
+    assert rows * 512 * 256 >= kernels.LARGE_LINEAR_MACS  # a large call
+    S, M, B, G, H, K = 70, 48, 64, 4, 8, 32
+    assert B >= kernels.LARGE_ATTENTION_ROWS
+    pos = torch.randint(0, M, (B,), generator=g)
+    qkv = torch.randn(B, H + 2 * G, K, generator=g)
+    cos, sin = (t[:, 0] for t in Rotary(K, 10000.0)(pos[:, None], torch.float32))
+    cache = torch.randn(2, S, G, M, K, generator=g)
+    threads, before = torch.get_num_threads(), kernels.large_op_threads()
+    results = []
+    try:
+        torch.set_num_threads(1)
+        for large in (0, 2):
+            kernels.set_large_op_threads(large)
+            k_buf, v_buf = cache.clone()
+            att = kernels.decode_rope_attention(qkv, cos, sin, k_buf, v_buf, 2, pos, H)
+            results.append((kernels.blocked_linear(x, w), att, k_buf, v_buf))
+    finally:
+        torch.set_num_threads(threads)
+        kernels.set_large_op_threads(before)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
+    with pytest.raises(ValueError, match="large-op threads"):
+        kernels.set_large_op_threads(-1)

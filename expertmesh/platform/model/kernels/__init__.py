@@ -50,6 +50,40 @@ _ERRORS = {
 }
 
 
+# NOTE: threads for the large calls of a process that otherwise runs one thread (the router):
+# see set_large_op_threads. 0: torch.get_num_threads(), as for every other call.
+_large_op_threads = 0
+LARGE_LINEAR_MACS = 1 << 23  # a 64-row decode step's q|k|v of configs/tiny.yaml, and up
+LARGE_ATTENTION_ROWS = 16  # sequences in a decode step
+
+
+def set_large_op_threads(n: int) -> None:
+    """Run this process's large kernel calls on ``n`` threads (0: ``torch.get_num_threads()``):
+    decode attention over :data:`LARGE_ATTENTION_ROWS` sequences or more, and blocked
+    projections of :data:`LARGE_LINEAR_MACS` multiply-adds or more. The results do not depend
+    on the thread count (each output is computed whole by one thread).
+
+    For a process whose other work stays on one thread: the distributed router, whose core
+    partner idles while it runs the dense layers. Set ``OMP_WAIT_POLICY=PASSIVE`` in that
+    process's environment: an OpenMP worker otherwise spins after each call on the core the
+    expert shards are about to need (2 threads for every call, spinning: 0.91x the tokens/s at
+    64 clients; for the large ones only, passive: 1.16x)."""
+    global _large_op_threads
+    if n < 0:
+        raise ValueError(f"large-op threads must be >= 0, got {n}")
+    _large_op_threads = n
+
+
+def large_op_threads() -> int:
+    """The thread count :func:`set_large_op_threads` set (0: not set)."""
+    return _large_op_threads
+
+
+def _threads(large: bool) -> int:
+    n = torch.get_num_threads()
+    return max(n, _large_op_threads) if large else n
+
+
 class KernelError(RuntimeError):
     """A native kernel refused its arguments (a caller bug: they are checked before the call)."""
 
@@ -430,7 +464,7 @@ def decode_attention(
         L,
         K**-0.5,
         out.data_ptr(),
-        torch.get_num_threads(),
+        _threads(B >= LARGE_ATTENTION_ROWS),
     )
     if rc != 0:
         raise KernelError(f"decode_attention refused its arguments (code {rc})")
@@ -518,7 +552,7 @@ def decode_rope_attention(
         K**-0.5,
         q_rot.data_ptr(),
         out.data_ptr(),
-        torch.get_num_threads(),
+        _threads(B >= LARGE_ATTENTION_ROWS),
     )
     if rc == 2:
         raise KernelError(f"a position in {pos_B.tolist()} is outside the cache's {M}")
@@ -590,7 +624,7 @@ def blocked_linear(x: torch.Tensor, w_blocks: torch.Tensor) -> torch.Tensor:
         w_blocks.data_ptr(),
         nb * BLOCK,
         y.data_ptr(),
-        torch.get_num_threads(),
+        _threads(x2.shape[0] * nb * BLOCK * K >= LARGE_LINEAR_MACS),
     )
     if rc != 0:
         raise KernelError(f"blocked_linear refused its arguments (code {rc})")
