@@ -584,6 +584,12 @@ def test_run_experts_takes_blocks_from_the_holders_and_follows_weight_changes() 
     got = run_experts(x, counts, w13, w2, holders)
     torch.testing.assert_close(got, reference(x, counts, w13, w2), rtol=1e-5, atol=2e-5)
     assert holders[0][0]._blocks is not first
+    # a slice past the row-major kernel's limit (a prefill) takes the blocks too: no oneDNN copy
+    counts = [KERNEL_MAX_ROWS + 72, 0, 0, 0, 0, 0, 0, 3]
+    x = torch.randn(sum(counts), D)
+    got = run_experts(x, counts, w13, w2, holders)
+    torch.testing.assert_close(got, reference(x, counts, w13, w2), rtol=1e-5, atol=2e-5)
+    assert all(h._packed is None for pair in holders for h in pair)
 
 
 @needs_avx512f

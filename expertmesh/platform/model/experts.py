@@ -34,6 +34,12 @@ KERNEL_MAX_ROWS = 128
 # oneDNN's GEMM overtakes the kernel sooner: measured on a 2-core EPYC with AVX512-BF16 (8
 # experts, bfloat16): kernel 3.3x at 4 rows per expert, 1.3x at 16, 0.8x at 24, 0.46x at 64.
 KERNEL_MAX_ROWS_NATIVE_BF16 = 16
+# With the weights in blocks (float32 on AVX-512F, caller-kept holders) the kernel takes slices
+# up to this many rows: against oneDNN on weights packed once (2 experts, 1 and 2 threads,
+# D=256/F=704 and D=512/F=1408) 1.06-1.34x at 128 rows, 0.98-1.17x at 256, 0.97-1.08x at 1024,
+# but a whole 4096-token layer (1024 rows per expert, D=512) ran 0.90x; larger slices (prefill)
+# stay on oneDNN.
+KERNEL_MAX_ROWS_BLOCKED = 256
 
 
 def run_experts(
@@ -63,11 +69,12 @@ def run_experts(
     ``packed`` (one (w13, w2) pair of :class:`PackedWeight` holders per expert, kept by the
     caller with the weights) lets the larger float32 slices run on oneDNN with the weights
     packed once instead of MKL re-packing them every call: 1.24-1.41x at 256-1024 rows per
-    expert (d=512, f=1408, two threads). With holders, float32 thin slices read each expert's
-    weights in the kernel's blocked layout (:func:`kernels.block_weights`, made once per
-    expert touched and kept in the holder beside the weights, so those experts' memory
-    doubles): 1.24-1.71x the kernel's row-major path on AVX-512 CPUs, and 1.14x the tokens/s of
-    distributed serving at 64 clients (the experts' shards).
+    expert (d=512, f=1408, two threads). On AVX-512F CPUs float32 slices of up to
+    :data:`KERNEL_MAX_ROWS_BLOCKED` rows read each expert's weights in the kernel's blocked
+    layout instead (:func:`kernels.block_weights`, made once per expert touched and kept in the
+    holder beside the weights, so those experts' memory doubles): 1.24-1.71x the kernel's
+    row-major path at 4-64 rows, 1.06-1.34x oneDNN at 128, and 1.14x the tokens/s of
+    distributed serving at 64 clients (the shards).
     """
     if x_AD.shape[0] == 0:
         return torch.empty_like(x_AD)
@@ -75,13 +82,18 @@ def run_experts(
     thin = [0] * len(counts)
     out_AD_32 = None
     if kernels.supports(w13_EFD[0], x_AD.dtype):
+        blocked = packed is not None and kernels.supports_blocked(w13_EFD[0], x_AD.dtype)
         native = matmul_dtype(w13_EFD[0].dtype, x_AD.device) == torch.bfloat16
-        limit = KERNEL_MAX_ROWS_NATIVE_BF16 if native else KERNEL_MAX_ROWS
+        if blocked:
+            limit = KERNEL_MAX_ROWS_BLOCKED
+        else:
+            limit = KERNEL_MAX_ROWS_NATIVE_BF16 if native else KERNEL_MAX_ROWS
         thin = [n if n <= limit else 0 for n in counts]
         if any(thin):
             out_AD_32 = torch.empty(x_AD.shape, dtype=torch.float32)
             starts = [0, *itertools.accumulate(counts)][:-1]
-            if packed is not None and kernels.supports_blocked(w13_EFD[0], x_AD.dtype):
+            if blocked:
+                assert packed is not None
                 b13 = [packed[e][0].blocks(w13_EFD[e]) if n else None for e, n in enumerate(thin)]
                 b2 = [packed[e][1].blocks(w2_EDF[e]) if n else None for e, n in enumerate(thin)]
                 kernels.thin_experts(x_AD, starts, thin, b13, b2, out_AD_32, blocked=True)

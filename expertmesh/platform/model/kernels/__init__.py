@@ -42,9 +42,10 @@ HEADERS = (Path(__file__).with_name("vec_math.h"),)  # included by the sources: 
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 LIBS = ("-lm",)
 MAX_ROWS = 256  # must match MAX_ROWS in thin_experts.c
+MAX_ROWS_BLOCKED = 4096  # ... and MAX_ROWS_BLOCKED there
 _ERRORS = {
     1: "D and F must be positive multiples of 8",
-    2: f"a slice has more than {MAX_ROWS} rows",
+    2: f"a slice has more than {MAX_ROWS} rows ({MAX_ROWS_BLOCKED} in blocks)",
     3: "out of memory for the scratch buffers",
     4: "blocked weights need float32 weights and activations, widths multiples of 16, AVX-512F",
 }

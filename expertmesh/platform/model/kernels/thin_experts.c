@@ -37,6 +37,7 @@
 #include "vec_math.h"
 
 #define MAX_ROWS 256 /* rows per expert handled here; callers use a GEMM above this */
+#define MAX_ROWS_BLOCKED 4096 /* the blocked path takes slices of any usual size (scratch 2 x rows x F floats) */
 #define ONE_PASS_ROWS 12 /* up to this many x rows, each weight row is used in one pass */
 /* The weight stream is prefetched PF_AHEAD bytes ahead into L2 (measured on the 2-core EPYC, one
  * thread, 8 experts of 3-6 rows: the hardware prefetcher alone reads ~9 GB/s; 4 KB ahead into
@@ -469,7 +470,7 @@ int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t
     if (blocked && (bf16 || x_bf16 || D % 16 || F % 16 || !thin_experts_has_avx512f())) return 4;
     int64_t maxn = 0, rows = 0;
     for (int e = 0; e < n_experts; e++) {
-        if (counts[e] < 0 || counts[e] > MAX_ROWS) return 2;
+        if (counts[e] < 0 || counts[e] > (blocked ? MAX_ROWS_BLOCKED : MAX_ROWS)) return 2;
         if (counts[e] > maxn) maxn = counts[e];
         if (counts[e] > 0 && starts[e] + counts[e] > rows) rows = starts[e] + counts[e];
     }
