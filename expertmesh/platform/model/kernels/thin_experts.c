@@ -93,6 +93,29 @@ static void swiglu(const float *g, const float *u, float *dst, int64_t n) {
     }
 }
 
+/* A weight stream is prefetched into L2 a fixed distance ahead of where it is read. Each tile
+ * asks prefetch_span for the lines from what was already prefetched up to ``upto`` bytes of the
+ * stream, and spreads them over its loop with prefetch_tick (Bresenham: npf lines over iters
+ * iterations). */
+static inline int64_t prefetch_span(const char *base, int64_t upto, int64_t total, int64_t *done,
+                                    const char **pf) {
+    if (upto > total) upto = total;
+    const int64_t n = upto > *done ? (upto - *done + 63) / 64 : 0;
+    *pf = base + *done;
+    *done += n * 64;
+    return n;
+}
+
+static inline __attribute__((always_inline)) void prefetch_tick(const char **pf, int64_t *credit,
+                                                                int64_t npf, int64_t iters) {
+    *credit += npf;
+    while (*credit >= iters && npf > 0) {
+        _mm_prefetch(*pf, _MM_HINT_T1);
+        *pf += 64;
+        *credit -= iters;
+    }
+}
+
 /* One tile: y[i * ldy + r] = dot(x_i, w_r) for NX x rows (stride K) and R weight rows (w0 + r K
  * elements), over K. Inlined with constant NX, R and BF so each shape compiles to its own loop
  * with its NX * R accumulators in registers. Every shape sums a dot product in the same order
@@ -109,14 +132,9 @@ static inline __attribute__((always_inline)) void tile(const float *x, const int
         for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
     const int64_t step = BF ? 16 : 8, K16 = BF ? K / 16 * 16 : K;
     const int64_t iters = K16 / step;
-    int64_t credit = 0; /* Bresenham: npf lines over iters iterations */
+    int64_t credit = 0;
     for (int64_t k = 0; k < K16; k += step) {
-        credit += npf;
-        while (credit >= iters && npf > 0) {
-            _mm_prefetch(pf, _MM_HINT_T1);
-            pf += 64;
-            credit -= iters;
-        }
+        prefetch_tick(&pf, &credit, npf, iters);
         if (BF) {
             for (int r = 0; r < R; r++) {
                 const __m256i raw = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w0 + r * K + k));
@@ -188,11 +206,8 @@ static void dot_rows(const float *x, int n, const void *w0, int bf16, int64_t K,
     for (int64_t j = 0; j < rows;) {
         const int r = rows - j >= R ? R : (rows - j >= 3 && R == 4 ? 3 : 1);
         const char *wj = w + j * row_bytes;
-        int64_t pf_to = (j + r) * row_bytes + PF_AHEAD;
-        if (pf_to > total) pf_to = total;
-        const int64_t npf = pf_to > pf_done ? (pf_to - pf_done + 63) / 64 : 0;
-        const char *pf = w + pf_done;
-        pf_done += npf * 64;
+        const char *pf;
+        const int64_t npf = prefetch_span(w, (j + r) * row_bytes + PF_AHEAD, total, &pf_done, &pf);
         if (n <= ONE_PASS_ROWS) {
             tile_any(x, n, r, K, wj, bf16, NULL, pf, npf, y + j, ldy);
         } else {
@@ -232,12 +247,7 @@ tile_dp(const uint16_t *x, const int NX, const int R, int64_t K, const uint16_t 
     const int64_t K32 = K / 32 * 32, iters = K32 / 32;
     int64_t credit = 0;
     for (int64_t k = 0; k < K32; k += 32) {
-        credit += npf;
-        while (credit >= iters && npf > 0) {
-            _mm_prefetch(pf, _MM_HINT_T1);
-            pf += 64;
-            credit -= iters;
-        }
+        prefetch_tick(&pf, &credit, npf, iters);
         __m512i wv[4];
         for (int r = 0; r < R; r++) wv[r] = _mm512_loadu_si512(w0 + r * K + k);
         for (int i = 0; i < NX; i++) {
@@ -306,11 +316,9 @@ static AVX512 void dot_rows_dp(const uint16_t *x, int n, const uint16_t *w, int6
     int64_t pf_done = 0;
     for (int64_t j = 0; j < rows;) {
         const int r = rows - j >= R ? R : 1;
-        int64_t pf_to = (j + r) * row_bytes + PF_AHEAD;
-        if (pf_to > total) pf_to = total;
-        const int64_t npf = pf_to > pf_done ? (pf_to - pf_done + 63) / 64 : 0;
-        const char *pf = (const char *)w + pf_done;
-        pf_done += npf * 64;
+        const char *pf;
+        const int64_t npf =
+            prefetch_span((const char *)w, (j + r) * row_bytes + PF_AHEAD, total, &pf_done, &pf);
         for (int i = 0; i < n; i += DP_ONE_PASS_ROWS) {
             const int nx = n - i < DP_ONE_PASS_ROWS ? n - i : DP_ONE_PASS_ROWS;
             tile_dp_any(x + (int64_t)i * K, nx, r, K, w + j * K, i == 0 ? pf : NULL,
@@ -349,14 +357,9 @@ tile_bc(const float *x, int64_t ldx, const int MR, const int NB, int64_t K, cons
     __m512 acc[BC_MAX_MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     const float *w1 = wb + K * 16; /* the next block (NB == 2) */
-    int64_t credit = 0; /* Bresenham: npf lines from pf over the K iterations */
+    int64_t credit = 0;
     for (int64_t k = 0; k < K; k++) {
-        credit += npf;
-        while (credit >= K) {
-            _mm_prefetch(pf, _MM_HINT_T1);
-            pf += 64;
-            credit -= K;
-        }
+        prefetch_tick(&pf, &credit, npf, K);
         const __m512 a = _mm512_loadu_ps(wb + k * 16);
         const __m512 b = NB == 2 ? _mm512_loadu_ps(w1 + k * 16) : a;
         for (int i = 0; i < MR; i++) {
@@ -399,11 +402,9 @@ static AVX512F void dot_rows_bc(const float *x, int64_t ldx, int n, const float 
     for (int64_t jb = 0; jb < nblocks;) {
         const int nb = nblocks - jb >= 2 ? 2 : 1;
         const float *w = wb + jb * K * 16;
-        int64_t pf_to = (jb + nb) * block_bytes + BC_PF_AHEAD;
-        if (pf_to > total) pf_to = total;
-        const int64_t npf = pf_to > pf_done ? (pf_to - pf_done + 63) / 64 : 0;
-        const char *pf = (const char *)wb + pf_done;
-        pf_done += npf * 64;
+        const char *pf;
+        const int64_t npf = prefetch_span((const char *)wb, (jb + nb) * block_bytes + BC_PF_AHEAD,
+                                          total, &pf_done, &pf);
         for (int g = 0, i0 = 0; g < groups; g++) {
             const int mr = (n - i0 + (groups - g) - 1) / (groups - g);
             tile_bc_any(x + (int64_t)i0 * ldx, ldx, mr, nb, K, w, pf, g == 0 ? npf : 0,
