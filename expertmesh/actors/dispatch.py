@@ -185,6 +185,10 @@ class RayDispatcher:
 
     def update(self, view: PlacementView) -> None:
         with self._lock:
+            if view.version != self.view.version:
+                # calls so far weigh the cover's choices: a new placement starts every shard
+                # level, so a shard just added is not first in line until it has caught up
+                self.calls_by_shard = Counter()
             self.view = view
             self.suspect = {s: t for s, t in self.suspect.items() if s in view.handles}
             for shard in self.channels.known() - set(view.handles):
@@ -384,7 +388,10 @@ def cover(
 ) -> dict[int, str]:
     """Pick one shard per expert from ``options`` (expert -> candidate shards) so that few shards
     are called: greedy set cover; ties go to the shard called least so far (``used``: calls per
-    shard), then to a shard order rotated by ``turn``. With ``rows`` (tokens per expert), the
+    shard), then to a shard order rotated by ``turn``. A shard called less than half as often
+    as the candidates' mean is starved (the greedy never picks a shard that always covers fewer
+    experts than another, e.g. one added by a scale-out holding a few experts): it is picked
+    first, so every replica keeps taking work. With ``rows`` (tokens per expert), the
     experts are then spread over the shards picked so that their rows are balanced: heaviest
     first, each to the least loaded picked shard that holds it.
 
@@ -404,6 +411,13 @@ def cover(
     order = {s: i for i, s in enumerate(shards[k:] + shards[:k])}
     left = set(options)
     out: dict[int, str] = {}
+    mean = sum(used.get(s, 0) for s in shards) / len(shards)
+    starved = [s for s in shards if used.get(s, 0) < mean / 2]
+    if starved:
+        first = min(starved, key=lambda s: (used.get(s, 0), order[s]))
+        for e in [e for e in left if first in options[e]]:
+            out[e] = first
+            left.discard(e)
     while left:
         gain: dict[str, int] = defaultdict(int)
         for e in left:

@@ -142,3 +142,25 @@ def test_cover_balances_rows_among_the_shards_it_picks() -> None:
     assert max(plain_max) == 118  # without rows: on some turns a takes experts 0-5
     halves = {e: ["a", "b"] for e in range(8)}
     assert len(set(cover(halves, 0, rows=rows).values())) == 1  # one call: nothing to balance
+
+
+def test_a_shard_the_greedy_never_picks_still_takes_work() -> None:
+    """ "a" holds every expert and covers the layer alone; "b" and "c" (a scale-out's new
+    shards) hold fewer and would never be called. Once one of them has had less than half the
+    mean calls it goes first, so all three serve, and "a" still takes most rounds alone."""
+    options = {e: (["a", "b"] if e < 6 else ["a", "c"]) for e in range(8)}
+    used: Counter[str] = Counter()
+    calls = []
+    for turn in range(60):
+        picked = set(cover(options, turn, used).values())
+        used.update(picked)
+        calls.append(len(picked))
+    assert set(used) == {"a", "b", "c"}
+    assert min(used["b"], used["c"]) >= used["a"] / 4
+    assert calls.count(1) > calls.count(2)  # mostly still one call per layer
+
+
+def test_no_starvation_rule_without_history() -> None:
+    """With no calls yet (or a placement just changed) nothing is starved: the plain cover."""
+    options = {e: (["a", "b"] if e < 6 else ["a", "c"]) for e in range(8)}
+    assert set(cover(options, 0, Counter()).values()) == {"a"}
