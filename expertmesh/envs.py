@@ -61,6 +61,13 @@ def onednn_linear() -> bool:
     return os.environ.get("EXPERTMESH_ONEDNN_LINEAR", "1") != "0"
 
 
+def fused_moe() -> bool:
+    """``EXPERTMESH_FUSED_MOE``: ``0`` turns off the MoE layer's fused inference path (sort,
+    gather, experts and combine in one native call for few tokens); read on every call, so a
+    process can compare the two paths."""
+    return os.environ.get("EXPERTMESH_FUSED_MOE", "1") != "0"
+
+
 def kernel_cache_dir() -> Path:
     """``EXPERTMESH_KERNEL_CACHE``: where compiled kernels are kept (default
     ``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``)."""

@@ -648,3 +648,161 @@ def test_large_op_threads_change_no_result() -> None:
         assert torch.equal(one, two)
     with pytest.raises(ValueError, match="large-op threads"):
         kernels.set_large_op_threads(-1)
+
+
+# --- the MoE layer's fused inference path: sort, gather, experts and combine in one call ---
+def _moe_layer(d: int, f: int, dtype: torch.dtype = torch.float32, **overrides: object):
+    from expertmesh.platform.config import ModelConfig
+    from expertmesh.platform.model.moe import MoELayer
+
+    cfg = ModelConfig(d_model=d, d_ff=f, n_experts=E, top_k=2, n_heads=2, n_kv_heads=1, **overrides)
+    layer = MoELayer(cfg, layer=0).eval()
+    assert layer.experts is not None
+    layer.experts.reset_parameters(std=d**-0.5, out_std=f**-0.5)
+    return layer.to(dtype)
+
+
+def _both_paths(layer, x: torch.Tensor, monkeypatch, *, taken: bool = True, **kw: object):
+    """The layer's output and stats with the fused path off, then on (``taken``: it must have
+    answered; else it must have handed the call back to the general path)."""
+    answers = []
+    real = kernels.moe_topk_experts
+
+    def counting(*args: object) -> object:
+        answers.append(real(*args) is not None)
+        return real(*args)
+
+    monkeypatch.setattr(kernels, "moe_topk_experts", counting)
+    with torch.no_grad():
+        monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "0")
+        general = layer(x, return_routing=True, **kw)
+        assert answers == []
+        monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1")
+        fused = layer(x, return_routing=True, **kw)
+    assert answers == [taken]
+    return general, fused
+
+
+def _assert_same(general, fused) -> None:
+    (y0, s0), (y1, s1) = general, fused
+    assert y1.dtype == y0.dtype and torch.equal(y0, y1)
+    for name in ("token_idx_A", "expert_idx_A", "weight_A", "counts_E"):
+        assert torch.equal(getattr(s0.routing, name), getattr(s1.routing, name)), name
+    assert s1.routing.n_tokens == s0.routing.n_tokens
+
+
+@needs_avx512f
+@pytest.mark.parametrize(("d", "f"), [(64, 176), (256, 704), (48, 208)])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (1, 16), (2, 37), (128, 1)])
+def test_fused_moe_layer_is_bitwise_the_general_path(d, f, shape, monkeypatch) -> None:
+    """Same output bits and the same sorted routing: the weight product and the per-token sum
+    happen in the same order and roundings as ``y * w`` and ``index_add_``."""
+    layer = _moe_layer(d, f)
+    general, fused = _both_paths(layer, torch.randn(*shape, d), monkeypatch)
+    _assert_same(general, fused)
+    (_, s0), (_, s1) = general, fused
+    # the losses still read from the fused path's routing (a caller may ask in eval)
+    torch.testing.assert_close(s1.aux_loss, s0.aux_loss)
+    torch.testing.assert_close(s1.z_loss, s0.z_loss)
+    assert s1.experts_per_token() == s0.experts_per_token()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (1, 5), (3, 2)])
+def test_fused_moe_layer_bfloat16_is_bitwise_the_general_path(shape, monkeypatch) -> None:
+    """bfloat16 weights and activations (row-major weights, the AVX512-BF16 or AVX2 kernel):
+    the expert outputs, weights, products and sums rounded to bfloat16 where PyTorch rounds."""
+    layer = _moe_layer(64, 176, torch.bfloat16)
+    general, fused = _both_paths(layer, torch.randn(*shape, 64).bfloat16(), monkeypatch)
+    _assert_same(general, fused)
+
+
+def test_fused_moe_layer_hands_large_slices_back(monkeypatch) -> None:
+    """A slice larger than run_experts gives the kernel (bfloat16 where PyTorch multiplies it
+    natively: 16 rows) is found before anything is written, and the general path answers."""
+    from expertmesh.platform.model.experts import KERNEL_MAX_ROWS_NATIVE_BF16
+
+    layer = _moe_layer(64, 176, torch.bfloat16)
+    _, limit = layer.experts.fused_pointers(torch.bfloat16)
+    if limit != KERNEL_MAX_ROWS_NATIVE_BF16:
+        pytest.skip("PyTorch does not multiply bfloat16 natively here: no slice limit below 128")
+    with torch.no_grad():
+        layer.gate.weight.zero_()  # every token picks the same two experts
+    general, fused = _both_paths(
+        layer, torch.randn(1, limit + 1, 64).bfloat16(), monkeypatch, taken=False
+    )
+    _assert_same(general, fused)
+
+
+@needs_avx512f
+def test_fused_moe_layer_with_padding_bias_and_scale(monkeypatch) -> None:
+    """valid_BT, a selection bias and a routed scale go around the fused call unchanged."""
+    layer = _moe_layer(64, 176, balance_bias_rate=0.01, routed_scale=2.0)
+    assert layer.expert_bias is not None
+    layer.expert_bias.copy_(torch.linspace(-1, 1, E))
+    x = torch.randn(3, 5, 64)
+    valid = torch.rand(3, 5) > 0.3
+    general, fused = _both_paths(layer, x, monkeypatch, valid_BT=valid)
+    _assert_same(general, fused)
+    assert (fused[0][~valid] == 0).all()
+
+
+@needs_avx512f
+def test_fused_moe_layer_follows_weight_changes_and_stays_out_of_training(monkeypatch) -> None:
+    layer = _moe_layer(64, 176)
+    x = torch.randn(2, 3, 64)
+    _both_paths(layer, x, monkeypatch)
+    with torch.no_grad():
+        layer.experts.w13[3].mul_(-1.5)  # an in-place update: the cached blocks must follow
+    general, fused = _both_paths(layer, x, monkeypatch)
+    _assert_same(general, fused)
+    # a layer that has used it can still be copied and pickled (Ray ships models)
+    import copy
+    import pickle
+
+    for twin in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        with torch.no_grad():
+            assert torch.equal(twin(x)[0], fused[0])
+    # training, autograd, or more assignments than the blocked kernel takes: the general path
+    calls = []
+    monkeypatch.setattr(kernels, "moe_topk_experts", lambda *a: calls.append(1))
+    layer.train()
+    layer(x)
+    layer.eval()
+    layer(x)  # grad mode on
+    with torch.no_grad():
+        layer(torch.randn(1, 129, 64))  # 258 assignments
+    assert calls == []
+    assert layer.experts.fused_pointers(torch.bfloat16) is None  # not the experts' dtype
+
+
+@needs_avx512f
+def test_fused_moe_refuses_what_it_cannot_read() -> None:
+    w13, w2 = weights(torch.float32)
+    ptrs = kernels.ExpertPointers(blocked(w13), blocked(w2), blocked=True)
+    x = torch.randn(4, D)
+    weight = torch.full((4, 2), 0.5)
+    with pytest.raises(kernels.KernelError, match="out of range"):
+        kernels.moe_topk_experts(
+            x, torch.tensor([[0, 1], [2, 8], [0, 1], [0, 1]]), weight, ptrs, 256
+        )
+    with pytest.raises(kernels.KernelError, match=r"must be \(T, k\)"):
+        kernels.moe_topk_experts(x, torch.zeros(3, 2, dtype=torch.int64), weight[:3], ptrs, 256)
+    with pytest.raises(kernels.KernelError, match="like the experts"):
+        kernels.moe_topk_experts(
+            x.bfloat16(), torch.zeros(4, 2, dtype=torch.int64), weight, ptrs, 256
+        )
+    with pytest.raises(kernels.KernelError, match="max_rows"):
+        kernels.moe_topk_experts(x, torch.zeros(4, 2, dtype=torch.int64), weight, ptrs, 0)
+    with pytest.raises(kernels.KernelError, match="expert 1"):
+        kernels.ExpertPointers(
+            [*blocked(w13)[:1], blocked(w13)[1][:1]], blocked(w2)[:2], blocked=True
+        )
+    with pytest.raises(kernels.KernelError, match="want one of"):
+        kernels.ExpertPointers(
+            [b.bfloat16() for b in blocked(w13)], [b.bfloat16() for b in blocked(w2)], blocked=True
+        )
+    out, token, expert, w, counts = kernels.moe_topk_experts(
+        x[:0], torch.zeros(0, 2, dtype=torch.int64), weight[:0], ptrs, 256
+    )
+    assert out.shape == (0, D) and counts.tolist() == [0] * E
+    assert token.numel() == expert.numel() == w.numel() == 0

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.platform.model import kernels
-from expertmesh.platform.model.packed import PackedWeight, applies
+from expertmesh.platform.model.packed import PackedWeight, applies, weight_identity
 
 # NOTE: measured on a 2-core AVX2 EPYC with 2 threads (MKL): for slices of a few rows MKL runs
 # ``x @ W^T`` on one core but ``W @ x^T`` (``x^T`` a transposed view) on both: 2.2x faster at 2-4
@@ -178,6 +178,23 @@ def run_experts_autograd(
     return torch.cat(outs) if outs else x_AD.new_zeros(x_AD.shape)
 
 
+class _FusedCache:
+    """An :class:`ExpertBank`'s :class:`kernels.ExpertPointers`, made on first use; empty again
+    in a copy or after pickling (addresses are per process, the blocks are made again)."""
+
+    __slots__ = ("key", "ptrs")
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.ptrs: kernels.ExpertPointers | None = None
+
+    def __deepcopy__(self, memo: dict) -> _FusedCache:
+        return _FusedCache()
+
+    def __reduce__(self) -> tuple:
+        return (_FusedCache, ())
+
+
 class ExpertBank(nn.Module):
     """The E experts of one MoE layer, stacked: ``w13`` (E, 2F, D) and ``w2`` (E, D, F)."""
 
@@ -188,6 +205,7 @@ class ExpertBank(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_experts, d_model, d_ff))
         # inference: each expert's weights packed for oneDNN (large slices), see run_experts
         self._packed = [(PackedWeight(), PackedWeight()) for _ in range(n_experts)]
+        self._fused = _FusedCache()  # see fused_pointers
 
     def reset_parameters(self, std: float, out_std: float) -> None:
         nn.init.normal_(self.w13, std=std)
@@ -197,6 +215,34 @@ class ExpertBank(nn.Module):
         if torch.is_grad_enabled() and (x_AD.requires_grad or self.w13.requires_grad):
             return run_experts_autograd(x_AD, counts, self.w13, self.w2)
         return run_experts(x_AD, counts, self.w13, self.w2, self._packed)
+
+    def fused_pointers(self, x_dtype: torch.dtype) -> tuple[kernels.ExpertPointers, int] | None:
+        """Every expert's weights as the address arrays :func:`kernels.moe_topk_experts` takes
+        for activations of ``x_dtype``, with the most rows per expert it may give the kernel
+        (as :func:`run_experts` would); None where that path does not apply. float32 on AVX-512F:
+        the blocks (all experts at once: a decode step soon touches them all); otherwise the
+        stacked weights as they are, where :func:`kernels.supports` takes them with ``x_dtype``
+        equal to theirs. Made on first use and again after the weights change."""
+        w13, w2 = self.w13.detach(), self.w2.detach()
+        if w13.dtype != x_dtype or not kernels.supports(w13[0], x_dtype):
+            return None
+        blocked = kernels.supports_blocked(w13[0], x_dtype)
+        if blocked:
+            limit = KERNEL_MAX_ROWS_BLOCKED
+        elif matmul_dtype(w13.dtype, w13.device) == torch.bfloat16:
+            limit = KERNEL_MAX_ROWS_NATIVE_BF16
+        else:
+            limit = KERNEL_MAX_ROWS
+        key = (weight_identity(w13), weight_identity(w2), blocked)
+        cache = self._fused
+        if cache.ptrs is None or cache.key != key:
+            if blocked:
+                m13 = [h13.blocks(w13[e]) for e, (h13, _) in enumerate(self._packed)]
+                m2 = [h2.blocks(w2[e]) for e, (_, h2) in enumerate(self._packed)]
+            else:
+                m13, m2 = list(w13.contiguous()), list(w2.contiguous())
+            cache.ptrs, cache.key = kernels.ExpertPointers(m13, m2, blocked=blocked), key
+        return cache.ptrs, limit
 
     # --- per-expert views in the Hugging Face / checkpoint layout (w1 gate, w3 up, w2 down) ---
     def expert_tensors(self, e: int) -> dict[str, torch.Tensor]:

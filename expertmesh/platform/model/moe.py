@@ -7,10 +7,23 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from expertmesh import envs
 from expertmesh.platform.config import ModelConfig
+from expertmesh.platform.model import kernels
 from expertmesh.platform.model.dispatch import Dispatcher, LocalDispatcher
-from expertmesh.platform.model.experts import ExpertBank
-from expertmesh.platform.model.routers import Routing, load_balancing_loss, route, z_loss
+from expertmesh.platform.model.experts import KERNEL_MAX_ROWS_BLOCKED, ExpertBank
+from expertmesh.platform.model.routers import (
+    Routing,
+    load_balancing_loss,
+    route,
+    topk_choice,
+    z_loss,
+)
+
+# The fused inference path (MoELayer._fused) takes a layer's tokens when every expert slice
+# stays within the blocked kernel's range whatever the routing: a decode step of up to 128
+# tokens at top-2.
+FUSED_MAX_ASSIGNMENTS = KERNEL_MAX_ROWS_BLOCKED
 
 
 @dataclass(kw_only=True, slots=True)
@@ -101,18 +114,19 @@ class MoELayer(nn.Module):
         else:
             x_ND = x_BTD[valid_BT]  # N = number of real tokens, row-major order
             ids_N = None if token_ids_BT is None else token_ids_BT[valid_BT]
-        routing = route(
-            self.cfg,
-            self.gate(x_ND),
-            training=self.training,
-            token_ids_T=ids_N,
-            select_bias_E=self.expert_bias,
-        )
-        if dispatcher is None:
-            if self.experts is None:
-                raise RuntimeError(f"MoE layer {self.layer} holds no experts; pass a dispatcher")
-            dispatcher = LocalDispatcher({self.layer: self.experts})
-        y_ND = dispatcher.dispatch(self.layer, x_ND, routing)
+        logits_ND = self.gate(x_ND)
+        fused = self._fused(x_ND, logits_ND, dispatcher) if dispatcher is None else None
+        if fused is not None:
+            y_ND, routing = fused
+        else:
+            routing = route(
+                self.cfg,
+                logits_ND,
+                training=self.training,
+                token_ids_T=ids_N,
+                select_bias_E=self.expert_bias,
+            )
+            y_ND = self._dispatch(x_ND, routing, dispatcher)
         if self.cfg.routed_scale != 1.0:
             y_ND = y_ND * self.cfg.routed_scale
         stats = LayerStats(
@@ -126,3 +140,55 @@ class MoELayer(nn.Module):
         y_BTD = x_BTD.new_zeros(B, T, D)
         y_BTD[valid_BT] = y_ND.to(y_BTD.dtype)
         return y_BTD, stats
+
+    def _dispatch(
+        self, x_ND: torch.Tensor, routing: Routing, dispatcher: Dispatcher | None
+    ) -> torch.Tensor:
+        if dispatcher is None:
+            if self.experts is None:
+                raise RuntimeError(f"MoE layer {self.layer} holds no experts; pass a dispatcher")
+            dispatcher = LocalDispatcher({self.layer: self.experts})
+        return dispatcher.dispatch(self.layer, x_ND, routing)
+
+    def _fused(
+        self, x_ND: torch.Tensor, logits_NE: torch.Tensor, dispatcher: Dispatcher | None
+    ) -> tuple[torch.Tensor, Routing] | None:
+        """Inference on this layer's own experts for few tokens: the top-k choice in PyTorch,
+        then sort, gather, experts and combine in one native call
+        (:func:`kernels.moe_topk_experts`), bit for bit the numbers of the general path
+        without its ~15 small tensor ops. None where it does not apply: training or autograd,
+        another router or a capacity limit, a dispatcher, activations of another dtype than the
+        experts', weights the native kernel does not take, more than
+        :data:`FUSED_MAX_ASSIGNMENTS` assignments, or (found by the kernel before it does
+        anything else) a slice larger than :func:`run_experts` gives the kernel."""
+        cfg, experts = self.cfg, self.experts
+        if (
+            dispatcher is not None
+            or experts is None
+            or self.training
+            or torch.is_grad_enabled()
+            or cfg.router != "topk"
+            or cfg.capacity_factor is not None
+            or x_ND.shape[0] * cfg.top_k > FUSED_MAX_ASSIGNMENTS
+            or x_ND.device.type != "cpu"
+            or not envs.fused_moe()
+        ):
+            return None
+        ptrs = experts.fused_pointers(x_ND.dtype)
+        if ptrs is None:
+            return None
+        expert_NK, weight_NK = topk_choice(logits_NE, cfg.top_k, self.expert_bias)
+        done = kernels.moe_topk_experts(x_ND, expert_NK, weight_NK, *ptrs)
+        if done is None:
+            return None
+        y_ND, token_A, expert_A, weight_A, counts_E = done
+        routing = Routing(
+            token_idx_A=token_A,
+            expert_idx_A=expert_A,
+            weight_A=weight_A,
+            counts_E=counts_E,
+            n_tokens=x_ND.shape[0],
+            n_dropped=0,
+            logits_TE=logits_NE.float(),
+        )
+        return y_ND, routing

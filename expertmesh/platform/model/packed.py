@@ -119,7 +119,7 @@ class PackedWeight:
         # if a parameter's .data moved on), so no other tensor can have been allocated at its
         # address since: the same address, layout and version is the same weight unchanged (a
         # fresh view of it too, as an expert's slice of a stacked bank is)
-        key = _identity(w)
+        key = weight_identity(w)
         if self._key != key or self._packed is None:
             self._packed = _pack(w)
             self._source, self._key = w.untyped_storage(), key
@@ -128,14 +128,14 @@ class PackedWeight:
     def blocks(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` in the native expert kernel's blocked layout (:func:`kernels.block_weights`),
         made on first use and again whenever ``w`` changes (the same test as :meth:`linear`)."""
-        key = _identity(w)
+        key = weight_identity(w)
         if self._blocks_key != key or self._blocks is None:
             self._blocks = kernels.block_weights(w)
             self._blocks_source, self._blocks_key = w.untyped_storage(), key
         return self._blocks
 
 
-def _identity(w: torch.Tensor) -> tuple:
+def weight_identity(w: torch.Tensor) -> tuple:
     """What tells a weight apart from any other, or from itself before a change (see the NOTE
     in :meth:`PackedWeight.linear`; the holder keeps the storage alive)."""
     return (w.data_ptr(), w._version, w.shape, w.stride())

@@ -110,11 +110,8 @@ def route(
     if select_bias_E is not None and cfg.router not in ("topk", "noisy_topk"):
         raise ValueError(f"the {cfg.router!r} router takes no selection bias")
     if cfg.router == "topk":
-        # Mixtral: softmax over all experts, top-k, renormalised: that is the softmax of the top-k
-        # logits, a few ops fewer per layer (the full softmax is computed if a loss reads it)
-        top_TK, expert_TK = _top_k(logits_TE, k, select_bias_E)
+        expert_TK, weight_TK = topk_choice(logits_TE, k, select_bias_E)
         token_TK = arange_T[:, None].expand(T, k)
-        weight_TK = top_TK.softmax(dim=-1)
         return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, None, capacity)
     probs_TE = logits_TE.softmax(dim=-1)
 
@@ -146,6 +143,17 @@ def route(
     weight_TK = probs_TE.gather(1, expert_TK) if switch else top_TK.softmax(dim=-1)
     token_TK = arange_T[:, None].expand(T, k)
     return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, probs_TE, capacity)
+
+
+def topk_choice(
+    logits_TE: torch.Tensor, k: int, select_bias_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixtral's choice, (expert_TK, weight_TK) per token in slot order: softmax over all
+    experts, top-k, renormalised, which is the softmax of the top-k float32 logits (a few ops
+    fewer per layer; the full softmax is computed if a loss reads it). ``select_bias_E``: see
+    :func:`route`. The ``topk`` router and the MoE layer's fused inference path both call it."""
+    top_TK, expert_TK = _top_k(logits_TE.float(), k, select_bias_E)
+    return expert_TK, top_TK.softmax(dim=-1)
 
 
 def _top_k(
@@ -186,5 +194,6 @@ __all__ = [
     "capacity_for",
     "load_balancing_loss",
     "route",
+    "topk_choice",
     "z_loss",
 ]

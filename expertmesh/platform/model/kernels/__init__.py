@@ -48,6 +48,8 @@ _ERRORS = {
     2: f"a slice has more than {MAX_ROWS} rows ({MAX_ROWS_BLOCKED} in blocks)",
     3: "out of memory for the scratch buffers",
     4: "blocked weights need float32 weights and activations, widths multiples of 16, AVX-512F",
+    5: "an expert index is out of range",
+    6: "a chosen expert has no weights",
 }
 
 
@@ -166,6 +168,29 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_int,  # threads
         ctypes.c_int,  # use AVX512-BF16 where the CPU has it
         ctypes.c_int,  # float32 weights in blocks of 16 rows (block_weights)
+    ]
+    fused = lib.moe_topk_experts
+    fused.restype = ctypes.c_int
+    fused.argtypes = [
+        ctypes.c_void_p,  # x (T, D), the weights' dtype
+        ctypes.c_int64,  # T
+        ctypes.c_int,  # k
+        ctypes.c_void_p,  # expert_TK (int64)
+        ctypes.c_void_p,  # weight_TK (float32)
+        ctypes.c_int,  # n_experts
+        ctypes.c_void_p,  # w13 pointers
+        ctypes.c_void_p,  # w2 pointers
+        ctypes.c_int,  # bfloat16 weights and x
+        ctypes.c_int,  # float32 weights in blocks
+        ctypes.c_int64,  # D
+        ctypes.c_int64,  # F
+        ctypes.c_int64,  # max rows per expert
+        ctypes.c_void_p,  # token_A (int64, T * k)
+        ctypes.c_void_p,  # expert_A (int64, T * k)
+        ctypes.c_void_p,  # weight_A (float32, T * k)
+        ctypes.c_void_p,  # counts_E (int64, E)
+        ctypes.c_void_p,  # out (T, D), x's dtype
+        ctypes.c_int,  # threads
     ]
     lib.thin_experts_has_avx512_bf16.restype = ctypes.c_int
     lib.thin_experts_has_avx512f.restype = ctypes.c_int
@@ -398,6 +423,117 @@ def thin_experts(
     )
     if rc != 0:
         raise KernelError(f"thin_experts refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")
+
+
+class ExpertPointers:
+    """The addresses of E experts' weights for :func:`moe_topk_experts`, made once and reused
+    while the weights stay the same (the holder keeps them alive): float32 blocks
+    (:func:`block_weights`; ``blocked``) or row-major w13 (2F, D) and w2 (D, F) in float32 or
+    bfloat16, as :func:`thin_experts` takes them."""
+
+    __slots__ = ("D", "F", "blocked", "dtype", "n_experts", "tensors", "w2", "w13")
+
+    def __init__(
+        self, w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor], *, blocked: bool
+    ) -> None:
+        if len(w13) != len(w2) or not w13:
+            raise KernelError(f"want as many w13 as w2 matrices, got {len(w13)} and {len(w2)}")
+        if blocked:
+            nb13, D, _ = w13[0].shape
+            F = nb13 * BLOCK // 2
+            want13, want2 = (nb13, D, BLOCK), (D // BLOCK, F, BLOCK)
+        else:
+            F2, D = w13[0].shape
+            F = F2 // 2
+            want13, want2 = (F2, D), (D, F)
+        dtype = w13[0].dtype
+        allowed = (torch.float32,) if blocked else (torch.float32, torch.bfloat16)
+        for e, (a, b) in enumerate(zip(w13, w2, strict=True)):
+            if tuple(a.shape) != want13 or tuple(b.shape) != want2:
+                raise KernelError(
+                    f"expert {e}: weights {tuple(a.shape)} / {tuple(b.shape)}, want {want13} /"
+                    f" {want2}"
+                )
+            if a.dtype != dtype or b.dtype != dtype or dtype not in allowed:
+                raise KernelError(
+                    f"expert {e}: weights {a.dtype} / {b.dtype}, want one of {allowed} for both"
+                )
+            if not (a.is_contiguous() and b.is_contiguous()):
+                raise KernelError(f"expert {e}: weights must be contiguous")
+        E = len(w13)
+        self.n_experts, self.D, self.F, self.blocked, self.dtype = E, D, F, blocked, dtype
+        self.tensors = (tuple(w13), tuple(w2))  # keeps the addresses valid
+        self.w13 = (ctypes.c_void_p * E)(*(w.data_ptr() for w in w13))
+        self.w2 = (ctypes.c_void_p * E)(*(w.data_ptr() for w in w2))
+
+
+def moe_topk_experts(
+    x_TD: torch.Tensor,
+    expert_TK: torch.Tensor,
+    weight_TK: torch.Tensor,
+    experts: ExpertPointers,
+    max_rows: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The end of a top-k MoE layer in one native call, for few tokens: the ``T * k``
+    assignments sorted by expert (stable), the tokens' rows gathered, run through their experts
+    (:func:`thin_experts`) and added back per token times their gate weights, in ``x_TD``'s
+    dtype (the experts'). Returns ``(out_TD, token_A, expert_A, weight_A, counts_E)``, bit for
+    bit what route's sort, :func:`~..dispatch.permute`, :func:`thin_experts` and
+    :func:`~..dispatch.combine` give; or None, having done nothing else, when an expert got
+    more than ``max_rows`` rows (the caller's general path then runs its slices elsewhere)."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("native kernel not available; check kernels.available() first")
+    T, D = x_TD.shape
+    if x_TD.dtype != experts.dtype or D != experts.D:
+        raise KernelError(
+            f"x must be {experts.dtype} (T, {experts.D}) like the experts, got "
+            f"{tuple(x_TD.shape)} {x_TD.dtype}"
+        )
+    if expert_TK.shape != weight_TK.shape or expert_TK.dim() != 2 or expert_TK.shape[0] != T:
+        raise KernelError(
+            f"experts {tuple(expert_TK.shape)} and weights {tuple(weight_TK.shape)} must be (T, k)"
+            f" with T = {T}"
+        )
+    limit = MAX_ROWS_BLOCKED if experts.blocked else MAX_ROWS
+    if not 0 < max_rows <= limit:
+        raise KernelError(f"max_rows must be in 1..{limit}, got {max_rows}")
+    A = expert_TK.numel()
+    x_TD = x_TD.contiguous()
+    expert_TK = expert_TK.to(torch.int64).contiguous()
+    weight_TK = weight_TK.to(torch.float32).contiguous()
+    out_TD = torch.empty(T, D, dtype=x_TD.dtype)
+    idx = torch.empty(2 * A + experts.n_experts, dtype=torch.int64)
+    token_A, expert_A, counts_E = idx[:A], idx[A : 2 * A], idx[2 * A :]
+    weight_A = torch.empty(A)
+    rc = lib.moe_topk_experts(
+        x_TD.data_ptr(),
+        T,
+        expert_TK.shape[1],
+        expert_TK.data_ptr(),
+        weight_TK.data_ptr(),
+        experts.n_experts,
+        ctypes.addressof(experts.w13),
+        ctypes.addressof(experts.w2),
+        int(experts.dtype == torch.bfloat16),
+        int(experts.blocked),
+        D,
+        experts.F,
+        max_rows,
+        token_A.data_ptr(),
+        expert_A.data_ptr(),
+        weight_A.data_ptr(),
+        counts_E.data_ptr(),
+        out_TD.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc == 7:
+        return None
+    if rc != 0:
+        raise KernelError(
+            f"moe_topk_experts refused its arguments: {_ERRORS.get(rc, f'code {rc}')}"
+        )
+    return out_TD, token_A, expert_A, weight_A, counts_E
 
 
 ATTN_MAX_HEAD_DIM = 256  # must match ATTN_MAX_K in decode_attention.c

@@ -33,6 +33,7 @@
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "vec_math.h"
 
@@ -464,9 +465,133 @@ static void bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
  * bfloat16 between them. act: scratch of A * F floats (act of row i at i * F, float32 on the
  * AVX2 path; bfloat16 at element i * F of its first half on the AVX512 path).
  * Returns 0 on success, a positive code for arguments this kernel does not take. */
+/* float32 <-> bfloat16 bits, one value: to nearest even as PyTorch's c10::BFloat16 (NaN stays
+ * a NaN). A float32 product of two bfloat16 values is exact, so rounding it once gives
+ * PyTorch's bfloat16 product; a sum is rounded to float32 and then to bfloat16, as there. */
+static inline uint16_t to_bf16_bits(float v) {
+    uint32_t b;
+    memcpy(&b, &v, 4);
+    if (v != v) return 0xFFFF;
+    return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
+}
+static inline float from_bf16_bits(uint16_t h) {
+    const uint32_t b = (uint32_t)h << 16;
+    float v;
+    memcpy(&v, &b, 4);
+    return v;
+}
+
+/* out_T[token_A[a]] += weight_A[a] * out_A[a] over a < A, for columns [lo, hi): the gate
+ * weights' combine, in the order of the assignments. A product and then a sum, each rounded,
+ * never fused into one FMA: the numbers of PyTorch's ``y * w`` followed by ``index_add_``.
+ * bf16: out_T is bfloat16, and out_A rows, weights, products and sums are rounded to bfloat16
+ * as PyTorch's bfloat16 path rounds them (``y.to(bfloat16) * w.to(bfloat16)``, then
+ * ``index_add_`` in bfloat16). */
+__attribute__((noinline, optimize("fp-contract=off"))) static void
+combine_rows(const float *out_A, int64_t A, int64_t D, const int64_t *token_A,
+             const float *weight_A, void *out_T, int bf16, int64_t lo, int64_t hi) {
+    for (int64_t a = 0; a < A; a++) {
+        const float *y = out_A + a * D;
+        if (bf16) {
+            const float w = from_bf16_bits(to_bf16_bits(weight_A[a]));
+            uint16_t *o = (uint16_t *)out_T + token_A[a] * D;
+            for (int64_t c = lo; c < hi; c++) {
+                const float yc = from_bf16_bits(to_bf16_bits(y[c]));
+                const float p = from_bf16_bits(to_bf16_bits(w * yc));
+                o[c] = to_bf16_bits(from_bf16_bits(o[c]) + p);
+            }
+        } else {
+            const float w = weight_A[a];
+            float *o = (float *)out_T + token_A[a] * D;
+            for (int64_t c = lo; c < hi; c++) {
+                const float p = w * y[c];
+                o[c] = o[c] + p;
+            }
+        }
+    }
+}
+
+static int experts_impl(const void *x, int x_bf16, const int64_t *starts, const int64_t *counts,
+                        int n_experts, const void *const *w13, const void *const *w2, int bf16,
+                        int64_t D, int64_t F, float *act, float *out, int n_threads,
+                        int use_avx512, int blocked, int64_t comb_rows, const int64_t *comb_token,
+                        const float *comb_weight, void *comb_out, int comb_bf16);
+
 int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t *counts,
                  int n_experts, const void *const *w13, const void *const *w2, int bf16,
                  int64_t D, int64_t F, float *act, float *out, int n_threads, int use_avx512, int blocked) {
+    return experts_impl(x, x_bf16, starts, counts, n_experts, w13, w2, bf16, D, F, act, out,
+                        n_threads, use_avx512, blocked, 0, NULL, NULL, NULL, 0);
+}
+
+/* The end of a top-k MoE layer in one call, for few tokens (a decode step): T tokens' k choices
+ * each (expert_TK[t * k + j] with gate weight weight_TK[t * k + j]) are sorted by expert,
+ * stably (by token, then slot, as a stable sort of the flat list orders them), the tokens' rows
+ * of x (T, D) gathered in that order, run through their experts (as thin_experts with these
+ * x_bf16 = bf16 and blocked flags; use_avx512 set) and each output row, times its gate weight,
+ * added into out (T, D) (zeroed here; x's dtype) in the sorted order. Those are the numbers of
+ * route's sort, index_select, run_experts, the weight product and index_add_ in PyTorch, bit
+ * for bit, without the ~15 small tensor ops in between. Writes the sorted assignments
+ * (token_A, expert_A, weight_A; T * k each) and counts_E. w13/w2: every expert's weights (an
+ * expert no token chose may be NULL). Returns 0, a thin_experts code, 5 for an expert index
+ * out of range, 6 for a chosen expert without weights, or 7, having written counts_E only,
+ * when an expert got more than max_rows rows (the caller takes its general path). */
+int moe_topk_experts(const void *x, int64_t T, int k, const int64_t *expert_TK,
+                     const float *weight_TK, int n_experts, const void *const *w13,
+                     const void *const *w2, int bf16, int blocked, int64_t D, int64_t F,
+                     int64_t max_rows, int64_t *token_A, int64_t *expert_A, float *weight_A,
+                     int64_t *counts_E, void *out, int n_threads) {
+    const int64_t A = T * k, es = bf16 ? 2 : 4;
+    if (T < 0 || k <= 0 || n_experts <= 0 || D <= 0 || F <= 0) return 1;
+    for (int e = 0; e < n_experts; e++) counts_E[e] = 0;
+    for (int64_t a = 0; a < A; a++) {
+        const int64_t e = expert_TK[a];
+        if (e < 0 || e >= n_experts) return 5;
+        counts_E[e]++;
+    }
+    for (int e = 0; e < n_experts; e++) {
+        if (counts_E[e] > max_rows) return 7;
+        if (counts_E[e] > 0 && (!w13[e] || !w2[e])) return 6;
+    }
+    memset(out, 0, (size_t)(T * D * es));
+    if (A == 0) return 0;
+    int64_t *starts = (int64_t *)malloc((size_t)n_experts * 2 * sizeof(int64_t));
+    char *xg = (char *)malloc((size_t)(A * D * es));
+    float *yg = (float *)malloc((size_t)(A * D) * sizeof(float));
+    float *act = (float *)malloc((size_t)(A * F) * sizeof(float));
+    if (!starts || !xg || !yg || !act) {
+        free(starts);
+        free(xg);
+        free(yg);
+        free(act);
+        return 3;
+    }
+    int64_t *next = starts + n_experts;
+    for (int64_t e = 0, s = 0; e < n_experts; e++) {
+        starts[e] = next[e] = s;
+        s += counts_E[e];
+    }
+    for (int64_t a = 0; a < A; a++) { /* counting sort: stable */
+        const int64_t e = expert_TK[a], pos = next[e]++, t = a / k;
+        token_A[pos] = t;
+        expert_A[pos] = e;
+        weight_A[pos] = weight_TK[a];
+        memcpy(xg + pos * D * es, (const char *)x + t * D * es, (size_t)(D * es));
+    }
+    const int rc = experts_impl(xg, bf16, starts, counts_E, n_experts, w13, w2, bf16, D, F, act,
+                                yg, n_threads, 1, blocked, A, token_A, weight_A, out, bf16);
+    free(starts);
+    free(xg);
+    free(yg);
+    free(act);
+    return rc;
+}
+
+static int experts_impl(const void *x, int x_bf16, const int64_t *starts, const int64_t *counts,
+                        int n_experts, const void *const *w13, const void *const *w2, int bf16,
+                        int64_t D, int64_t F, float *act, float *out, int n_threads,
+                        int use_avx512, int blocked, int64_t comb_rows, const int64_t *comb_token,
+                        const float *comb_weight, void *comb_out, int comb_bf16) {
     if (D % 8 || F % 8 || D <= 0 || F <= 0) return 1;
     if (blocked && (bf16 || x_bf16 || D % 16 || F % 16 || !thin_experts_has_avx512f())) return 4;
     int64_t maxn = 0, rows = 0;
@@ -560,6 +685,9 @@ int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t
                 dot_rows(act + starts[e] * F, n, (const char *)w2[e] + lo * F * es, bf16, F, hi - lo,
                          out + starts[e] * D + lo, D, wt);
         }
+        /* this thread's columns of every output row are done: combine them (no barrier) */
+        if (comb_out && hi > lo)
+            combine_rows(out, comb_rows, D, comb_token, comb_weight, comb_out, comb_bf16, lo, hi);
     }
     free(h);
     free(xf);
