@@ -9,7 +9,13 @@ For each token count and dtype it times, interleaved over several rounds (median
 - ``dense``: the same useful FLOPs with no routing: N*k rows through one D->2F GEMM, SwiGLU and
   one F->D GEMM;
 - ``bound``: the time to read the weights of the experts the batch touches at the machine's read
-  bandwidth, measured in the same rounds by summing a buffer far larger than the caches.
+  bandwidth, measured in the same rounds by summing a buffer far larger than the caches;
+- ``cold``: ours again, but each call on the next of :data:`COLD_LAYERS` layers with their own
+  weights, as a decode step runs them, so every call finds its experts' weights evicted by the
+  other layers' (the ``ours`` column calls one layer again and again, and how much of its
+  weights the 32 MB L3 still holds then varies with the machine's other load: at 16 tokens
+  that read 0.6-1.0 of the bound on the same code). The bandwidth target compares the bound
+  with ``cold``, both reading from memory.
 
 Ratios are ``other_time / ours``: above 1 means the MoE layer is faster.
 
@@ -19,6 +25,7 @@ Run: ``.venv/bin/python bench/moe_layer.py`` (about 4 minutes on 2 cores).
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -36,6 +43,7 @@ from expertmesh.platform.model.experts import matmul_dtype
 from expertmesh.platform.model.moe import MoELayer
 
 D_MODEL, D_FF, N_EXPERTS, TOP_K = 512, 1408, 8, 2
+COLD_LAYERS = 4  # 3 other layers' experts (207 MB in float32) pass between two calls of one
 HF_IMPLS = ("eager", "grouped_mm")
 BW_BUFFER_BYTES = 512 * 2**20  # 16x the 32 MiB L3 of the reference machine
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -46,17 +54,18 @@ class Row:
     tokens: int
     dtype: str
     ours_s: float
+    cold_s: float  # ours, each call on the next of COLD_LAYERS layers (weights evicted)
     hf_s: dict[str, float]
     dense_s: float
     dense_f32_s: float  # the same dense GEMMs in float32: the machine's best GEMM for bf16 rows
-    bound_s: float
+    bound_s: float  # reading the experts a call touches (mean over the cold layers) from memory
     read_gbps: float
-    experts_touched: int
+    experts_touched: float
     max_abs_err: float
 
 
-def build_layers(dtype: torch.dtype, seed: int = 0) -> tuple[MoELayer, dict[str, torch.nn.Module]]:
-    """An expertmesh MoE layer and transformers Mixtral blocks (one per impl) with equal weights."""
+def build_ours(dtype: torch.dtype, seed: int = 0) -> MoELayer:
+    """An expertmesh MoE layer with seeded random weights."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
         d_model=D_MODEL, d_ff=D_FF, n_experts=N_EXPERTS, top_k=TOP_K, n_heads=8, n_kv_heads=4
@@ -65,7 +74,13 @@ def build_layers(dtype: torch.dtype, seed: int = 0) -> tuple[MoELayer, dict[str,
     assert ours.experts is not None
     # unit-scale activations, so that equality checks below compare numbers of size ~1
     ours.experts.reset_parameters(std=D_MODEL**-0.5, out_std=D_FF**-0.5)
-    ours = ours.to(dtype).eval()
+    return ours.to(dtype).eval()
+
+
+def build_layers(dtype: torch.dtype, seed: int = 0) -> tuple[MoELayer, dict[str, torch.nn.Module]]:
+    """An expertmesh MoE layer and transformers Mixtral blocks (one per impl) with equal weights."""
+    ours = build_ours(dtype, seed)
+    assert ours.experts is not None
     hf = {}
     for impl in HF_IMPLS:
         hf_cfg = MixtralConfig(
@@ -125,8 +140,7 @@ def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: floa
     assert ours.experts is not None
     x_BTD = torch.randn(1, tokens, D_MODEL).to(dtype)
 
-    y_ours, stats = ours(x_BTD)
-    counts_E = stats.counts_E
+    y_ours, _ = ours(x_BTD)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     err = 0.0
     for impl, block in hf.items():
@@ -135,7 +149,9 @@ def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: floa
         if not torch.allclose(y_ours.float(), y_hf.float(), rtol=tol, atol=tol):
             raise AssertionError(f"{impl} output differs from ours: max abs err {err:.3g}")
 
-    touched = int((counts_E > 0).sum())
+    cold = [ours] + [build_ours(dtype, seed) for seed in range(1, COLD_LAYERS)]
+    touched = statistics.mean(int((layer(x_BTD)[1].counts_E > 0).sum()) for layer in cold)
+    turn = itertools.cycle(cold)
     w13, w2 = ours.experts.w13.detach(), ours.experts.w2.detach()
     expert_bytes = (w13[0].numel() + w2[0].numel()) * w13.element_size()
     dense = dense_ffn(w13[0], w2[0])
@@ -145,6 +161,7 @@ def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: floa
 
     fns: dict[str, Callable[[], object]] = {
         "ours": lambda: ours(x_BTD),
+        "cold": lambda: next(turn)(x_BTD),
         **{f"hf_{impl}": (lambda b=block: b(x_BTD)) for impl, block in hf.items()},
         "dense": lambda: dense(x_RD),
         **({} if dtype == torch.float32 else {"dense_f32": lambda: dense_f32(x_RD_f32)}),
@@ -157,6 +174,7 @@ def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: floa
         tokens=tokens,
         dtype=dtype_name,
         ours_s=t["ours"],
+        cold_s=t["cold"],
         hf_s={impl: t[f"hf_{impl}"] for impl in hf},
         dense_s=t["dense"],
         dense_f32_s=t.get("dense_f32", t["dense"]),
@@ -170,7 +188,7 @@ def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: floa
 def print_table(rows: list[Row]) -> None:
     head = (
         f"{'tokens':>6} {'dtype':>8} {'ours ms':>9} {'hf ms':>9} {'hf impl':>10} {'hf/ours':>8}"
-        f" {'dense/ours':>10} {'dense32/ours':>12} {'bound/ours':>10} {'experts':>7} {'read GB/s':>9} {'hf eager/ours':>13}"
+        f" {'dense/ours':>10} {'dense32/ours':>12} {'cold ms':>8} {'bound/cold':>10} {'experts':>7} {'read GB/s':>9} {'hf eager/ours':>13}"
         f" {'max|err|':>9}"
     )
     print(head)
@@ -181,23 +199,24 @@ def print_table(rows: list[Row]) -> None:
         print(
             f"{r.tokens:>6} {r.dtype:>8} {r.ours_s * 1e3:>9.3f} {hf_s * 1e3:>9.3f} {impl:>10}"
             f" {hf_s / r.ours_s:>8.2f} {r.dense_s / r.ours_s:>10.2f}"
-            f" {r.dense_f32_s / r.ours_s:>12.2f} {r.bound_s / r.ours_s:>10.2f}"
-            f" {r.experts_touched:>7} {r.read_gbps:>9.1f} {r.hf_s['eager'] / r.ours_s:>13.2f} {r.max_abs_err:>9.2g}"
+            f" {r.dense_f32_s / r.ours_s:>12.2f} {r.cold_s * 1e3:>8.3f} {r.bound_s / r.cold_s:>10.2f}"
+            f" {r.experts_touched:>7.2f} {r.read_gbps:>9.1f} {r.hf_s['eager'] / r.ours_s:>13.2f} {r.max_abs_err:>9.2g}"
         )
 
 
 def print_targets(rows: list[Row]) -> None:
     """The issue's targets, each checked on the rows it names."""
     checks = [
-        ("transformers", "hf/ours >= 1.0 at every size", 1.0, rows, lambda r: min(r.hf_s.values())),
+        ("transformers", "hf/ours >= 1.0 at every size", 1.0, rows,
+         lambda r: min(r.hf_s.values()) / r.ours_s),
         ("dense GEMM", "dense/ours >= 0.9 at 4096 tokens", 0.9,
-         [r for r in rows if r.tokens == 4096], lambda r: r.dense_s),
-        ("bandwidth", "bound/ours >= 0.7 at 16 tokens", 0.7,
-         [r for r in rows if r.tokens == 16], lambda r: r.bound_s),
+         [r for r in rows if r.tokens == 4096], lambda r: r.dense_s / r.ours_s),
+        ("bandwidth", "bound/cold >= 0.7 at 16 tokens", 0.7,
+         [r for r in rows if r.tokens == 16], lambda r: r.bound_s / r.cold_s),
     ]  # fmt: skip
-    for name, rule, floor, subset, other_s in checks:
+    for name, rule, floor, subset, ratio_of in checks:
         for r in subset:
-            ratio = other_s(r) / r.ours_s
+            ratio = ratio_of(r)
             verdict = "met" if ratio >= floor else "MISSED"
             print(
                 f"target {name:<12} {rule:<34} {r.tokens:>5} {r.dtype:<8} {ratio:6.2f}  {verdict}"
