@@ -77,10 +77,24 @@ def model_configs(
     z_loss_weight: float = 3e-4,
     routed_scale: float = 1.0,
     balance_bias_rate: float = 0.0,
+    *,
+    d_model: int = 256,
+    n_layers: int = N_LAYERS,
+    expert_ff: int = EXPERT_FF,
 ) -> dict[str, ModelConfig]:
-    """The two models; the dense FFN is as wide as the top-k experts a token runs through."""
-    shape = {"d_model": 256, "n_layers": N_LAYERS, "n_heads": 8, "n_kv_heads": 4}
-    dense_ff = TOP_K * EXPERT_FF
+    """The two models; the dense FFN is as wide as the top-k experts a token runs through.
+
+    Heads keep the tiny model's head width of 32 (4 query heads per 2 key-value heads at
+    d_model 128, 8 per 4 at 256).
+    """
+    n_heads = max(1, d_model // 32)
+    shape = {
+        "d_model": d_model,
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": max(1, n_heads // 2),
+    }
+    dense_ff = TOP_K * expert_ff
     return {
         "dense": ModelConfig(
             **shape,
@@ -88,11 +102,11 @@ def model_configs(
             d_ff_dense=dense_ff,
             n_experts=1,
             top_k=1,
-            moe_every=N_LAYERS + 1,  # no layer is an MoE layer
+            moe_every=n_layers + 1,  # no layer is an MoE layer
         ),
         "moe": ModelConfig(
             **shape,
-            d_ff=EXPERT_FF,
+            d_ff=expert_ff,
             n_experts=N_EXPERTS,
             top_k=TOP_K,
             aux_loss_weight=aux_loss_weight,
@@ -230,6 +244,14 @@ def main() -> None:
         default=0.0,
         help="MoE auxiliary-loss-free balancing step (ModelConfig.balance_bias_rate; 0: off)",
     )
+    p.add_argument("--d-model", type=int, default=256, help="model width (both models)")
+    p.add_argument("--layers", type=int, default=N_LAYERS, help="decoder layers (both models)")
+    p.add_argument(
+        "--expert-ff",
+        type=int,
+        default=EXPERT_FF,
+        help=f"MoE expert width F; the dense FFN is {TOP_K} x F wide",
+    )
     p.add_argument("--models", default="dense,moe", help="which models to train (comma-separated)")
     p.add_argument("--eval-batches", type=int, default=16, help="validation batches per domain")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
@@ -247,7 +269,13 @@ def main() -> None:
     val = TokenData.load(data.data_dir, data.train_domains, "validation")
     entropy = {d: val.unigram_entropy(d) for d in data.train_domains}
     cfgs = model_configs(
-        args.aux_loss_weight, args.z_loss_weight, args.routed_scale, args.balance_bias_rate
+        args.aux_loss_weight,
+        args.z_loss_weight,
+        args.routed_scale,
+        args.balance_bias_rate,
+        d_model=args.d_model,
+        n_layers=args.layers,
+        expert_ff=args.expert_ff,
     )
     counts = param_counts(cfgs)
     wanted = args.models.split(",")
@@ -256,6 +284,7 @@ def main() -> None:
     tracker = Tracker()
     print(f"MLflow: {tracker.uri} (experiment {EXPERIMENT!r})")
     print(
+        f"d_model {args.d_model}, {args.layers} layers, expert width {args.expert_ff}; "
         f"{args.steps} steps x {args.batch} x {args.seq_len} tokens, lr {args.lr}, "
         f"seed {args.seed}, {args.threads} threads; eval {args.eval_batches} batches per domain; "
         f"MoE load-balancing weight {args.aux_loss_weight}, z-loss weight {args.z_loss_weight}, "
