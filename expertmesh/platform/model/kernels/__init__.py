@@ -255,6 +255,7 @@ def available() -> bool:
     return _lib() is not None
 
 
+@functools.cache  # a CPU's features do not change; asked on every layer of a decode step
 def has_avx512_bf16() -> bool:
     """Whether :func:`thin_experts` can take its AVX512-BF16 path on this CPU (bfloat16 weights
     and activations; the AVX2 path otherwise)."""
@@ -262,6 +263,7 @@ def has_avx512_bf16() -> bool:
     return lib is not None and bool(lib.thin_experts_has_avx512_bf16())
 
 
+@functools.cache
 def has_avx512f() -> bool:
     """Whether :func:`thin_experts` can take float32 weights in blocks (:func:`block_weights`)."""
     lib = _lib()
