@@ -19,7 +19,7 @@ For each token count and dtype it times, interleaved over several rounds (median
 
 Ratios are ``other_time / ours``: above 1 means the MoE layer is faster.
 
-Run: ``.venv/bin/python bench/moe_layer.py`` (about 4 minutes on 2 cores).
+Run: ``.venv/bin/python bench/moe_layer.py`` (about a minute on 2 cores).
 """
 
 from __future__ import annotations
