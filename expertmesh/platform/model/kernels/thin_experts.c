@@ -460,11 +460,6 @@ static void bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t k = 0; k < n; k += 8) _mm256_storeu_ps(dst + k, bf16_plain8(src + k));
 }
 
-/* x is (A, D) float32, or bfloat16 when x_bf16 is set. With bfloat16 weights and x, and
- * use_avx512 set on a CPU that has AVX512-BF16, both phases run on vdpbf16ps, act rounded to
- * bfloat16 between them. act: scratch of A * F floats (act of row i at i * F, float32 on the
- * AVX2 path; bfloat16 at element i * F of its first half on the AVX512 path).
- * Returns 0 on success, a positive code for arguments this kernel does not take. */
 /* float32 <-> bfloat16 bits, one value: to nearest even as PyTorch's c10::BFloat16 (NaN stays
  * a NaN). A float32 product of two bfloat16 values is exact, so rounding it once gives
  * PyTorch's bfloat16 product; a sum is rounded to float32 and then to bfloat16, as there. */
@@ -517,6 +512,11 @@ static int experts_impl(const void *x, int x_bf16, const int64_t *starts, const 
                         int use_avx512, int blocked, int64_t comb_rows, const int64_t *comb_token,
                         const float *comb_weight, void *comb_out, int comb_bf16);
 
+/* x is (A, D) float32, or bfloat16 when x_bf16 is set. With bfloat16 weights and x, and
+ * use_avx512 set on a CPU that has AVX512-BF16, both phases run on vdpbf16ps, act rounded to
+ * bfloat16 between them. act: scratch of A * F floats (act of row i at i * F, float32 on the
+ * AVX2 path; bfloat16 at element i * F of its first half on the AVX512 path).
+ * Returns 0 on success, a positive code for arguments this kernel does not take. */
 int thin_experts(const void *x, int x_bf16, const int64_t *starts, const int64_t *counts,
                  int n_experts, const void *const *w13, const void *const *w2, int bf16,
                  int64_t D, int64_t F, float *act, float *out, int n_threads, int use_avx512, int blocked) {
