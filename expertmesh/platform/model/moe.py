@@ -115,7 +115,7 @@ class MoELayer(nn.Module):
             x_ND = x_BTD[valid_BT]  # N = number of real tokens, row-major order
             ids_N = None if token_ids_BT is None else token_ids_BT[valid_BT]
         logits_ND = self.gate(x_ND)
-        fused = self._fused(x_ND, logits_ND, dispatcher) if dispatcher is None else None
+        fused = self._fused(x_ND, logits_ND) if dispatcher is None else None
         if fused is not None:
             y_ND, routing = fused
         else:
@@ -151,20 +151,19 @@ class MoELayer(nn.Module):
         return dispatcher.dispatch(self.layer, x_ND, routing)
 
     def _fused(
-        self, x_ND: torch.Tensor, logits_NE: torch.Tensor, dispatcher: Dispatcher | None
+        self, x_ND: torch.Tensor, logits_NE: torch.Tensor
     ) -> tuple[torch.Tensor, Routing] | None:
         """Inference on this layer's own experts for few tokens: the top-k choice in PyTorch,
         then sort, gather, experts and combine in one native call
         (:func:`kernels.moe_topk_experts`), bit for bit the numbers of the general path
-        without its ~15 small tensor ops. None where it does not apply: training or autograd,
-        another router or a capacity limit, a dispatcher, activations of another dtype than the
+        without its ~15 small tensor ops (the caller passes no dispatcher). None where it does
+        not apply: training or autograd, another router or a capacity limit, activations of another dtype than the
         experts', weights the native kernel does not take, more than
         :data:`FUSED_MAX_ASSIGNMENTS` assignments, or (found by the kernel before it does
         anything else) a slice larger than :func:`run_experts` gives the kernel."""
         cfg, experts = self.cfg, self.experts
         if (
-            dispatcher is not None
-            or experts is None
+            experts is None
             or self.training
             or torch.is_grad_enabled()
             or cfg.router != "topk"
@@ -177,6 +176,7 @@ class MoELayer(nn.Module):
         ptrs = experts.fused_pointers(x_ND.dtype)
         if ptrs is None:
             return None
+        logits_NE = logits_NE.float()
         expert_NK, weight_NK = topk_choice(logits_NE, cfg.top_k, self.expert_bias)
         done = kernels.moe_topk_experts(x_ND, expert_NK, weight_NK, *ptrs)
         if done is None:
@@ -189,6 +189,6 @@ class MoELayer(nn.Module):
             counts_E=counts_E,
             n_tokens=x_ND.shape[0],
             n_dropped=0,
-            logits_TE=logits_NE.float(),
+            logits_TE=logits_NE,
         )
         return y_ND, routing
