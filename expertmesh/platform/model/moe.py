@@ -157,8 +157,8 @@ class MoELayer(nn.Module):
         then sort, gather, experts and combine in one native call
         (:func:`kernels.moe_topk_experts`), bit for bit the numbers of the general path
         without its ~15 small tensor ops (the caller passes no dispatcher). None where it does
-        not apply: training or autograd, another router or a capacity limit, activations of another dtype than the
-        experts', weights the native kernel does not take, more than
+        not apply: training or autograd, another router or a capacity limit, activations of
+        another dtype than the experts', weights the native kernel does not take, more than
         :data:`FUSED_MAX_ASSIGNMENTS` assignments, or (found by the kernel before it does
         anything else) a slice larger than :func:`run_experts` gives the kernel."""
         cfg, experts = self.cfg, self.experts
