@@ -22,8 +22,9 @@ enough tokens for its size. Two cores train tiny.yaml's shape on ~1.5 M tokens i
 1024 tokens: -0.005, +0.034, +0.016 nats; at 1500 steps +0.000). At width 128 about the same
 time per pair goes through 4.9 M tokens (1200 steps of 32 x 128, as many tokens as the training
 split holds, drawn at random), 2.1 tokens per active parameter. The MoE trails early (+0.03
-nats of training loss at 200 steps), passes dense at ~600 steps and ends below it (see
-docs/results.md for the seeds).
+nats of training loss at 200 steps) and in most seeds passes dense at ~600 steps and ends below
+it; not in every seed (docs/results.md lists them): the seed moves the gap by about as much as
+the gap itself.
 
 Both runs go through :func:`expertmesh.platform.training.train` (the real ``train_step``, so the
 MoE's load-balancing and z losses are part of what it optimises; their weights default to 0.003
