@@ -42,6 +42,16 @@ KERNEL_MAX_ROWS_NATIVE_BF16 = 16
 KERNEL_MAX_ROWS_BLOCKED = 256
 
 
+def kernel_max_rows(w13_FD: torch.Tensor, blocked: bool) -> int:
+    """The most rows per expert slice :func:`run_experts` gives the native kernel for weights
+    like ``w13_FD`` (in blocks or not); the MoE layer's fused path keeps to the same limit."""
+    if blocked:
+        return KERNEL_MAX_ROWS_BLOCKED
+    if matmul_dtype(w13_FD.dtype, w13_FD.device) == torch.bfloat16:
+        return KERNEL_MAX_ROWS_NATIVE_BF16
+    return KERNEL_MAX_ROWS
+
+
 def run_experts(
     x_AD: torch.Tensor,
     counts: list[int],
@@ -83,11 +93,7 @@ def run_experts(
     out_AD_32 = None
     if kernels.supports(w13_EFD[0], x_AD.dtype):
         blocked = packed is not None and kernels.supports_blocked(w13_EFD[0], x_AD.dtype)
-        native = matmul_dtype(w13_EFD[0].dtype, x_AD.device) == torch.bfloat16
-        if blocked:
-            limit = KERNEL_MAX_ROWS_BLOCKED
-        else:
-            limit = KERNEL_MAX_ROWS_NATIVE_BF16 if native else KERNEL_MAX_ROWS
+        limit = kernel_max_rows(w13_EFD[0], blocked)
         thin = [n if n <= limit else 0 for n in counts]
         if any(thin):
             out_AD_32 = torch.empty(x_AD.shape, dtype=torch.float32)
@@ -227,12 +233,7 @@ class ExpertBank(nn.Module):
         if w13.dtype != x_dtype or not kernels.supports(w13[0], x_dtype):
             return None
         blocked = kernels.supports_blocked(w13[0], x_dtype)
-        if blocked:
-            limit = KERNEL_MAX_ROWS_BLOCKED
-        elif matmul_dtype(w13.dtype, w13.device) == torch.bfloat16:
-            limit = KERNEL_MAX_ROWS_NATIVE_BF16
-        else:
-            limit = KERNEL_MAX_ROWS
+        limit = kernel_max_rows(w13[0], blocked)
         key = (weight_identity(w13), weight_identity(w2), blocked)
         cache = self._fused
         if cache.ptrs is None or cache.key != key:
