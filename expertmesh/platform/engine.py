@@ -89,8 +89,9 @@ class Engine:
         self.dispatcher = dispatcher
         self.max_len = max_len or self.cfg.max_seq_len
         self.max_step_tokens = max_step_tokens
-        dtype = next(model.parameters()).dtype
-        self.cache = KVCache(self.cfg, max_batch, self.max_len, dtype)
+        first = next(model.parameters())
+        self.device = first.device  # the cache and every step's inputs live with the weights
+        self.cache = KVCache(self.cfg, max_batch, self.max_len, first.dtype, self.device)
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []  # running[i].slot == i
         self._lock = threading.Lock()  # guards _stepping and _aborts
@@ -300,9 +301,10 @@ class Engine:
             tokens.append([*f, *([0] * pad)])
             positions.append([*range(s.n_cached, s.n_cached + n), *([0] * pad)])
             valid.append([True] * n + [False] * pad)
-        tokens_BT = torch.tensor(tokens, dtype=torch.long)
-        pos_BT = torch.tensor(positions, dtype=torch.long)
-        valid_BT = torch.tensor(valid, dtype=torch.bool)
+        dev = self.device
+        tokens_BT = torch.tensor(tokens, dtype=torch.long, device=dev)
+        pos_BT = torch.tensor(positions, dtype=torch.long, device=dev)
+        valid_BT = torch.tensor(valid, dtype=torch.bool, device=dev)
         ragged = any(len(f) < T for f in feeds)
         # NOTE: routing is recorded only for batches with a sequence that asked for it: it costs
         # a bincount per layer and a tensor add per sequence, a few % of a 64-sequence step
@@ -313,12 +315,12 @@ class Engine:
             tokens_BT,
             positions_BT=pos_BT,
             cache=self.cache,
-            slots_B=torch.tensor([s.slot for s in seqs]),
+            slots_B=torch.tensor([s.slot for s in seqs], device=dev),
             dispatcher=dispatcher or self.dispatcher,
             return_routing=record,
             valid_BT=valid_BT if ragged else None,
             write_pos_BT=wpos_BT if ragged else None,
-            gather_B=torch.tensor([len(f) - 1 for f in feeds]),
+            gather_B=torch.tensor([len(f) - 1 for f in feeds], device=dev),
         )
         if record:
             self._record_routing(seqs, feeds, valid_BT, out.layer_stats)
@@ -369,7 +371,7 @@ class Engine:
                 for st in stats
             ],
             dim=1,
-        )
+        ).cpu()
         for b, s in enumerate(seqs):
             if s.expert_counts is not None:
                 s.expert_counts += counts_BLE[b]

@@ -44,7 +44,11 @@ def sample_next(
     top_p_B: torch.Tensor,
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
-    """Pick one token per row; rows with temperature 0 are greedy. Returns (B,) int64."""
+    """Pick one token per row; rows with temperature 0 are greedy. Returns (B,) int64.
+
+    Sampled rows are drawn on the CPU, whatever device the logits are on: their ``generators``
+    are CPU generators, so a seeded request draws the same tokens on every device (given the
+    same logits), and a row's draw costs one copy of V floats."""
     import torch  # NOTE: here, not at the top, so the SDK and CLI import without torch
 
     logits_BV = logits_BV.float()
@@ -52,9 +56,11 @@ def sample_next(
     sampled = temperature_B > 0
     if not bool(sampled.any()):
         return greedy_B
-    out_B = greedy_B.clone()
-    for b in torch.nonzero(sampled).flatten().tolist():
-        probs_V = (logits_BV[b] / temperature_B[b]).softmax(dim=-1)
+    out_B = greedy_B.cpu()
+    rows = torch.nonzero(sampled).flatten().tolist()
+    sampled_RV = logits_BV[rows].cpu()
+    for r, b in enumerate(rows):
+        probs_V = (sampled_RV[r] / temperature_B[b]).softmax(dim=-1)
         if float(top_p_B[b]) < 1.0:
             sorted_p, order = probs_V.sort(descending=True)
             keep = sorted_p.cumsum(0) - sorted_p < top_p_B[b]  # smallest prefix reaching top_p

@@ -84,12 +84,17 @@ class KVCache:
     """
 
     def __init__(
-        self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype = torch.float32
+        self,
+        cfg: ModelConfig,
+        n_slots: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
     ) -> None:
         # NOTE: one extra position at index max_len is scratch space that padded tokens write to
         shape = (n_slots, cfg.n_kv_heads, max_len + 1, cfg.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_len = max_len
         self.n_slots = n_slots
 
@@ -253,13 +258,15 @@ class CacheStep:
         B, T = pos_BT.shape
         L = int(pos_BT.max()) + 1
         s0 = int(slots_B[0])
-        keys_L = torch.arange(L)
+        keys_L = torch.arange(L, device=pos_BT.device)
         return cls(
             slots_B=slots_B,
             slot_BT=slots_B[:, None].expand(B, T),
             write_pos_BT=pos_BT if write_pos_BT is None else write_pos_BT,
             L=L,
-            first_slot=s0 if torch.equal(slots_B, torch.arange(s0, s0 + B)) else None,
+            first_slot=s0
+            if torch.equal(slots_B, torch.arange(s0, s0 + B, device=slots_B.device))
+            else None,
             future_B1L=keys_L[None, None, :] > pos_BT[:, :1, None] if T == 1 else None,
             n_keys_B=pos_BT[:, 0] + 1 if T == 1 else None,
             decode_pos_B=pos_BT[:, 0] if T == 1 and write_pos_BT is None else None,

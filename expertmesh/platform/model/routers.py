@@ -61,9 +61,9 @@ def _sorted_routing(
         order = torch.argsort(weight_A, descending=True, stable=True)
         order = order[torch.argsort(expert_A[order], stable=True)]
         expert_sorted = expert_A[order]
-        counts = torch.bincount(expert_sorted, minlength=n_experts)
+        counts = expert_counts(expert_sorted, n_experts)
         starts = torch.cumsum(counts, 0) - counts
-        rank = torch.arange(expert_sorted.numel()) - starts[expert_sorted]
+        rank = torch.arange(expert_sorted.numel(), device=expert_A.device) - starts[expert_sorted]
         keep = order[rank < capacity]
         n_dropped = expert_A.numel() - keep.numel()
         expert_A, weight_A, token_A = expert_A[keep], weight_A[keep], token_A[keep]
@@ -72,12 +72,22 @@ def _sorted_routing(
         token_idx_A=token_A[order],
         expert_idx_A=expert_A,
         weight_A=weight_A[order],
-        counts_E=torch.bincount(expert_A, minlength=n_experts),
+        counts_E=expert_counts(expert_A, n_experts),
         n_tokens=logits_TE.shape[0],
         n_dropped=n_dropped,
         logits_TE=logits_TE,
         probs_cache=probs_TE,
     )
+
+
+def expert_counts(expert_A: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert, (E,) int64. On the CPU ``bincount``; elsewhere a scatter-add,
+    because CUDA's ``bincount`` reads the largest index back to the host to size its output:
+    a sync per MoE layer that stalls the launch queue."""
+    if expert_A.device.type == "cpu":
+        return torch.bincount(expert_A, minlength=n_experts)
+    ones_A = torch.ones_like(expert_A)
+    return expert_A.new_zeros(n_experts).scatter_add_(0, expert_A, ones_A)
 
 
 def capacity_for(cfg: ModelConfig, n_tokens: int, factor: float | None) -> int | None:
@@ -119,7 +129,7 @@ def route(
         # each expert takes its C highest-scoring tokens: exactly balanced by construction
         C = min(T, capacity_for(cfg, T, cfg.capacity_factor or 1.0) or T)
         weight_EC, token_EC = probs_TE.t().topk(C, dim=-1)
-        expert_EC = torch.arange(E)[:, None].expand(E, C)
+        expert_EC = torch.arange(E, device=logits_TE.device)[:, None].expand(E, C)
         return _sorted_routing(token_EC, expert_EC, weight_EC, E, logits_TE, probs_TE, None)
 
     if cfg.router == "hash":
@@ -127,8 +137,8 @@ def route(
             raise ValueError("the hash router needs the token ids of the tokens it routes")
         h_T = (token_ids_T.long() * _HASH_MULT) % (2**32)
         base_T = h_T % E
-        expert_TK = (base_T[:, None] + torch.arange(k)[None, :]) % E
-        weight_TK = torch.full((T, k), 1.0 / k)
+        expert_TK = (base_T[:, None] + torch.arange(k, device=base_T.device)[None, :]) % E
+        weight_TK = torch.full((T, k), 1.0 / k, device=logits_TE.device)
         token_TK = arange_T[:, None].expand(T, k)
         return _sorted_routing(token_TK, expert_TK, weight_TK, E, logits_TE, probs_TE, capacity)
 
@@ -192,6 +202,7 @@ __all__ = [
     "Routing",
     "balance_bias_step",
     "capacity_for",
+    "expert_counts",
     "load_balancing_loss",
     "route",
     "topk_choice",

@@ -116,7 +116,7 @@ class MoETransformer(nn.Module):
         """
         B, T = tokens_BT.shape
         if positions_BT is None:
-            positions_BT = torch.arange(T).expand(B, T)
+            positions_BT = torch.arange(T, device=tokens_BT.device).expand(B, T)
         h_BTD = self.embed_tokens(tokens_BT)
         rope = self.rotary(positions_BT, h_BTD.dtype)
         step = None
@@ -144,7 +144,7 @@ class MoETransformer(nn.Module):
                 y_BTD = block.ffn(x_BTD)
             h_BTD = h_BTD + y_BTD
         if gather_B is not None:
-            h_BTD = h_BTD[torch.arange(B), gather_B][:, None]
+            h_BTD = h_BTD[torch.arange(B, device=h_BTD.device), gather_B][:, None]
         elif last_only:
             h_BTD = h_BTD[:, -1:]
         logits = self._lm_head_packed.linear(self.norm(h_BTD), self.lm_head.weight)
