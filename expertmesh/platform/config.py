@@ -6,6 +6,7 @@ Every config validates itself on construction and raises :class:`ConfigError` na
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -17,6 +18,7 @@ from expertmesh.platform.errors import ConfigError
 RouterKind = Literal["topk", "noisy_topk", "switch", "expert_choice", "hash"]
 ROUTER_KINDS: tuple[str, ...] = ("topk", "noisy_topk", "switch", "expert_choice", "hash")
 DType = Literal["float32", "bfloat16"]
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def _positive(name: str, value: int | float) -> None:
@@ -157,6 +159,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     dtype: DType = "float32"
+    # "auto": the first CUDA GPU when PyTorch sees one, else the CPU; or "cpu", "cuda", "cuda:N"
+    device: str = "auto"
     eval_every: int = 200
     eval_batches: int = 8
     checkpoint_every: int = 400
@@ -185,6 +189,8 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError("dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        if not _DEVICE.fullmatch(str(self.device)):
+            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 

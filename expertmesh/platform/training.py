@@ -21,6 +21,7 @@ from tqdm import tqdm
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import ExperimentConfig, TrainConfig, to_dict
 from expertmesh.platform.data import TokenData, load_tokenizer
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.model.moe import LayerStats
 from expertmesh.platform.model.routers import balance_bias_step
@@ -50,8 +51,28 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
 
 
-def _autocast(cfg: TrainConfig) -> torch.autocast:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+def resolve_device(name: str) -> torch.device:
+    """``TrainConfig.device`` as a torch device: ``auto`` is the first CUDA GPU PyTorch sees,
+    else the CPU. Asking for CUDA where there is none is a :class:`ConfigError`."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("device", f"{name!r}: PyTorch sees no CUDA GPU on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                "device", f"{name!r}: only {torch.cuda.device_count()} CUDA GPU(s) here"
+            )
+    return device
+
+
+def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def train_step(
@@ -61,12 +82,15 @@ def train_step(
     step: int,
     cfg: TrainConfig,
 ) -> tuple[dict[str, float], list[LayerStats]]:
-    """One optimisation step on a (B, T+1) token batch; returns scalar metrics and layer stats."""
+    """One optimisation step on a (B, T+1) token batch; returns scalar metrics and layer stats.
+    The batch moves to the model's device."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
+    device = _device_of(model)
+    batch_BT1 = batch_BT1.to(device, non_blocking=True)
     inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
     model.train()
-    with _autocast(cfg):
+    with _autocast(cfg, device):
         out = model(inputs_BT)
         loss, ce = model.loss(out, targets_BT)
     optimizer.zero_grad(set_to_none=True)
@@ -128,13 +152,14 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean validation cross-entropy per domain on fixed (seeded) batches."""
     model.eval()
+    device = _device_of(model)
     out: dict[str, float] = {}
     for domain in data.domains:
         gen = torch.Generator().manual_seed(seed)
         losses = []
         for _ in range(cfg.eval_batches):
-            batch = data.sample(cfg.batch_size, cfg.seq_len, gen, domain=domain)
-            with _autocast(cfg):
+            batch = data.sample(cfg.batch_size, cfg.seq_len, gen, domain=domain).to(device)
+            with _autocast(cfg, device):
                 res = model(batch[:, :-1])
                 _, ce = model.loss(res, batch[:, 1:])
             losses.append(float(ce))
@@ -160,6 +185,7 @@ def _train_state(
         "step": step,
         "data_rng": gen.get_state(),
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "run_id": run_id,
     }
     torch.save(state, buf)
@@ -223,7 +249,8 @@ def train(
     if load_tokenizer(cfg.data.data_dir).get_vocab_size() > cfg.model.vocab_size:
         raise ValueError("model.vocab_size is smaller than the tokenizer's vocabulary")
 
-    model = model_factory() if model_factory else MoETransformer(cfg.model)
+    device = resolve_device(tc.device)
+    model = (model_factory() if model_factory else MoETransformer(cfg.model)).to(device)
     optimizer = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     start, run_id = 0, None
@@ -231,10 +258,16 @@ def train(
     if resume_uri:
         loaded, _ = ckpt.load_model(resume_uri)
         model.load_state_dict(loaded.state_dict())
-        state = torch.load(io.BytesIO(ckpt.load_train_state(resume_uri) or b""), weights_only=False)
+        state = torch.load(
+            io.BytesIO(ckpt.load_train_state(resume_uri) or b""),
+            weights_only=False,
+            map_location="cpu",  # the optimizer moves its state to the parameters' device
+        )
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start, run_id = state["step"], state["run_id"]
         log.info("resuming from %s at step %d", resume_uri, start)
 
@@ -244,6 +277,7 @@ def train(
             params = {f"model.{k}": v for k, v in to_dict(cfg.model).items()}
             params |= {f"train.{k}": v for k, v in to_dict(tc).items()}
             params |= {"data.train_domains": ",".join(cfg.data.train_domains)}
+            params |= {"train.resolved_device": str(device)}
             params |= {
                 "n_params": model.num_parameters(),
                 "n_active_params": model.num_parameters(active=True),

@@ -58,6 +58,23 @@ def test_bad_train_config_names_the_field() -> None:
     with pytest.raises(ConfigError) as err:
         TrainConfig(min_lr_ratio=2.0)
     assert field_of(err) == "min_lr_ratio"
+    with pytest.raises(ConfigError) as err:
+        TrainConfig(device="gpu")
+    assert field_of(err) == "device"
+
+
+def test_training_device_resolves_to_what_this_machine_has() -> None:
+    import torch
+
+    from expertmesh.platform.training import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == want
+    if not torch.cuda.is_available():  # CI's machines: a clear error, not a crash mid-training
+        with pytest.raises(ConfigError) as err:
+            resolve_device("cuda:0")
+        assert field_of(err) == "device" and "no CUDA GPU" in str(err.value)
 
 
 def test_shipped_tiny_config_loads() -> None:
