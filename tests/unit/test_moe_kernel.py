@@ -81,6 +81,26 @@ def test_run_experts_matches_per_expert_loop(
     torch.testing.assert_close(got_lists, got, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("counts", CASES[:4])
+@pytest.mark.parametrize(
+    ("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"]
+)
+def test_grouped_experts_match_per_expert_loop(
+    counts: list[int], dtype: torch.dtype, tol: float
+) -> None:
+    """The GPU's inference path (two grouped GEMMs, offsets from a counts tensor), run here on
+    the CPU, where PyTorch's grouped GEMM also runs (tests/gpu runs it on CUDA)."""
+    x_AD, expert_A, w13, w2 = random_case(counts, dtype, seed=sum(counts) + 1)
+    want = reference_experts(x_AD, expert_A, w13, w2)
+    order_A = torch.argsort(expert_A, stable=True)
+    counts_E = torch.bincount(expert_A, minlength=E)
+    y_AD = experts_module.run_experts_grouped(x_AD[order_A], counts_E, w13, w2)
+    got = torch.empty_like(y_AD).index_copy_(0, order_A, y_AD)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol)
+    assert not experts_module.grouped_applies(x_AD, w13)  # the CPU keeps run_experts
+
+
 def test_run_experts_with_no_rows() -> None:
     x_AD, _, w13, w2 = random_case([0] * E, torch.float32, seed=0)
     assert run_experts(x_AD, [0] * E, w13, w2).shape == (0, D)

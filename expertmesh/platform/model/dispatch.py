@@ -42,5 +42,5 @@ class LocalDispatcher:
         self.banks = banks
 
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        y_AD = self.banks[layer](permute(x_TD, routing), routing.counts_E.tolist())
+        y_AD = self.banks[layer].run(permute(x_TD, routing), routing.counts_E)
         return combine(y_AD, routing, x_TD.shape[0])

@@ -171,6 +171,35 @@ def matmul_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype if native else torch.float32
 
 
+def run_experts_grouped(
+    x_AD: torch.Tensor, counts_E: torch.Tensor, w13_EFD: torch.Tensor, w2_EDF: torch.Tensor
+) -> torch.Tensor:
+    """:func:`run_experts` for accelerators: two grouped GEMMs (``F.grouped_mm``) over the
+    expert-sorted rows, with the slices' offsets computed on the device from ``counts_E``: no
+    host sync, and five kernels whatever the number of experts (a loop over slices launches
+    ~5 per expert and must read the counts back first). Inference only: PyTorch's grouped
+    GEMM has no CPU backward."""
+    offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+    x_AD = x_AD.to(w13_EFD.dtype)
+    gate_AF, up_AF = F.grouped_mm(x_AD, w13_EFD.transpose(1, 2), offs=offs_E).chunk(2, dim=-1)
+    act_AF = F.silu(gate_AF).mul_(up_AF)
+    return F.grouped_mm(act_AF, w2_EDF.transpose(1, 2), offs=offs_E)
+
+
+def grouped_applies(x_AD: torch.Tensor, w13_EFD: torch.Tensor) -> bool:
+    """Whether :meth:`ExpertBank.run` takes :func:`run_experts_grouped`: a CUDA device of
+    compute capability 8.0 or later (PyTorch's grouped GEMM), no gradient wanted, floating
+    weights. The CPU keeps :func:`run_experts` (native kernel, packed oneDNN weights)."""
+    return (
+        x_AD.device.type == "cuda"
+        and w13_EFD.device == x_AD.device
+        and hasattr(F, "grouped_mm")
+        and w13_EFD.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and not (torch.is_grad_enabled() and (x_AD.requires_grad or w13_EFD.requires_grad))
+        and torch.cuda.get_device_capability(x_AD.device) >= (8, 0)
+    )
+
+
 def run_experts_autograd(
     x_AD: torch.Tensor, counts: list[int], w13_EFD: torch.Tensor, w2_EDF: torch.Tensor
 ) -> torch.Tensor:
@@ -221,6 +250,15 @@ class ExpertBank(nn.Module):
         if torch.is_grad_enabled() and (x_AD.requires_grad or self.w13.requires_grad):
             return run_experts_autograd(x_AD, counts, self.w13, self.w2)
         return run_experts(x_AD, counts, self.w13, self.w2, self._packed)
+
+    def run(self, x_AD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The experts on expert-sorted rows, ``counts_E[e]`` rows each (a tensor on the rows'
+        device). On a GPU, for inference, two grouped GEMMs whose offsets never leave the
+        device (:func:`run_experts_grouped`); otherwise :meth:`forward` with the counts read
+        once (the CPU's native kernel and per-slice GEMMs, or autograd)."""
+        if grouped_applies(x_AD, self.w13):
+            return run_experts_grouped(x_AD, counts_E, self.w13, self.w2)
+        return self(x_AD, counts_E.tolist())
 
     def fused_pointers(self, x_dtype: torch.dtype) -> tuple[kernels.ExpertPointers, int] | None:
         """Every expert's weights as the address arrays :func:`kernels.moe_topk_experts` takes
