@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lint format venv bench vllm-env
+.PHONY: demo test test-gpu lint format venv bench vllm-env
 
 venv: $(STAMP)
 
@@ -31,6 +31,13 @@ test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/pytest -q
+
+# The GPU checks (tests/gpu: model, training step, checkpoints and engine on CUDA against the
+# CPU and transformers), on a machine whose torch sees a CUDA GPU; `make test` collects none.
+PYTHON_GPU ?= $(PY)
+test-gpu:
+	$(PYTHON_GPU) -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'torch sees no CUDA GPU')"
+	$(PYTHON_GPU) -m pytest -q tests/gpu
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

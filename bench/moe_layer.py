@@ -19,7 +19,9 @@ For each token count and dtype it times, interleaved over several rounds (median
 
 Ratios are ``other_time / ours``: above 1 means the MoE layer is faster.
 
-Run: ``.venv/bin/python bench/moe_layer.py`` (about a minute on 2 cores).
+Run: ``.venv/bin/python bench/moe_layer.py`` (about a minute on 2 cores). ``--device cuda``
+runs every column on the GPU (each timed batch of calls ends with a synchronize; the read
+bandwidth is a sum over a buffer many times the GPU's L2).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ D_MODEL, D_FF, N_EXPERTS, TOP_K = 512, 1408, 8, 2
 COLD_LAYERS = 4  # 3 other layers' experts (207 MB in float32) pass between two calls of one
 HF_IMPLS = ("eager", "grouped_mm")
 BW_BUFFER_BYTES = 512 * 2**20  # 16x the 32 MiB L3 of the reference machine
+BW_BUFFER_BYTES_CUDA = 4 * 2**30  # ~70x an H100/H200's 50-60 MB L2
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -64,7 +67,7 @@ class Row:
     max_abs_err: float
 
 
-def build_ours(dtype: torch.dtype, seed: int = 0) -> MoELayer:
+def build_ours(dtype: torch.dtype, seed: int = 0, device: str = "cpu") -> MoELayer:
     """An expertmesh MoE layer with seeded random weights."""
     torch.manual_seed(seed)
     cfg = ModelConfig(
@@ -74,12 +77,14 @@ def build_ours(dtype: torch.dtype, seed: int = 0) -> MoELayer:
     assert ours.experts is not None
     # unit-scale activations, so that equality checks below compare numbers of size ~1
     ours.experts.reset_parameters(std=D_MODEL**-0.5, out_std=D_FF**-0.5)
-    return ours.to(dtype).eval()
+    return ours.to(device, dtype).eval()
 
 
-def build_layers(dtype: torch.dtype, seed: int = 0) -> tuple[MoELayer, dict[str, torch.nn.Module]]:
+def build_layers(
+    dtype: torch.dtype, seed: int = 0, device: str = "cpu"
+) -> tuple[MoELayer, dict[str, torch.nn.Module]]:
     """An expertmesh MoE layer and transformers Mixtral blocks (one per impl) with equal weights."""
-    ours = build_ours(dtype, seed)
+    ours = build_ours(dtype, seed, device)
     assert ours.experts is not None
     hf = {}
     for impl in HF_IMPLS:
@@ -91,7 +96,7 @@ def build_layers(dtype: torch.dtype, seed: int = 0) -> tuple[MoELayer, dict[str,
             hidden_act="silu",
         )
         hf_cfg._experts_implementation = impl
-        block = MixtralSparseMoeBlock(hf_cfg).to(dtype).eval()
+        block = MixtralSparseMoeBlock(hf_cfg).to(device, dtype).eval()
         with torch.no_grad():
             block.gate.weight.copy_(ours.gate.weight)
             # transformers 5 stores the experts fused exactly like ExpertBank: gate_up_proj is
@@ -113,13 +118,21 @@ def dense_ffn(w13_FD: torch.Tensor, w2_DF: torch.Tensor) -> Callable[[torch.Tens
 
 
 def interleaved_median(
-    fns: dict[str, Callable[[], object]], *, rounds: int, budget_s: float
+    fns: dict[str, Callable[[], object]],
+    *,
+    rounds: int,
+    budget_s: float,
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin so load hits all alike."""
+    """Median seconds per call of each function, timed round-robin so load hits all alike;
+    ``sync`` waits for queued device work (CUDA) before each clock read."""
     calls: dict[str, int] = {}
     for name, fn in fns.items():  # warm-up call doubles as a probe of how long one call takes
+        fn()  # the first call may compile or allocate
+        sync()
         t0 = time.perf_counter()
         fn()
+        sync()
         once = time.perf_counter() - t0
         calls[name] = max(1, min(50, int(budget_s / rounds / len(fns) / max(once, 1e-6))))
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -127,29 +140,38 @@ def interleaved_median(
     for i in range(rounds):
         for name in names[i % len(names) :] + names[: i % len(names)]:  # rotate who goes first
             fn = fns[name]
+            sync()
             t0 = time.perf_counter()
             for _ in range(calls[name]):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t0) / calls[name])
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
-def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: float) -> Row:
+def bench_one(
+    tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: float, device: str = "cpu"
+) -> Row:
     dtype = DTYPES[dtype_name]
-    ours, hf = build_layers(dtype)
+    ours, hf = build_layers(dtype, device=device)
     assert ours.experts is not None
-    x_BTD = torch.randn(1, tokens, D_MODEL).to(dtype)
+    x_BTD = torch.randn(1, tokens, D_MODEL).to(device, dtype)
 
     y_ours, _ = ours(x_BTD)
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     err = 0.0
-    for impl, block in hf.items():
-        y_hf = block(x_BTD)
+    for impl, block in list(hf.items()):
+        try:
+            y_hf = block(x_BTD)
+        except (RuntimeError, NotImplementedError) as exc:  # e.g. grouped_mm on this device/dtype
+            print(f"  transformers {impl} does not run here ({dtype_name}): {exc}", flush=True)
+            del hf[impl]
+            continue
         err = max(err, (y_ours.float() - y_hf.float()).abs().max().item())
         if not torch.allclose(y_ours.float(), y_hf.float(), rtol=tol, atol=tol):
             raise AssertionError(f"{impl} output differs from ours: max abs err {err:.3g}")
 
-    cold = [ours] + [build_ours(dtype, seed) for seed in range(1, COLD_LAYERS)]
+    cold = [ours] + [build_ours(dtype, seed, device) for seed in range(1, COLD_LAYERS)]
     touched = statistics.mean(int((layer(x_BTD)[1].counts_E > 0).sum()) for layer in cold)
     turn = itertools.cycle(cold)
     w13, w2 = ours.experts.w13.detach(), ours.experts.w2.detach()
@@ -168,7 +190,8 @@ def bench_one(tokens: int, dtype_name: str, bw_buf: torch.Tensor, budget_s: floa
         "read": lambda: bw_buf.sum(),
     }
     rounds = 7
-    t = interleaved_median(fns, rounds=rounds, budget_s=budget_s)
+    sync = torch.cuda.synchronize if x_BTD.is_cuda else (lambda: None)
+    t = interleaved_median(fns, rounds=rounds, budget_s=budget_s, sync=sync)
     bandwidth = bw_buf.numel() * bw_buf.element_size() / t["read"]
     return Row(
         tokens=tokens,
@@ -229,20 +252,26 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=4.0, help="timing seconds per row")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]  # other processes on the machine skew every column alike
-    bw_buf = torch.ones(BW_BUFFER_BYTES // 4)
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda:
+        torch.set_float32_matmul_precision("highest")  # float32 rows in float32, not TF32
+    bw_bytes = BW_BUFFER_BYTES_CUDA if cuda else BW_BUFFER_BYTES
+    bw_buf = torch.ones(bw_bytes // 4, device=args.device)
     rows = []
     with torch.no_grad():
         for dtype_name in args.dtypes:
             for tokens in args.tokens:
-                rows.append(bench_one(tokens, dtype_name, bw_buf, args.budget_s))
+                rows.append(bench_one(tokens, dtype_name, bw_buf, args.budget_s, args.device))
                 print(f"  done {tokens} tokens {dtype_name}", flush=True)
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {args.threads} threads"
     print(
         f"\nMoE layer d={D_MODEL} f={D_FF} E={N_EXPERTS} top-{TOP_K}, "
-        f"{args.threads} threads; ratios are other_time / ours (>= 1: ours faster)"
+        f"{where}; ratios are other_time / ours (>= 1: ours faster)"
     )
     # which paths the numbers come from: they differ between CPUs
     native_bf16 = matmul_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
