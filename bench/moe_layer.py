@@ -275,10 +275,13 @@ def main() -> None:
     )
     # which paths the numbers come from: they differ between CPUs
     native_bf16 = matmul_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
-    print(
-        f"native kernel: {kernels.available()}, its AVX512-BF16 path: {kernels.has_avx512_bf16()},"
-        f" PyTorch bf16 GEMMs native: {native_bf16}"
-    )
+    if cuda:
+        print(f"torch {torch.__version__}: experts as grouped GEMMs (F.grouped_mm)")
+    else:
+        print(
+            f"native kernel: {kernels.available()}, its AVX512-BF16 path: "
+            f"{kernels.has_avx512_bf16()}, PyTorch bf16 GEMMs native: {native_bf16}"
+        )
     print_table(rows)
     print_targets(rows)
     print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
