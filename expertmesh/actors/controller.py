@@ -202,7 +202,14 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                 max_concurrency=4,
                 max_restarts=0,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
-            ).remote(sid, self.spec.checkpoint_uri, [], res.threads, res.batch_scheduling)
+            ).remote(
+                sid,
+                self.spec.checkpoint_uri,
+                [],
+                res.threads,
+                res.batch_scheduling,
+                "cuda" if res.num_gpus > 0 else "cpu",  # Ray shows the actor its GPU alone
+            )
             started.append((sid, handle))
         ready = ray.get([h.stats.remote() for _, h in started], timeout=120)
         return [(sid, h, st["node_id"]) for (sid, h), st in zip(started, ready, strict=True)]

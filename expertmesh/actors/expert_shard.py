@@ -22,6 +22,7 @@ import torch
 from expertmesh.actors.channel import ChannelServer, Endpoint
 from expertmesh.actors.metrics import ShardMetrics
 from expertmesh.platform import checkpoint as ckpt
+from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.model.experts import run_experts
 from expertmesh.platform.model.packed import PackedWeight
 
@@ -34,7 +35,7 @@ class ShardResources:
     """What one shard asks Ray for (fractions allowed; custom resources by name)."""
 
     num_cpus: float = 0.25
-    num_gpus: float = 0.0
+    num_gpus: float = 0.0  # > 0: the shard's experts are held and run on the GPU Ray gives it
     resources: dict[str, float] | None = None
     threads: int = 1  # torch intra-op threads inside the shard
     batch_scheduling: bool = True  # Linux SCHED_BATCH for the shard's threads (see below)
@@ -50,11 +51,15 @@ class ExpertShard:
         experts: list[ExpertKey],
         threads: int = 1,
         batch_scheduling: bool = True,
+        device: str = "cpu",
     ) -> None:
         # before any thread of ours starts: the channel's threads inherit the policy
         self.sched_policy = use_batch_scheduling() if batch_scheduling else _policy_name()
         torch.set_num_threads(max(1, threads))
         self.shard_id = shard_id
+        # "cuda" where Ray gave the actor a GPU (it sees that one alone): the experts' weights
+        # live there and every call's rows are copied there and back
+        self.device = resolve_device(device)
         self.checkpoint_uri = checkpoint_uri
         self.weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
         # each expert's weights packed for oneDNN on first use (large slices, see run_experts)
@@ -84,8 +89,8 @@ class ExpertShard:
                     # NOTE: kept in the checkpoint's dtype, as the in-process ExpertBank keeps
                     # them: same kernel path, same numbers (a bfloat16 model's activations are
                     # rounded where PyTorch rounds them), half the memory of float32 copies
-                    w13 = torch.cat([t["w1"], t["w3"]], dim=0).contiguous()
-                    self.weights[key] = (w13, t["w2"].contiguous())
+                    w13 = torch.cat([t["w1"], t["w3"]], dim=0).to(self.device).contiguous()
+                    self.weights[key] = (w13, t["w2"].to(self.device).contiguous())
                     self.packed[key] = (PackedWeight(), PackedWeight())
         return self.held()
 
@@ -114,7 +119,7 @@ class ExpertShard:
                 raise LookupError(
                     f"shard {self.shard_id} does not hold expert {exc.args[0]}"
                 ) from None
-            x = torch.from_numpy(x_AD)
+            x = torch.from_numpy(x_AD).to(self.device)
             wire = x.dtype  # rows travel as float32 (or float16); they hold model-dtype values
             dtype = pairs[0][0].dtype if pairs else x.dtype
             y = run_experts(
@@ -123,7 +128,7 @@ class ExpertShard:
             for e, n in zip(experts, counts, strict=True):
                 self.tokens_served[(layer, e)] += n
             self.metrics.record(layer, experts, counts, time.perf_counter() - t0)
-            return y.to(wire).numpy()
+            return y.to("cpu", wire).numpy()
         finally:
             self.in_flight -= 1
             self.calls += 1
@@ -155,6 +160,7 @@ class ExpertShard:
             "busy_s": self.busy_s,
             "queue_depth": self.in_flight,
             "sched_policy": self.sched_policy,
+            "device": str(self.device),
             "draining": self.draining,
             "uptime_s": time.time() - self.started_at,
         }

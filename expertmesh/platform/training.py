@@ -21,7 +21,7 @@ from tqdm import tqdm
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import ExperimentConfig, TrainConfig, to_dict
 from expertmesh.platform.data import TokenData, load_tokenizer
-from expertmesh.platform.errors import ConfigError
+from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.model.moe import LayerStats
 from expertmesh.platform.model.routers import balance_bias_step
@@ -49,22 +49,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``TrainConfig.device`` as a torch device: ``auto`` is the first CUDA GPU PyTorch sees,
-    else the CPU. Asking for CUDA where there is none is a :class:`ConfigError`."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device", f"{name!r}: PyTorch sees no CUDA GPU on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(
-                "device", f"{name!r}: only {torch.cuda.device_count()} CUDA GPU(s) here"
-            )
-    return device
 
 
 def _autocast(cfg: TrainConfig, device: torch.device) -> torch.autocast:

@@ -20,12 +20,13 @@ import transformers
 
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import ModelConfig, TrainConfig
+from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.hf import export_hf
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.sampling import SamplingParams
-from expertmesh.platform.training import make_optimizer, resolve_device, train_step
+from expertmesh.platform.training import make_optimizer, train_step
 from tests.integration.helpers import PROMPTS, tiny_tokenizer
 
 GPU = torch.device("cuda")
@@ -121,6 +122,23 @@ def test_moe_layer_on_gpu_never_waits_for_the_device(dtype: torch.dtype) -> None
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert max_diff(got, want) <= tol * max(1.0, want.abs().max().item())
     assert int(stats.counts_E.sum()) == 2 * 24 * 2
+
+
+def test_expert_shard_path_on_gpu_equals_cpu() -> None:
+    """What an expert shard given a GPU runs: per-expert weight lists on the device, the rows
+    of several experts in one call (run_experts' slice loop, not the grouped GEMM)."""
+    from expertmesh.platform.model.experts import run_experts
+
+    g = torch.Generator().manual_seed(3)
+    counts = [5, 0, 17, 1, 40]
+    w13 = [torch.randn(192, 64, generator=g) * 0.1 for _ in counts]
+    w2 = [torch.randn(64, 96, generator=g) * 0.1 for _ in counts]
+    x_AD = torch.randn(sum(counts), 64, generator=g)
+    with torch.no_grad():
+        want = run_experts(x_AD, counts, w13, w2)
+        got = run_experts(x_AD.to(GPU), counts, [w.to(GPU) for w in w13], [w.to(GPU) for w in w2])
+    assert got.device.type == "cuda"
+    assert max_diff(got, want) <= 1e-5
 
 
 def _hf_logits(hf_dir: str, tokens_BT: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

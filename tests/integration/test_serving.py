@@ -52,6 +52,8 @@ def test_distributed_greedy_equals_in_process(cluster, checkpoint) -> None:
     assert all(s["experts"] for s in shards)
     # shards run under SCHED_BATCH: woken by the router, they do not preempt it
     assert {s["sched_policy"] for s in shards} == {"batch"}
+    # no GPU asked for (num_gpus=0): the experts live and run in host memory
+    assert {s["device"] for s in shards} == {"cpu"}
     # the router's large ops on 2 threads whose OpenMP worker sleeps between them
     router = status["router"]
     assert router["large_op_threads"] == 2 and router["omp_wait_policy"] == "PASSIVE"

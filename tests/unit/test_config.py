@@ -66,9 +66,13 @@ def test_bad_train_config_names_the_field() -> None:
 def test_training_device_resolves_to_what_this_machine_has() -> None:
     import torch
 
-    from expertmesh.platform.training import resolve_device
+    from expertmesh.platform.devices import resolve_device
 
     assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("gpu", "tpu", "meta"):
+        with pytest.raises(ConfigError) as err:
+            resolve_device(bad)
+        assert field_of(err) == "device"
     want = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == want
     if not torch.cuda.is_available():  # CI's machines: a clear error, not a crash mid-training
