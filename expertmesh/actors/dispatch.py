@@ -24,6 +24,7 @@ import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from expertmesh.actors.breaker import PROBE_S, SUSPECT_S, Breakers
 from expertmesh.actors.channel import (
     ChannelError,
     ChannelPool,
@@ -37,12 +38,6 @@ log = logging.getLogger(__name__)
 ExpertKey = tuple[int, int]
 Transport = Literal["direct", "ray"]
 TRANSPORTS: tuple[str, ...] = ("direct", "ray")
-
-
-# NOTE: how long a shard whose call failed is left out. A dead one leaves the placement within
-# seconds (the controller's heartbeats); one that was only slow (a starved machine, a call past
-# its deadline) would otherwise lose its share of the work until the next placement change.
-SUSPECT_S = 10.0
 
 
 class NoReplicaError(RuntimeError):
@@ -165,6 +160,7 @@ class RayDispatcher:
         transport: Transport = "direct",
         wire_dtype: str = "float32",
         suspect_s: float = SUSPECT_S,
+        probe_s: float = PROBE_S,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
@@ -173,8 +169,8 @@ class RayDispatcher:
         self.deadline = AdaptiveDeadline(floor_s=call_timeout_s)  # call_timeout_s is its floor
         self.wire_dtype = np.dtype(wire_dtype)
         self.stats = DispatchStats()
-        self.suspect: dict[str, float] = {}  # shard -> when it failed; avoided for suspect_s
-        self.suspect_s = suspect_s
+        # shards whose calls failed: left out for a backoff, then probed (see breaker.py)
+        self.breakers = Breakers(probe_s=probe_s, suspect_s=suspect_s)
         self.channels = ChannelPool()
         self._endpoint_refs: dict[str, ray.ObjectRef] = {}  # asked for, not yet answered
         self._endpoints_checked = 0.0
@@ -190,7 +186,7 @@ class RayDispatcher:
                 # level, so a shard just added is not first in line until it has caught up
                 self.calls_by_shard = Counter()
             self.view = view
-            self.suspect = {s: t for s, t in self.suspect.items() if s in view.handles}
+            self.breakers.keep(view.handles.keys())
             for shard in self.channels.known() - set(view.handles):
                 self.channels.forget(shard)
             self._endpoint_refs = {
@@ -240,14 +236,15 @@ class RayDispatcher:
         """A shard for each expert of ``layer`` (``rows``: its tokens): few shards, rotated
         between steps, rows balanced among them. Replicas that failed this layer (``exclude``)
         are left out, unless every replica of an expert did and one of them only timed out
-        (``slow``): better late than a failed request."""
-        if self.suspect:  # a shard that failed long enough ago gets its share again
-            now = time.monotonic()
-            self.suspect = {s: t for s, t in self.suspect.items() if now - t < self.suspect_s}
+        (``slow``): better late than a failed request. Shards whose breaker is open (a recent
+        failed call) are left out too while another replica is left; a half-open one is
+        picked as usual and its call is the probe."""
+        now = time.monotonic()
+        avoided = self.breakers.avoided(now)
         options: dict[int, list[str]] = {}
         for e in rows:
             replicas = self.view.replicas.get((layer, e), [])
-            live = [s for s in replicas if s not in exclude and s not in self.suspect]
+            live = [s for s in replicas if s not in exclude and s not in avoided]
             if not live:  # every replica is suspect: try the suspects before giving up
                 live = [s for s in replicas if s not in exclude]
             if not live:  # every replica failed this layer: wait on a slow one, if any
@@ -257,7 +254,9 @@ class RayDispatcher:
                     f"no live replica of expert {(layer, e)} (replicas: {replicas})"
                 )
             options[e] = live
-        return cover(options, next(self._rr), self.calls_by_shard, rows)
+        out = cover(options, next(self._rr), self.calls_by_shard, rows)
+        self.breakers.probing(set(out.values()), now)
+        return out
 
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return self.submit(layer, x_TD, routing).result()
@@ -358,8 +357,17 @@ class RayDispatcher:
             self._take(shard, out, rnd.by_shard[shard], y_np, rnd.issued)
         retry: Group = []
         for shard, why in rnd.failed.items():
-            log.warning("shard %s failed layer %d (%s); retrying on a replica", shard, layer, why)
-            self.suspect[shard] = time.monotonic()
+            slow_only = shard in timed_out
+            backoff = self.breakers.failed(shard, time.monotonic(), timed_out=slow_only)
+            log.warning(
+                "shard %s %s layer %d (%s); its work goes to a replica, the shard gets none "
+                "for %.1fs, then one probe call",
+                shard,
+                "timed out on" if slow_only else "failed",
+                layer,
+                why,
+                backoff,
+            )
             self.stats.failed_shards.add(shard)
             exclude.add(shard)
             if shard in timed_out and shard not in rnd.patient:
@@ -374,6 +382,8 @@ class RayDispatcher:
     ) -> None:
         """Copy one shard's answer into place (its rows are its experts' slices, in order)."""
         self.deadline.observe(time.monotonic() - issued)
+        if self.breakers.succeeded(shard):
+            log.info("shard %s answered again; back in service", shard)
         offset = 0
         for _, s, n in group:
             y_np[s : s + n] = out[offset : offset + n]

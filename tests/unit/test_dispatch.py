@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 
+import numpy as np
 import pytest
 
+from expertmesh.actors.breaker import Breakers
+from expertmesh.actors.channel import ChannelError, ChannelTimeout
 from expertmesh.actors.dispatch import (
     AdaptiveDeadline,
     NoReplicaError,
     PlacementView,
     RayDispatcher,
+    Round,
     cover,
 )
 
@@ -93,19 +98,103 @@ def test_deadline_follows_slow_calls_and_comes_back() -> None:
 
 
 def test_a_failed_shard_is_avoided_for_a_while_then_used_again() -> None:
-    """A shard whose call failed gets no work while suspect; once ``suspect_s`` has passed it
-    gets its share back (a slow shard is not shut out until the next placement)."""
+    """A shard whose call failed with an error gets no work while its breaker is open; once
+    ``suspect_s`` has passed it is picked again (a probe), not shut out until the next
+    placement."""
     replicas = {(0, e): ["a", "b"] for e in range(4)}
     view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
     d = RayDispatcher(view, transport="ray", suspect_s=30.0)
-    d.suspect["a"] = time.monotonic()
+    d.breakers.failed("a", time.monotonic(), timed_out=False)
     assert {d._assign(0, dict.fromkeys([0, 1, 2, 3], 1), set())[e] for e in range(4)} == {"b"}
     assert set(d._assign(0, {0: 1}, {"b"}).values()) == {"a"}  # the only replica left: tried
-    d.suspect["a"] = time.monotonic() - 31.0
+    d.breakers.failed("a", time.monotonic() - 31.0, timed_out=False)
     picked = [
         s for _ in range(4) for s in d._assign(0, dict.fromkeys([0, 1, 2, 3], 1), set()).values()
     ]
-    assert "a" in picked and "a" not in d.suspect
+    assert "a" in picked
+
+
+class FakeChannel:
+    """A sent request's connection: ``receive`` answers with ``answer`` or raises it."""
+
+    endpoint = None
+
+    def __init__(self, answer: np.ndarray | Exception) -> None:
+        self.answer = answer
+
+    def receive(self, timeout_s: float) -> np.ndarray:
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+    def close(self) -> None:
+        pass
+
+
+def answer_from(d: RayDispatcher, shard: str, answer: np.ndarray | Exception) -> None:
+    """Gather a round in which ``shard`` was sent expert 0's one row and answers ``answer``."""
+    now = time.monotonic()
+    rnd = Round(by_shard={shard: [(0, 0, 1)]}, issued=now, deadline=now + 1.0)
+    rnd.sent[shard] = FakeChannel(answer)  # type: ignore[assignment]
+    d._gather(0, rnd, np.zeros((1, 4), np.float32), set(), set())
+
+
+def test_a_shard_that_timed_out_is_probed_soon_and_serves_once_it_answers(caplog) -> None:
+    """A shard whose call timed out (e.g. a new shard's slow first call on a busy machine) is
+    left out for ``probe_s``, not the whole ``suspect_s``; then one call goes to it as a probe
+    while the others still avoid it, and its answer puts it back in service."""
+    replicas = {(0, e): ["a", "b"] for e in range(4)}
+    view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
+    d = RayDispatcher(view, transport="ray", probe_s=0.05, suspect_s=30.0)
+    d.calls_by_shard = Counter(b=10)  # "a" lags behind: the cover picks it first when it may
+    rows = dict.fromkeys(range(4), 1)
+    with caplog.at_level(logging.WARNING, logger="expertmesh.actors.dispatch"):
+        answer_from(d, "a", ChannelTimeout("no answer within 2.00s"))
+    assert "shard a timed out on layer 0" in caplog.text
+    assert set(d._assign(0, rows, set()).values()) == {"b"}  # open
+    time.sleep(0.06)
+    assert set(d._assign(0, rows, set()).values()) == {"a"}  # half-open: the probe
+    assert set(d._assign(0, rows, set()).values()) == {"b"}  # the probe is out: not again
+    answer_from(d, "a", np.ones((1, 4), np.float32))
+    assert set(d._assign(0, rows, set()).values()) == {"a"}  # closed: back in service
+    assert set(d._assign(0, rows, set()).values()) == {"a"}
+
+
+def test_a_shard_that_failed_with_an_error_is_not_probed_soon(caplog) -> None:
+    """A broken connection (a dead shard) keeps the shard out for ``suspect_s``: no calls to
+    it every ``probe_s``."""
+    replicas = {(0, e): ["a", "b"] for e in range(4)}
+    view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
+    d = RayDispatcher(view, transport="ray", probe_s=0.01, suspect_s=30.0)
+    d.calls_by_shard = Counter(b=10)
+    with caplog.at_level(logging.WARNING, logger="expertmesh.actors.dispatch"):
+        answer_from(d, "a", ChannelError("receive failed: connection reset by peer"))
+    assert "shard a failed layer 0" in caplog.text and "for 30.0s" in caplog.text
+    time.sleep(0.03)
+    assert set(d._assign(0, dict.fromkeys(range(4), 1), set()).values()) == {"b"}
+
+
+def test_breaker_backoff_doubles_with_timeouts_in_a_row_up_to_suspect_s() -> None:
+    b = Breakers(probe_s=1.0, suspect_s=10.0)
+    assert [b.failed("a", 0.0, timed_out=True) for _ in range(6)] == [1, 2, 4, 8, 10, 10]
+    assert b.failed("a", 0.0, timed_out=False) == 10
+    assert b.succeeded("a") and not b.succeeded("a")
+    assert b.failed("a", 0.0, timed_out=True) == 1  # a new streak starts short again
+
+
+def test_breaker_half_open_lets_one_probe_through_until_it_resolves() -> None:
+    b = Breakers(probe_s=1.0, suspect_s=10.0)
+    b.failed("a", 100.0, timed_out=True)
+    assert b.avoided(100.5) == {"a"}  # open
+    b.probing(["a"], 100.5)  # picked anyway (every replica avoided): not the probe
+    assert b.avoided(101.0) == set()  # half-open
+    b.probing(["a"], 101.0)
+    assert b.avoided(101.5) == {"a"}  # its probe is out
+    assert b.avoided(111.5) == set()  # a probe never answered (step abandoned) expires
+    b.failed("a", 112.0, timed_out=True)  # the probe timed out: open again, for longer
+    assert b.avoided(113.5) == {"a"} and b.avoided(114.0) == set()
+    b.keep({"b"})  # left the placement
+    assert b.shards == {}
 
 
 def test_a_last_replica_that_only_timed_out_is_tried_again() -> None:
