@@ -117,6 +117,21 @@ def wait_shards(status_fn: Callable[[], dict], count: int, timeout: float = 30.0
     raise AssertionError(f"expected {count} shards within {timeout}s, have {len(st['shards'])}")
 
 
+def wait_router_table(status_fn: Callable[[], dict], version: int, timeout: float = 10.0) -> None:
+    """Return once the router serves on placement ``version`` or a later one.
+
+    The controller publishes a table and returns; the router polls for it (every quarter second,
+    longer on a busy machine), so until then every dispatch still goes by the old table.
+    """
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        router = status_fn()["router"] or {}
+        if router.get("placement_version", -1) >= version:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the router has not taken placement v{version} within {timeout}s")
+
+
 def wait_event(events_fn: Callable[[], list[dict]], kind: str, timeout: float = 10.0) -> dict:
     """The first event of ``kind`` (the controller logs some just after publishing a table)."""
     t0 = time.monotonic()

@@ -18,6 +18,7 @@ from tests.chaos.load import (
     greedy,
     wait_event,
     wait_replicated,
+    wait_router_table,
     wait_shards,
 )
 from tests.integration.helpers import PROMPTS
@@ -116,8 +117,12 @@ def test_scale_out_and_in_under_load(cluster, checkpoint, expected) -> None:
         events = cluster.events(since=since)
         taken = [e for e in events if e["kind"] == "shard_started" and e.get("spare")]
         assert [e["shard"] for e in taken] == [spare]
-        # new shards hold experts and serve dispatches
-        load.wait_for(load.report.ok + 20)
+        # new shards hold experts and serve dispatches: counted over 20 requests served once
+        # the router has the new table (scale() returns as soon as it is published)
+        wait_router_table(cluster.status, st["placement_version"])
+        n = load.report.ok
+        load.wait_for(n + 20)
+        assert load.report.ok >= n + 20, f"only {load.report.ok - n} requests in 60s"
         served = {s["shard_id"]: s["calls"] for s in cluster.status()["shards"]}
         assert all(served[s] > 0 for s in new), served
         st = cluster.scale(2)
