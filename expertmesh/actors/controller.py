@@ -117,7 +117,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         record = {
             "session": self.session,
             "spec": None if self.spec is None else asdict(self.spec),
-            "shards": [asdict(s) for s in self.shards.values()],
+            "shards": [asdict(s) for s in list(self.shards.values())],
             "spares": list(self.spares),
             "table": json.loads(self.table.to_json()),
             "next_shard": self.next_shard,
@@ -148,6 +148,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         for sid in record.get("spares", []):
             with contextlib.suppress(ValueError):  # a spare that died meanwhile is just gone
                 self.spares[sid] = ray.get_actor(names.shard_name(sid), namespace=names.NAMESPACE)
+        self._stop_orphans()
         try:
             self.router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
         except ValueError:
@@ -156,6 +157,29 @@ class Controller(HealthOps, ElasticOps, SpareOps):
             "controller_restarted",
             f"rebuilt state: {len(self.shards)} shards, table v{self.table.version}",
         )
+
+    def _stop_orphans(self) -> None:
+        """Stop the shard actors the restored record does not name, and never reuse their ids.
+
+        A shard is started (a named, detached actor) before the record that names it is
+        written; a controller that died in between left it running unrecorded, and its id,
+        handed out again by the restored counter, failed the next start with
+        ActorAlreadyExistsError."""
+        known = set(self.shards) | set(self.spares)
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            sid = (
+                names.shard_id_of(entry["name"]) if entry["namespace"] == names.NAMESPACE else None
+            )
+            if sid is None:
+                continue
+            self.next_shard = max(self.next_shard, int(sid[1:]) + 1)
+            if sid in known:
+                continue
+            with contextlib.suppress(ValueError):  # gone meanwhile
+                ray.kill(ray.get_actor(entry["name"], namespace=names.NAMESPACE), no_restart=True)
+            self._event(
+                "orphan_shard_stopped", f"stopped shard {sid}: started, never recorded", shard=sid
+            )
 
     # ------------------------------------------------------------------ shard lifecycle
     def _alive_nodes(self) -> list[str]:
@@ -169,7 +193,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         """Nodes for ``count`` new shards: the ones holding fewest shards first (spread)."""
         nodes = self._alive_nodes()
         per_node = {n: 0 for n in nodes}
-        for s in self.shards.values():
+        for s in list(self.shards.values()):
             if s.node_id in per_node:
                 per_node[s.node_id] += 1
         out = []
@@ -227,7 +251,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
     def _infos(self, include_draining: bool = False) -> list[pl.ShardInfo]:
         return [
             pl.ShardInfo(shard_id=s.shard_id, node_id=s.node_id)
-            for s in self.shards.values()
+            for s in list(self.shards.values())
             if include_draining or not s.draining
         ]
 
@@ -321,7 +345,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         table = self.table
         if table.version == known_version:
             return None
-        live = {s: h for s, h in self.handles.items() if s in self.shards}
+        live = {s: h for s, h in list(self.handles.items()) if s in self.shards}
         replicas = [(list(k), [s for s in v if s in live]) for k, v in table.replicas.items()]
         return {"version": table.version, "replicas": replicas, "handles": live}
 

@@ -99,7 +99,7 @@ class ElasticOps:
 
     def _expert_load(self) -> dict[ExpertKey, float]:
         """Tokens each expert has served, summed over replicas (from the shards' counters)."""
-        refs = [h.stats.remote() for s, h in self.handles.items() if s in self.shards]
+        refs = [h.stats.remote() for s, h in list(self.handles.items()) if s in self.shards]
         load: dict[ExpertKey, float] = {}
         for ref in refs:
             try:

@@ -89,7 +89,9 @@ class HealthOps:
 
     def _sample_load(self, now: float) -> None:
         """Per-expert tokens/s (EMA, for EPLB) and per-shard busy fraction (for autoscaling)."""
-        refs = {s: h.stats.remote() for s, h in self.handles.items() if s in self.shards}
+        # NOTE: snapshots (list(...)) of the dicts that scale() and deploy() change from other
+        # threads of the actor: iterating them live raised "dictionary changed size"
+        refs = {s: h.stats.remote() for s, h in list(self.handles.items()) if s in self.shards}
         dt = max(1e-3, now - self.load_sampled_at) if self.load_sampled_at else None
         observed: dict[ExpertKey, float] = {}
         totals: dict[ExpertKey, float] = {}
@@ -131,13 +133,13 @@ class HealthOps:
     def _detect_dead(self) -> set[str]:
         live = {
             s: h
-            for s, h in self.handles.items()
+            for s, h in list(self.handles.items())
             if s in self.shards and not self.shards[s].draining
         }
         refs = {s: h.ping.remote() for s, h in live.items()}
         dead = {s for s, n in self.missed.items() if n >= 10**6}
         alive_nodes = set(self._alive_nodes())
-        dead |= {s for s, rec in self.shards.items() if rec.node_id not in alive_nodes}
+        dead |= {s for s, rec in list(self.shards.items()) if rec.node_id not in alive_nodes}
         if refs:
             ready, _ = ray.wait(
                 list(refs.values()), num_returns=len(refs), timeout=self.heartbeat_timeout_s

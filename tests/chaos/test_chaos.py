@@ -75,6 +75,13 @@ def test_hung_shard_is_bypassed_and_replaced(cluster, checkpoint, expected) -> N
 def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> None:
     cluster.deploy(checkpoint, shards=4, replicas=2)
     before = cluster.status()
+    # a shard the controller started but died before recording (its name, nothing else)
+    orphan = (
+        ray.remote(_Orphan)
+        .options(name=names.shard_name("s90"), namespace=names.NAMESPACE, lifetime="detached")
+        .remote()
+    )
+    assert ray.get(orphan.ping.remote()) == "s90"
     with SteadyLoad(greedy(cluster), expected, clients=3) as load:
         load.wait_for(10)
         ray.kill(cluster.controller, no_restart=False)  # Ray restarts it; it rebuilds its state
@@ -84,6 +91,10 @@ def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> Non
         assert after["placement"] == before["placement"]
         assert {s["shard_id"] for s in after["shards"]} == {s["shard_id"] for s in before["shards"]}
         assert any(e["kind"] == "controller_restarted" for e in cluster.events())
+        stopped = [e for e in cluster.events() if e["kind"] == "orphan_shard_stopped"]
+        assert [e["shard"] for e in stopped] == ["s90"]
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(orphan.ping.remote(), timeout=30)
         # the rebuilt controller still heals
         victim = after["shards"][1]["shard_id"]
         ray.kill(ray.get_actor(names.shard_name(victim), namespace=names.NAMESPACE))
@@ -92,6 +103,19 @@ def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> Non
         load.wait_for(n + 10)
     assert load.report.failed == 0, load.report.errors[:3]
     assert load.report.wrong == 0
+    # the spare started to replace the one the healing took is numbered past the orphan
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        spares = cluster.status()["spares"]
+        if spares and max(int(s[1:]) for s in spares) > 90:
+            break
+        time.sleep(0.2)
+    assert spares and max(int(s[1:]) for s in spares) > 90, spares
+
+
+class _Orphan:
+    def ping(self) -> str:
+        return "s90"
 
 
 def wait_spares(cluster, count: int, timeout: float = 30.0) -> list[str]:
