@@ -21,6 +21,14 @@ DType = Literal["float32", "bfloat16"]
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
+def check_device_name(name: object) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``, or a :class:`ConfigError` naming ``device``
+    (whether the machine has that GPU is :func:`expertmesh.platform.devices.resolve_device`'s
+    question)."""
+    if not isinstance(name, str) or not _DEVICE.fullmatch(name):
+        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {name!r}")
+
+
 def _positive(name: str, value: int | float) -> None:
     if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
         raise ConfigError(name, f"must be a positive number, got {value!r}")
@@ -189,8 +197,7 @@ class TrainConfig:
             raise ConfigError("min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError("dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
-        if not _DEVICE.fullmatch(str(self.device)):
-            raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        check_device_name(self.device)
         self.betas = tuple(self.betas)  # type: ignore[assignment]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from expertmesh.platform.config import check_device_name
 from expertmesh.platform.errors import ConfigError
 
 
@@ -11,14 +12,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` (the first CUDA GPU PyTorch sees, else the CPU), ``cpu``, ``cuda`` or
     ``cuda:N`` as a torch device. Asking for a GPU where there is none is a
     :class:`ConfigError` naming ``device``, raised before any work starts."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError("device", f"must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ConfigError("device", f"{name!r}: PyTorch sees no CUDA GPU on this machine")
