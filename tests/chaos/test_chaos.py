@@ -91,8 +91,10 @@ def test_kill_controller_serving_continues(cluster, checkpoint, expected) -> Non
         assert after["placement"] == before["placement"]
         assert {s["shard_id"] for s in after["shards"]} == {s["shard_id"] for s in before["shards"]}
         assert any(e["kind"] == "controller_restarted" for e in cluster.events())
-        stopped = [e for e in cluster.events() if e["kind"] == "orphan_shard_stopped"]
-        assert [e["shard"] for e in stopped] == ["s90"]
+        # s90, and any spare the old controller was still starting when it died (seen: s16)
+        stopped = {e["shard"] for e in cluster.events() if e["kind"] == "orphan_shard_stopped"}
+        assert "s90" in stopped
+        assert not stopped & ({s["shard_id"] for s in before["shards"]} | set(before["spares"]))
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(orphan.ping.remote(), timeout=30)
         # the rebuilt controller still heals
