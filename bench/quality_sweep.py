@@ -144,7 +144,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=".state/test-data")
     p.add_argument("--out", type=Path, help="write every finished run here as JSON")
     args = p.parse_args()
-    recipes = args.recipe or [parse_recipe("base:aux=0.003,z=3e-4")]
+    recipes = args.recipe or [parse_recipe("default:aux=0.001,z=3e-4")]  # the bench's
     common = {
         "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len, "lr": args.lr,
         "d_model": args.d_model, "layers": args.layers, "expert_ff": args.expert_ff,
