@@ -68,6 +68,12 @@ def fused_moe() -> bool:
     return os.environ.get("EXPERTMESH_FUSED_MOE", "1") != "0"
 
 
+def huge_pages() -> bool:
+    """``EXPERTMESH_HUGE_PAGES``: ``0`` keeps the native kernels' weight copies on ordinary
+    pages instead of asking the kernel for 2 MB transparent huge pages."""
+    return os.environ.get("EXPERTMESH_HUGE_PAGES", "1") != "0"
+
+
 def kernel_cache_dir() -> Path:
     """``EXPERTMESH_KERNEL_CACHE``: where compiled kernels are kept (default
     ``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``)."""

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from expertmesh.platform.model import kernels
-from expertmesh.platform.model.experts import KERNEL_MAX_ROWS, run_experts
+from expertmesh.platform.model.experts import (
+    KERNEL_MAX_ROWS,
+    KERNEL_MAX_ROWS_BLOCKED_BF16,
+    run_experts,
+)
 
 pytestmark = pytest.mark.skipif(
     not kernels.available(),
@@ -500,8 +504,27 @@ def test_block_weights_layout() -> None:
                 assert b[blk, k, r] == w[16 * blk + r, k]
     with pytest.raises(kernels.KernelError, match="multiples of 16"):
         kernels.block_weights(torch.zeros(24, 8))
-    with pytest.raises(kernels.KernelError, match="float32"):
-        kernels.block_weights(torch.zeros(32, 8, dtype=torch.bfloat16))
+    with pytest.raises(kernels.KernelError, match="float32 rows"):
+        kernels.block_weights(torch.zeros(32, 8, dtype=torch.float16))
+    with pytest.raises(kernels.KernelError, match="even row length"):
+        kernels.block_weights(torch.zeros(64, 7, dtype=torch.bfloat16))
+
+
+def test_block_weights_layout_bf16() -> None:
+    """bfloat16: groups of (K/2, 4, 16, 2): per pair of columns, four blocks of 16 rows, each
+    row's two weights side by side."""
+    w = torch.arange(128 * 6, dtype=torch.float32).reshape(128, 6).to(torch.bfloat16)
+    b = kernels.block_weights(w)
+    assert b.shape == (2, 3, 4, 16, 2) and b.is_contiguous() and b.dtype == torch.bfloat16
+    assert kernels.block_shape(128, 6, torch.bfloat16) == tuple(b.shape)
+    for g in range(2):
+        for p in range(3):
+            for blk in range(4):
+                for r in range(16):
+                    for j in range(2):
+                        assert b[g, p, blk, r, j] == w[64 * g + 16 * blk + r, 2 * p + j]
+    with pytest.raises(kernels.KernelError, match="multiples of 64"):
+        kernels.block_weights(torch.zeros(48, 8, dtype=torch.bfloat16))
 
 
 @needs_avx512f
@@ -543,6 +566,59 @@ def test_blocked_rows_do_not_depend_on_batch_or_thread_count(n: int) -> None:
         torch.set_num_threads(threads)
 
 
+needs_avx512_bf16 = pytest.mark.skipif(not kernels.has_avx512_bf16(), reason="no AVX512-BF16")
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize(("d", "f"), [(64, 192), (64, 64), (256, 704), (128, 320)])
+@pytest.mark.parametrize(
+    "counts",
+    [[1, 0, 2, 3, 4, 5, 6, 7], [12, 13, 24, 25, 0, 0, 40, 1], [128] + [0] * 7, [0] * 7 + [9]],
+)
+def test_blocked_bf16_equals_rounded_reference(d: int, f: int, counts: list[int]) -> None:
+    """bfloat16 weights and activations in groups: float32 PyTorch with the SwiGLU
+    activations rounded to bfloat16, as on the row-major AVX512-BF16 path, for every pass shape
+    (1-6 rows, even passes above), odd group counts per thread (f=320), a thread with no group
+    (d=64 in the down projection) and experts without rows; and the row-major path's numbers
+    up to float32 summation order."""
+    w13, w2 = weights(torch.bfloat16, seed=d + f, d=d, f=f)
+    g = torch.Generator().manual_seed(d * f + sum(counts))
+    x = torch.randn(sum(counts), d, generator=g).to(torch.bfloat16)
+    out = torch.full(x.shape, float("nan"))
+    starts = [0, *torch.tensor(counts).cumsum(0).tolist()][:-1]
+    b13 = [kernels.block_weights(w13[e]) if n else None for e, n in enumerate(counts)]
+    b2 = [kernels.block_weights(w2[e]) if n else None for e, n in enumerate(counts)]
+    kernels.thin_experts(x, starts, counts, b13, b2, out, blocked=True)
+    want = reference(x.float(), counts, w13, w2, round_act=True)
+    slack = rounding_slack(x.float(), counts, w13, w2)
+    excess = (out - want).abs() - (2e-5 + 1e-5 * want.abs() + slack)
+    assert excess.max() <= 0, f"off the rounded reference by {excess.max():.3g} beyond tolerance"
+    if max(counts) <= kernels.MAX_ROWS:
+        row_major = torch.empty_like(out)
+        kernels.thin_experts(x, starts, counts, w13, w2, row_major)
+        excess = (out - row_major).abs() - (2e-5 + 1e-5 * row_major.abs() + 2 * slack)
+        assert excess.max() <= 0
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize("n", [2, 9, 13, 25])
+def test_blocked_bf16_rows_do_not_depend_on_batch_or_thread_count(n: int) -> None:
+    w13, w2 = weights(torch.bfloat16, d=64, f=192)
+    b13, b2 = blocked(w13[:1]), blocked(w2[:1])
+    x = torch.randn(n, 64).to(torch.bfloat16)
+    full = torch.empty(n, 64)
+    kernels.thin_experts(x, [0], [n], b13, b2, full, blocked=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for i in sorted({0, n // 2, n - 1}):
+            alone = torch.empty(1, 64)
+            kernels.thin_experts(x[i : i + 1], [0], [1], b13, b2, alone, blocked=True)
+            assert torch.equal(alone[0], full[i])
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_avx512f
 def test_blocked_refuses_what_it_cannot_read() -> None:
     w13, w2 = weights(torch.float32)
@@ -559,8 +635,25 @@ def test_blocked_refuses_what_it_cannot_read() -> None:
         )
     with pytest.raises(kernels.KernelError, match="expert 0"):  # row-major weights as blocks
         kernels.thin_experts(x, [0], [3], w13[:1], w2[:1], torch.empty(3, D), blocked=True)
+    w13_64, w2_64 = weights(torch.bfloat16, d=D, f=192)
+    b13_bf, b2_bf = blocked(w13_64[:1]), blocked(w2_64[:1])
+    with pytest.raises(kernels.KernelError, match="bfloat16 ones on AVX512-BF16"):
+        kernels.thin_experts(x, [0], [3], b13_bf, b2_bf, torch.empty(3, D), blocked=True)
+    with pytest.raises(kernels.KernelError, match=r"expert 1: weights \(24, 64, 16\)"):
+        mixed = [b13_bf[0], blocked(w13_64[1:2].float())[0]]  # float32 blocks beside bfloat16
+        kernels.thin_experts(
+            x.bfloat16(), [0, 2], [2, 1], mixed, [b2_bf[0]] * 2, torch.empty(3, D), blocked=True
+        )
     assert not kernels.supports_blocked(torch.empty(2 * 24, D), torch.float32)  # F = 24
-    assert not kernels.supports_blocked(torch.empty(2 * F, D), torch.bfloat16)
+    assert not kernels.supports_blocked(torch.empty(2 * F, D), torch.bfloat16)  # weights fp32
+    assert not kernels.supports_blocked(torch.empty(2 * F, D, dtype=torch.bfloat16), torch.float32)
+    assert not kernels.supports_blocked(  # F = 176: not a multiple of 64
+        torch.empty(2 * F, D, dtype=torch.bfloat16), torch.bfloat16
+    )
+    assert (
+        kernels.supports_blocked(torch.empty(2 * 192, D, dtype=torch.bfloat16), torch.bfloat16)
+        == kernels.has_avx512_bf16()
+    )
 
 
 @needs_avx512f
@@ -716,6 +809,33 @@ def test_fused_moe_layer_bfloat16_is_bitwise_the_general_path(shape, monkeypatch
     _assert_same(general, fused)
 
 
+@needs_avx512_bf16
+@pytest.mark.parametrize(("d", "f"), [(64, 192), (256, 704)])
+@pytest.mark.parametrize("shape", [(1, 1), (4, 1), (1, 16), (2, 37), (128, 1)])
+def test_fused_moe_layer_bfloat16_groups_are_bitwise_the_general_path(
+    d, f, shape, monkeypatch
+) -> None:
+    """Widths that are multiples of 64: both paths read the experts' bfloat16 groups, stacked
+    on huge pages by the fused path and shared with the general one through the holders."""
+    layer = _moe_layer(d, f, torch.bfloat16)
+    general, fused = _both_paths(layer, torch.randn(*shape, d).bfloat16(), monkeypatch)
+    _assert_same(general, fused)
+    ptrs, limit = layer.experts.fused_pointers(torch.bfloat16)
+    assert ptrs.blocked and limit == KERNEL_MAX_ROWS_BLOCKED_BF16
+    h13 = layer.experts._packed[3][0]
+    assert h13._blocks.data_ptr() == ptrs.tensors[0][3].data_ptr()  # one copy, shared
+    # and the groups are the general path's numbers: float32 reference, activations rounded
+    x = torch.randn(5, d).bfloat16()
+    counts = [5, 0, 0, 0, 0, 0, 0, 0]
+    want = reference(
+        x.float(), counts, layer.experts.w13.detach(), layer.experts.w2.detach(), round_act=True
+    )
+    got = run_experts(
+        x, counts, layer.experts.w13.detach(), layer.experts.w2.detach(), layer.experts._packed
+    )
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+
+
 def test_fused_moe_layer_hands_large_slices_back(monkeypatch) -> None:
     """A slice larger than run_experts gives the kernel (bfloat16 where PyTorch multiplies it
     natively: 16 rows) is found before anything is written, and the general path answers."""
@@ -797,9 +917,16 @@ def test_fused_moe_refuses_what_it_cannot_read() -> None:
         kernels.ExpertPointers(
             [*blocked(w13)[:1], blocked(w13)[1][:1]], blocked(w2)[:2], blocked=True
         )
-    with pytest.raises(kernels.KernelError, match="want one of"):
+    with pytest.raises(kernels.KernelError, match=r"expert 0: .* want blocks"):  # fp32's shape
         kernels.ExpertPointers(
             [b.bfloat16() for b in blocked(w13)], [b.bfloat16() for b in blocked(w2)], blocked=True
+        )
+    w13_64, w2_64 = weights(torch.float32, d=D, f=192)
+    with pytest.raises(kernels.KernelError, match="expert 1: weights"):  # fp32 beside bf16
+        kernels.ExpertPointers(
+            [*blocked(w13_64[:1].bfloat16()), *blocked(w13_64[1:2])],
+            [*blocked(w2_64[:1].bfloat16()), *blocked(w2_64[1:2])],
+            blocked=True,
         )
     out, token, expert, w, counts = kernels.moe_topk_experts(
         x[:0], torch.zeros(0, 2, dtype=torch.int64), weight[:0], ptrs, 256

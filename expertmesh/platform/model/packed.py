@@ -134,6 +134,13 @@ class PackedWeight:
             self._blocks_source, self._blocks_key = w.untyped_storage(), key
         return self._blocks
 
+    def adopt_blocks(self, w: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Keep ``blocks``, made by the caller from ``w`` as :func:`kernels.block_weights`
+        makes them (a view into a larger buffer: ExpertBank stacks its experts' blocks), as
+        :meth:`blocks` would have."""
+        self._blocks = blocks
+        self._blocks_source, self._blocks_key = w.untyped_storage(), weight_identity(w)
+
 
 def weight_identity(w: torch.Tensor) -> tuple:
     """What tells a weight apart from any other, or from itself before a change (see the NOTE

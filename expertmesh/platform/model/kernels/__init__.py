@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from expertmesh import envs
+from expertmesh.platform.model import hugepages
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,10 @@ _ERRORS = {
     1: "D and F must be positive multiples of 8",
     2: f"a slice has more than {MAX_ROWS} rows ({MAX_ROWS_BLOCKED} in blocks)",
     3: "out of memory for the scratch buffers",
-    4: "blocked weights need float32 weights and activations, widths multiples of 16, AVX-512F",
+    4: (
+        "blocked weights need float32 weights and activations on AVX-512F (widths multiples of"
+        " 16), or bfloat16 ones on AVX512-BF16 (widths multiples of 64)"
+    ),
     5: "an expert index is out of range",
     6: "a chosen expert has no weights",
 }
@@ -271,30 +275,66 @@ def has_avx512f() -> bool:
 
 
 BLOCK = 16  # rows of a weight block (one zmm register of float32)
+GROUP = 64  # rows of a bfloat16 group: 4 blocks interleaved by pairs of columns
 
 
 def supports_blocked(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
-    """Whether :func:`thin_experts` takes these weights in blocks (``blocked=True``): float32
-    weights and activations, widths multiples of 16, a CPU with AVX-512F."""
+    """Whether :func:`thin_experts` takes these weights in blocks (``blocked=True``): CPU
+    weights and activations both float32 on a CPU with AVX-512F (widths multiples of 16), or
+    both bfloat16 on one with AVX512-BF16 (widths multiples of 64)."""
     F2, D = w13_FD.shape
+    if w13_FD.dtype != x_dtype or w13_FD.device.type != "cpu" or D % BLOCK or F2 % (2 * BLOCK):
+        return False
+    if x_dtype == torch.float32:
+        return has_avx512f()
     return (
-        x_dtype == w13_FD.dtype == torch.float32
-        and w13_FD.device.type == "cpu"
-        and D % BLOCK == 0
-        and F2 % (2 * BLOCK) == 0
-        and has_avx512f()
+        x_dtype == torch.bfloat16 and D % GROUP == 0 and F2 % (2 * GROUP) == 0 and has_avx512_bf16()
     )
 
 
-def block_weights(w_RK: torch.Tensor) -> torch.Tensor:
-    """A (R, K) float32 matrix as R/16 blocks of (K, 16): block b holds rows 16b..16b+15,
-    column by column. The layout :func:`thin_experts` reads with ``blocked=True``."""
+def block_shape(R: int, K: int, dtype: torch.dtype) -> tuple[int, ...]:
+    """The shape :func:`block_weights` gives an (R, K) matrix of ``dtype``."""
+    if dtype == torch.bfloat16:
+        return (R // GROUP, K // 2, GROUP // BLOCK, BLOCK, 2)
+    return (R // BLOCK, K, BLOCK)
+
+
+def block_weights(w_RK: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """An (R, K) matrix in the layout :func:`thin_experts` reads with ``blocked=True``.
+
+    float32: R/16 blocks of (K, 16), block b holding rows 16b..16b+15 column by column (one
+    zmm of 16 weights per column). bfloat16 (R a multiple of 64, K even): R/64 groups of
+    (K/2, 4, 16, 2), group g holding rows 64g..64g+63 as, for each pair of columns (2p, 2p+1),
+    four blocks of 16 rows with each row's two weights side by side: one zmm of 32 weights per
+    block and pair, as ``vdpbf16ps`` multiplies them, and a group read front to back is one
+    sequential stream (see thin_experts.c).
+
+    Written into ``out`` (contiguous, :func:`block_shape`) when given, else into a new tensor
+    on huge pages where the system gives them (:mod:`.hugepages`)."""
     R, K = w_RK.shape
-    if R % BLOCK or w_RK.dtype != torch.float32:
+    w = w_RK.detach()
+    if w.dtype == torch.bfloat16:
+        if R % GROUP or K % 2:
+            raise KernelError(
+                f"bfloat16 blocks want rows in multiples of {GROUP} and an even row length, got"
+                f" {tuple(w.shape)}"
+            )
+        view = w.reshape(R // GROUP, GROUP // BLOCK, BLOCK, K // 2, 2).permute(0, 3, 1, 2, 4)
+    elif R % BLOCK or w.dtype != torch.float32:
         raise KernelError(
-            f"blocks want float32 rows in multiples of {BLOCK}, got {tuple(w_RK.shape)} {w_RK.dtype}"
+            f"blocks want float32 rows in multiples of {BLOCK} or bfloat16 rows in multiples of"
+            f" {GROUP}, got {tuple(w.shape)} {w.dtype}"
         )
-    return w_RK.detach().reshape(R // BLOCK, BLOCK, K).transpose(1, 2).contiguous()
+    else:
+        view = w.reshape(R // BLOCK, BLOCK, K).transpose(1, 2)
+    if out is None:
+        out = hugepages.empty(tuple(view.shape), w.dtype)
+    elif out.shape != view.shape or out.dtype != w.dtype or not out.is_contiguous():
+        raise KernelError(
+            f"out must be contiguous {tuple(view.shape)} {w.dtype}, got {tuple(out.shape)} "
+            f"{out.dtype}"
+        )
+    return out.copy_(view)
 
 
 def supports(w13_FD: torch.Tensor, x_dtype: torch.dtype) -> bool:
@@ -348,6 +388,18 @@ def _expert_pointers(
     return ptrs
 
 
+def _blocked_dims(b: torch.Tensor, what: str) -> tuple[int, int, torch.dtype]:
+    """(rows, row length, dtype) of the matrix that :func:`block_weights` made ``b`` from."""
+    if b.dtype == torch.float32 and b.dim() == 3 and b.shape[2] == BLOCK:
+        return b.shape[0] * BLOCK, b.shape[1], b.dtype
+    if b.dtype == torch.bfloat16 and b.dim() == 5 and b.shape[2:] == (GROUP // BLOCK, BLOCK, 2):
+        return b.shape[0] * GROUP, b.shape[1] * 2, b.dtype
+    raise KernelError(
+        f"{what}: weights {tuple(b.shape)} {b.dtype}, want blocks: float32 (R/16, K, 16) or"
+        " bfloat16 (R/64, K/2, 4, 16, 2)"
+    )
+
+
 def thin_experts(
     x_AD: torch.Tensor,
     starts: Sequence[int],
@@ -371,10 +423,12 @@ def thin_experts(
     ``vdpbf16ps``: one instruction per 32 weights and row, where widening to float32 takes two
     FMAs per 16 and is compute bound. PyTorch's bfloat16 FFN rounds them at the same point.
 
-    ``blocked``: float32 weights given per expert in :func:`block_weights`' layout (an expert
-    without rows may be None), multiplied on AVX-512F with no horizontal sums; float32
-    activations only (:func:`supports_blocked`). Each output element is then one FMA chain over
-    the inputs in order, so results differ from the row-major path's by float32 summation order.
+    ``blocked``: weights given per expert in :func:`block_weights`' layout (an expert without
+    rows may be None), multiplied with no horizontal sums: float32 weights and activations on
+    AVX-512F, or bfloat16 ones on AVX512-BF16 (:func:`supports_blocked`; the latter rounds the
+    activations as the AVX512-BF16 path does, whatever ``avx512``). Each output element is then
+    one chain of multiply-adds over the inputs in order, so results differ from the row-major
+    path's by float32 summation order.
     """
     lib = _lib()
     if lib is None:
@@ -388,16 +442,11 @@ def thin_experts(
     if not out_AD.is_contiguous() or out_AD.shape != x_AD.shape:
         raise KernelError(f"out must be contiguous {tuple(x_AD.shape)}, got {tuple(out_AD.shape)}")
     alive: list[torch.Tensor] = []
-    if blocked:  # (R/16, K, 16) per expert, as block_weights makes them
+    if blocked:  # per expert, as block_weights makes them
         first = next((e for e, w in enumerate(w13_EFD) if w is not None), 0)
-        if w13_EFD[first].dim() != 3:
-            raise KernelError(
-                f"expert {first}: weights {tuple(w13_EFD[first].shape)}, want blocks (R/16, K, 16)"
-            )
-        nb13, D, _ = w13_EFD[first].shape
-        F2, dtype = nb13 * BLOCK, torch.float32
-        p13 = _expert_pointers(w13_EFD, E, (nb13, D, BLOCK), dtype, alive, counts)
-        p2 = _expert_pointers(w2_EDF, E, (D // BLOCK, F2 // 2, BLOCK), dtype, alive, counts)
+        F2, D, dtype = _blocked_dims(w13_EFD[first], f"expert {first}")
+        p13 = _expert_pointers(w13_EFD, E, block_shape(F2, D, dtype), dtype, alive, counts)
+        p2 = _expert_pointers(w2_EDF, E, block_shape(D, F2 // 2, dtype), dtype, alive, counts)
     else:
         F2, D = w13_EFD[0].shape
         dtype = w13_EFD[0].dtype
@@ -429,7 +478,7 @@ def thin_experts(
 
 class ExpertPointers:
     """The addresses of E experts' weights for :func:`moe_topk_experts`, made once and reused
-    while the weights stay the same (the holder keeps them alive): float32 blocks
+    while the weights stay the same (the holder keeps them alive): float32 or bfloat16 blocks
     (:func:`block_weights`; ``blocked``) or row-major w13 (2F, D) and w2 (D, F) in float32 or
     bfloat16, as :func:`thin_experts` takes them."""
 
@@ -440,16 +489,16 @@ class ExpertPointers:
     ) -> None:
         if len(w13) != len(w2) or not w13:
             raise KernelError(f"want as many w13 as w2 matrices, got {len(w13)} and {len(w2)}")
+        dtype = w13[0].dtype
         if blocked:
-            nb13, D, _ = w13[0].shape
-            F = nb13 * BLOCK // 2
-            want13, want2 = (nb13, D, BLOCK), (D // BLOCK, F, BLOCK)
+            F2, D, _ = _blocked_dims(w13[0], "expert 0")
+            F = F2 // 2
+            want13, want2 = block_shape(F2, D, dtype), block_shape(D, F, dtype)
         else:
             F2, D = w13[0].shape
             F = F2 // 2
             want13, want2 = (F2, D), (D, F)
-        dtype = w13[0].dtype
-        allowed = (torch.float32,) if blocked else (torch.float32, torch.bfloat16)
+        allowed = (torch.float32, torch.bfloat16)
         for e, (a, b) in enumerate(zip(w13, w2, strict=True)):
             if tuple(a.shape) != want13 or tuple(b.shape) != want2:
                 raise KernelError(
