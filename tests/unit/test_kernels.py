@@ -933,3 +933,56 @@ def test_fused_moe_refuses_what_it_cannot_read() -> None:
     )
     assert out.shape == (0, D) and counts.tolist() == [0] * E
     assert token.numel() == expert.numel() == w.numel() == 0
+
+
+# --- the MoE gate's logits in bfloat16 (moe_gate.c) ---
+
+
+@needs_avx512_bf16
+@pytest.mark.parametrize(("T", "D", "E"), [(1, 64, 8), (16, 512, 8), (37, 256, 8), (5, 1024, 20)])
+def test_native_gate_gives_f_linear_bits(T: int, D: int, E: int) -> None:
+    """Where the probe found the piece oneDNN sums in, fresh tokens get F.linear's bits (the
+    fused and general paths, and transformers' Mixtral, then route alike)."""
+    block = kernels.native_gate_block(D, E)
+    assert block is not None, f"no piece matched F.linear at D={D}, E={E} on this CPU"
+    g = torch.Generator().manual_seed(T * D + E)
+    x = torch.randn(T, D, generator=g).bfloat16()
+    w = (torch.randn(E, D, generator=g) * D**-0.5).bfloat16()
+    got = kernels.gate_logits(x, w, block)
+    assert got.dtype == torch.float32 and got.shape == (T, E)
+    assert torch.equal(got, torch.nn.functional.linear(x, w).float())
+    if D > 512:  # a single chain over the row is not how oneDNN sums here: the probe matters
+        x = torch.randn(4096, D, generator=g).bfloat16()
+        assert not torch.equal(
+            kernels.gate_logits(x, w, D), torch.nn.functional.linear(x, w).float()
+        )
+
+
+@needs_avx512_bf16
+def test_native_gate_refuses_what_it_cannot_read() -> None:
+    w = torch.randn(8, 64).bfloat16()
+    with pytest.raises(kernels.KernelError, match="bfloat16 x"):
+        kernels.gate_logits(torch.randn(3, 64), w, 64)
+    with pytest.raises(kernels.KernelError, match="even"):
+        kernels.gate_logits(torch.randn(3, 64).bfloat16(), w, 63)
+    with pytest.raises(kernels.KernelError, match=r"w \(8, 64\)"):
+        kernels.gate_logits(torch.randn(3, 32).bfloat16(), w, 32)
+
+
+@needs_avx512_bf16
+def test_moe_layer_takes_the_native_gate_in_bfloat16_inference_only(monkeypatch) -> None:
+    layer = _moe_layer(64, 192, torch.bfloat16)
+    x = torch.randn(2, 7, 64).bfloat16()
+    calls = []
+    real = kernels.gate_logits
+    monkeypatch.setattr(kernels, "gate_logits", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        native = layer(x, return_routing=True)
+    assert calls == [1]
+    monkeypatch.setattr(kernels, "native_gate_block", lambda D, E: None)
+    with torch.no_grad():
+        plain = layer(x, return_routing=True)
+    assert calls == [1]
+    _assert_same(plain, native)
+    layer(x)  # autograd on: PyTorch's gate
+    assert calls == [1]

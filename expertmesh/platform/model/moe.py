@@ -114,14 +114,14 @@ class MoELayer(nn.Module):
         else:
             x_ND = x_BTD[valid_BT]  # N = number of real tokens, row-major order
             ids_N = None if token_ids_BT is None else token_ids_BT[valid_BT]
-        logits_ND = self.gate(x_ND)
+        logits_ND = self._gate_logits(x_ND)
         fused = self._fused(x_ND, logits_ND) if dispatcher is None else None
         if fused is not None:
             y_ND, routing = fused
         else:
             routing = route(
                 self.cfg,
-                logits_ND,
+                logits_ND.to(self.gate.weight.dtype),
                 training=self.training,
                 token_ids_T=ids_N,
                 select_bias_E=self.expert_bias,
@@ -140,6 +140,23 @@ class MoELayer(nn.Module):
         y_BTD = x_BTD.new_zeros(B, T, D)
         y_BTD[valid_BT] = y_ND.to(y_BTD.dtype)
         return y_BTD, stats
+
+    def _gate_logits(self, x_ND: torch.Tensor) -> torch.Tensor:
+        """The gate's logits: ``self.gate(x_ND)``, or in bfloat16 inference on the CPU the
+        native gate with the same bits (float32 holding them; see
+        :func:`kernels.native_gate_block`), ~10 us instead of PyTorch's ~77 us right after a
+        decode step's expert weights went through the caches."""
+        w = self.gate.weight
+        if (
+            x_ND.dtype == w.dtype == torch.bfloat16
+            and x_ND.device.type == "cpu"
+            and not self.training
+            and not torch.is_grad_enabled()
+        ):
+            block = kernels.native_gate_block(w.shape[1], w.shape[0])
+            if block is not None:
+                return kernels.gate_logits(x_ND, w, block)
+        return self.gate(x_ND)
 
     def _dispatch(
         self, x_ND: torch.Tensor, routing: Routing, dispatcher: Dispatcher | None

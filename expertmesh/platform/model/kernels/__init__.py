@@ -37,7 +37,8 @@ from expertmesh.platform.model import hugepages
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(
-    Path(__file__).with_name(n) for n in ("thin_experts.c", "decode_attention.c", "rms_norm.c")
+    Path(__file__).with_name(n)
+    for n in ("thin_experts.c", "decode_attention.c", "rms_norm.c", "moe_gate.c")
 )
 HEADERS = (Path(__file__).with_name("vec_math.h"),)  # included by the sources: part of the digest
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
@@ -250,6 +251,17 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_void_p,  # rotated queries (B, H, K)
         ctypes.c_void_p,  # out (B, H, K)
         ctypes.c_int,  # threads
+    ]
+    gate = lib.moe_gate_logits_bf16
+    gate.restype = ctypes.c_int
+    gate.argtypes = [
+        ctypes.c_void_p,  # x (T, D) bfloat16
+        ctypes.c_int64,  # T
+        ctypes.c_int64,  # D
+        ctypes.c_void_p,  # w (E, D) bfloat16
+        ctypes.c_int64,  # E
+        ctypes.c_int64,  # columns summed per piece
+        ctypes.c_void_p,  # out (T, E) float32
     ]
     return lib
 
@@ -817,3 +829,61 @@ def blocked_linear(x: torch.Tensor, w_blocks: torch.Tensor) -> torch.Tensor:
     if rc != 0:
         raise KernelError(f"blocked_linear refused its arguments (code {rc})")
     return y.view(*x.shape[:-1], nb * BLOCK)
+
+
+# the probe native_gate_block compares on: enough logits to meet a one-in-3000 difference
+_GATE_PROBE_TOKENS = 4096
+
+
+def gate_logits(x_TD: torch.Tensor, w_ED: torch.Tensor, block: int) -> torch.Tensor:
+    """An MoE gate's logits ``x @ w.T`` for bfloat16 ``x`` (T, D) and ``w`` (E, D), summed in
+    pieces of ``block`` columns, each rounded to bfloat16 and returned as float32 (T, E) (see
+    ``moe_gate.c``). :func:`native_gate_block` gives the piece for which these are
+    ``F.linear``'s bits, if any."""
+    lib = _lib()
+    if lib is None or not has_avx512_bf16():
+        raise KernelError("native gate needs the kernels on a CPU with AVX512-BF16")
+    T, D = x_TD.shape
+    if (
+        x_TD.dtype != torch.bfloat16
+        or w_ED.dtype != torch.bfloat16
+        or w_ED.dim() != 2
+        or w_ED.shape[1] != D
+        or D % 2
+        or block <= 0
+        or block % 2
+    ):
+        raise KernelError(
+            f"native gate takes bfloat16 x (T, D) and w (E, D), D and the block even; got x "
+            f"{tuple(x_TD.shape)} {x_TD.dtype}, w {tuple(w_ED.shape)} {w_ED.dtype}, block {block}"
+        )
+    x_TD, w_ED = x_TD.contiguous(), w_ED.detach().contiguous()
+    E = w_ED.shape[0]
+    out = torch.empty(T, E)
+    rc = lib.moe_gate_logits_bf16(x_TD.data_ptr(), T, D, w_ED.data_ptr(), E, block, out.data_ptr())
+    if rc != 0:
+        raise KernelError(f"moe_gate_logits_bf16 refused its arguments (code {rc})")
+    return out
+
+
+@functools.cache
+def native_gate_block(D: int, E: int) -> int | None:
+    """The piece :func:`gate_logits` sums in to give ``F.linear``'s bfloat16 bits for gates of
+    this shape here, or None (no kernels, no AVX512-BF16, or no candidate matched). Found once
+    per shape and process by a probe of 4096 random tokens compared bit for bit: how PyTorch's
+    bfloat16 GEMM splits the sum depends on its oneDNN build, the CPU and the width."""
+    if D % 2 or E < 1 or not available() or not has_avx512_bf16():
+        return None
+    g = torch.Generator().manual_seed(D * 131 + E)
+    x = torch.randn(_GATE_PROBE_TOKENS, D, generator=g).to(torch.bfloat16)
+    w = (torch.randn(E, D, generator=g) * D**-0.5).to(torch.bfloat16)
+    with torch.no_grad():
+        want = torch.nn.functional.linear(x, w).float()
+    candidates = dict.fromkeys(
+        b for b in (D, 1024, 512, 2048, 256, D // 2, D // 4) if 0 < b <= D and b % 2 == 0
+    )
+    for block in candidates:
+        if torch.equal(gate_logits(x, w, block), want):
+            return block
+    log.info("native MoE gate: no piece gives F.linear's bits at D=%d, E=%d; using F.linear", D, E)
+    return None
