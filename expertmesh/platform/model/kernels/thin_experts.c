@@ -47,9 +47,6 @@
 #ifndef PF_AHEAD
 #define PF_AHEAD 16384
 #endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1
-#endif
 
 /* bfloat16 weights are widened by lane: a 32-bit lane holding bf16 elements (2j, 2j+1) gives
  * element 2j as float32 by a shift and element 2j+1 by a mask (one op per 8 weights instead of
@@ -114,7 +111,7 @@ static inline __attribute__((always_inline)) void prefetch_tick(const char **pf,
                                                                 int64_t npf, int64_t iters) {
     *credit += npf;
     while (*credit >= iters && npf > 0) {
-        _mm_prefetch(*pf, PF_HINT);
+        _mm_prefetch(*pf, _MM_HINT_T1);
         *pf += 64;
         *credit -= iters;
     }
@@ -347,23 +344,22 @@ static AVX512 void dot_rows_dp(const uint16_t *x, int n, const uint16_t *w, int6
  * F=1408 at 4 rows) 1.07x. Medians of 7 alternating rounds of 50 calls. */
 #define AVX512F __attribute__((target("avx512f")))
 #define BC_MAX_MR 12 /* 2 x 12 accumulators + 2 weight vectors of the 32 zmm registers */
-/* The blocks are prefetched BC_PF_AHEAD bytes past the tile being read, into L2. With the
- * weights evicted before each call (as a serving step finds them), medians of 9 rounds on the
- * 2-core EPYC: 64 KB beat 16 KB by 1.06-1.12x and 32 KB, 128 KB and 256 KB by 0-10 % (8
- * experts of D=512, F=1408 at 4 rows; 4 of D=256, F=704 at 4 and 16 rows; 1 and 2 threads). */
-#ifndef BC_PF_AHEAD
-#define BC_PF_AHEAD 65536
-#endif
+/* No software prefetch: each block is one sequential run of K * 64 bytes, which the hardware
+ * prefetcher reads on its own. Prefetching 64 KB ahead into L2 (which had beaten 16 KB by
+ * 1.06-1.12x here in an earlier test) against none, cold, 8 experts of D=512, F=1408 at
+ * 5 1 9 3 4 6 2 2 rows, medians of 175-470 interleaved rounds on the 2-core EPYC: none read
+ * at 0.83x the bandwidth of a plain read against 0.74x in the machine's fast memory phase
+ * (~48 GB/s), 0.98x against 0.90x in its slow one (~33 GB/s), blocks on huge pages; on 4 KB
+ * pages 0.77x against 0.72x and 0.97x against 0.92x. configs/tiny.yaml's experts (D=256,
+ * F=704, 4 rows, 4 KB pages): 0.63x against 0.64x and 0.85x against 0.84x. */
 
 static inline __attribute__((always_inline)) AVX512F void
 tile_bc(const float *x, int64_t ldx, const int MR, const int NB, int64_t K, const float *wb,
-        const char *pf, int64_t npf, float *y, int64_t ldy) {
+        float *y, int64_t ldy) {
     __m512 acc[BC_MAX_MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     const float *w1 = wb + K * 16; /* the next block (NB == 2) */
-    int64_t credit = 0;
     for (int64_t k = 0; k < K; k++) {
-        prefetch_tick(&pf, &credit, npf, K);
         const __m512 a = _mm512_loadu_ps(wb + k * 16);
         const __m512 b = NB == 2 ? _mm512_loadu_ps(w1 + k * 16) : a;
         for (int i = 0; i < MR; i++) {
@@ -380,13 +376,12 @@ tile_bc(const float *x, int64_t ldx, const int MR, const int NB, int64_t K, cons
 
 #define BC_CASE(MR)                                                                          \
     case MR:                                                                                 \
-        if (nb == 2) tile_bc(x, ldx, MR, 2, K, wb, pf, npf, y, ldy);                         \
-        else tile_bc(x, ldx, MR, 1, K, wb, pf, npf, y, ldy);                                 \
+        if (nb == 2) tile_bc(x, ldx, MR, 2, K, wb, y, ldy);                                  \
+        else tile_bc(x, ldx, MR, 1, K, wb, y, ldy);                                          \
         return;
 
 static AVX512F void tile_bc_any(const float *x, int64_t ldx, int mr, int nb, int64_t K,
-                                const float *wb, const char *pf, int64_t npf, float *y,
-                                int64_t ldy) {
+                                const float *wb, float *y, int64_t ldy) {
     switch (mr) {
         BC_CASE(1) BC_CASE(2) BC_CASE(3) BC_CASE(4) BC_CASE(5) BC_CASE(6) BC_CASE(7) BC_CASE(8)
         BC_CASE(9) BC_CASE(10) BC_CASE(11) BC_CASE(12)
@@ -397,22 +392,17 @@ static AVX512F void tile_bc_any(const float *x, int64_t ldx, int mr, int nb, int
 
 /* y[i * ldy + j] = dot(x_i, w_j) for i < n, j < 16 * nblocks; wb: the first of nblocks blocks
  * of (K, 16). Tiles of two blocks; more than BC_MAX_MR rows go in even groups, the first group
- * streaming the tile from memory (prefetched), the others finding it in L1/L2. */
+ * streaming the tile from memory, the others finding it in L1/L2. */
 static AVX512F void dot_rows_bc(const float *x, int64_t ldx, int n, const float *wb, int64_t K,
                                 int64_t nblocks, float *y, int64_t ldy) {
     const int groups = (n + BC_MAX_MR - 1) / BC_MAX_MR;
-    const int64_t block_bytes = K * 64, total = nblocks * block_bytes;
-    int64_t pf_done = 0; /* bytes of these blocks prefetched so far: BC_PF_AHEAD past each tile */
     for (int64_t jb = 0; jb < nblocks;) {
         const int nb = nblocks - jb >= 2 ? 2 : 1;
         const float *w = wb + jb * K * 16;
-        const char *pf;
-        const int64_t npf = prefetch_span((const char *)wb, (jb + nb) * block_bytes + BC_PF_AHEAD,
-                                          total, &pf_done, &pf);
         for (int g = 0, i0 = 0; g < groups; g++) {
             const int mr = (n - i0 + (groups - g) - 1) / (groups - g);
-            tile_bc_any(x + (int64_t)i0 * ldx, ldx, mr, nb, K, w, pf, g == 0 ? npf : 0,
-                        y + (int64_t)i0 * ldy + jb * 16, ldy);
+            tile_bc_any(x + (int64_t)i0 * ldx, ldx, mr, nb, K, w, y + (int64_t)i0 * ldy + jb * 16,
+                        ldy);
             i0 += mr;
         }
         jb += nb;
@@ -486,7 +476,7 @@ static AVX512 void tile_g4_any(const uint16_t *x, int64_t ldx, int mr, int64_t K
  * finding it in L2 (64 rows x K bfloat16: 64 KB at K = 512, 176 KB at K = 1408).
  *
  * No software prefetch: the stream is sequential, and the hardware prefetcher alone read it
- * fastest. Prefetching 32-64 KB ahead into L2, as the float32 blocks do, slowed a cold
+ * fastest. Prefetching 32-64 KB ahead into L2 (as the float32 blocks did) slowed a cold
  * 16-token layer's experts from 0.80x to 0.60-0.75x of a plain read of the same bytes
  * (medians of ~300 interleaved rounds in the machine's fast memory phase), whether for every
  * slice or only those of 2, 4 or 6 rows and more. */
