@@ -344,22 +344,33 @@ static AVX512 void dot_rows_dp(const uint16_t *x, int n, const uint16_t *w, int6
  * F=1408 at 4 rows) 1.07x. Medians of 7 alternating rounds of 50 calls. */
 #define AVX512F __attribute__((target("avx512f")))
 #define BC_MAX_MR 12 /* 2 x 12 accumulators + 2 weight vectors of the 32 zmm registers */
-/* No software prefetch: each block is one sequential run of K * 64 bytes, which the hardware
- * prefetcher reads on its own. Prefetching 64 KB ahead into L2 (which had beaten 16 KB by
- * 1.06-1.12x here in an earlier test) against none, cold, 8 experts of D=512, F=1408 at
- * 5 1 9 3 4 6 2 2 rows, medians of 175-470 interleaved rounds on the 2-core EPYC: none read
- * at 0.83x the bandwidth of a plain read against 0.74x in the machine's fast memory phase
- * (~48 GB/s), 0.98x against 0.90x in its slow one (~33 GB/s), blocks on huge pages; on 4 KB
- * pages 0.77x against 0.72x and 0.97x against 0.92x. configs/tiny.yaml's experts (D=256,
- * F=704, 4 rows, 4 KB pages): 0.63x against 0.64x and 0.85x against 0.84x. */
+/* Slices of at least BC_PF_MIN_ROWS rows prefetch their blocks BC_PF_AHEAD bytes past the
+ * tile being read, into L2; thinner ones leave the stream to the hardware prefetcher. Where the
+ * rows make a tile compute-bound the loop asks for the stream too slowly for the hardware
+ * prefetcher alone; where they are few, software prefetches only get in its way (each block is
+ * one sequential run of K * 64 bytes). Cold, medians of ~90-470 interleaved rounds on the
+ * 2-core EPYC, bound/kernel with against without the prefetch (fast / slow memory phase):
+ * 8 experts of D=512, F=1408 at 4 rows each 0.70 / 0.89 against 0.77 / 0.92, at 5 1 9 3 4 6 2 2
+ * rows 0.74 / 0.90 against 0.83 / 0.98; at 16 rows each 0.41 / 0.62 against 0.39 / 0.61;
+ * configs/tiny.yaml's experts (D=256, F=704) at 16 rows 0.36 / 0.56 against 0.31 / 0.51, at 4
+ * rows even; 64-row decode projections (blocked_linear) 2-3 % faster with it. (An earlier test,
+ * with the prefetch on for every slice: 64 KB beat 16 KB by 1.06-1.12x.) */
+#ifndef BC_PF_AHEAD
+#define BC_PF_AHEAD 65536
+#endif
+#ifndef BC_PF_MIN_ROWS
+#define BC_PF_MIN_ROWS 8
+#endif
 
 static inline __attribute__((always_inline)) AVX512F void
 tile_bc(const float *x, int64_t ldx, const int MR, const int NB, int64_t K, const float *wb,
-        float *y, int64_t ldy) {
+        const char *pf, int64_t npf, float *y, int64_t ldy) {
     __m512 acc[BC_MAX_MR][2];
     for (int i = 0; i < MR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
     const float *w1 = wb + K * 16; /* the next block (NB == 2) */
+    int64_t credit = 0;
     for (int64_t k = 0; k < K; k++) {
+        prefetch_tick(&pf, &credit, npf, K);
         const __m512 a = _mm512_loadu_ps(wb + k * 16);
         const __m512 b = NB == 2 ? _mm512_loadu_ps(w1 + k * 16) : a;
         for (int i = 0; i < MR; i++) {
@@ -376,12 +387,13 @@ tile_bc(const float *x, int64_t ldx, const int MR, const int NB, int64_t K, cons
 
 #define BC_CASE(MR)                                                                          \
     case MR:                                                                                 \
-        if (nb == 2) tile_bc(x, ldx, MR, 2, K, wb, y, ldy);                                  \
-        else tile_bc(x, ldx, MR, 1, K, wb, y, ldy);                                          \
+        if (nb == 2) tile_bc(x, ldx, MR, 2, K, wb, pf, npf, y, ldy);                         \
+        else tile_bc(x, ldx, MR, 1, K, wb, pf, npf, y, ldy);                                 \
         return;
 
 static AVX512F void tile_bc_any(const float *x, int64_t ldx, int mr, int nb, int64_t K,
-                                const float *wb, float *y, int64_t ldy) {
+                                const float *wb, const char *pf, int64_t npf, float *y,
+                                int64_t ldy) {
     switch (mr) {
         BC_CASE(1) BC_CASE(2) BC_CASE(3) BC_CASE(4) BC_CASE(5) BC_CASE(6) BC_CASE(7) BC_CASE(8)
         BC_CASE(9) BC_CASE(10) BC_CASE(11) BC_CASE(12)
@@ -392,17 +404,25 @@ static AVX512F void tile_bc_any(const float *x, int64_t ldx, int mr, int nb, int
 
 /* y[i * ldy + j] = dot(x_i, w_j) for i < n, j < 16 * nblocks; wb: the first of nblocks blocks
  * of (K, 16). Tiles of two blocks; more than BC_MAX_MR rows go in even groups, the first group
- * streaming the tile from memory, the others finding it in L1/L2. */
+ * streaming the tile from memory (prefetched for BC_PF_MIN_ROWS rows and more), the others
+ * finding it in L1/L2. */
 static AVX512F void dot_rows_bc(const float *x, int64_t ldx, int n, const float *wb, int64_t K,
                                 int64_t nblocks, float *y, int64_t ldy) {
     const int groups = (n + BC_MAX_MR - 1) / BC_MAX_MR;
+    const int64_t block_bytes = K * 64, total = nblocks * block_bytes;
+    int64_t pf_done = 0; /* bytes of these blocks prefetched so far: BC_PF_AHEAD past each tile */
     for (int64_t jb = 0; jb < nblocks;) {
         const int nb = nblocks - jb >= 2 ? 2 : 1;
         const float *w = wb + jb * K * 16;
+        const char *pf = NULL;
+        const int64_t npf = n < BC_PF_MIN_ROWS ? 0
+                                                : prefetch_span((const char *)wb,
+                                                                (jb + nb) * block_bytes + BC_PF_AHEAD,
+                                                                total, &pf_done, &pf);
         for (int g = 0, i0 = 0; g < groups; g++) {
             const int mr = (n - i0 + (groups - g) - 1) / (groups - g);
-            tile_bc_any(x + (int64_t)i0 * ldx, ldx, mr, nb, K, w, y + (int64_t)i0 * ldy + jb * 16,
-                        ldy);
+            tile_bc_any(x + (int64_t)i0 * ldx, ldx, mr, nb, K, w, pf, g == 0 ? npf : 0,
+                        y + (int64_t)i0 * ldy + jb * 16, ldy);
             i0 += mr;
         }
         jb += nb;
@@ -476,7 +496,7 @@ static AVX512 void tile_g4_any(const uint16_t *x, int64_t ldx, int mr, int64_t K
  * finding it in L2 (64 rows x K bfloat16: 64 KB at K = 512, 176 KB at K = 1408).
  *
  * No software prefetch: the stream is sequential, and the hardware prefetcher alone read it
- * fastest. Prefetching 32-64 KB ahead into L2 (as the float32 blocks did) slowed a cold
+ * fastest. Prefetching 32-64 KB ahead into L2 (as the float32 blocks do for thick slices) slowed a cold
  * 16-token layer's experts from 0.80x to 0.60-0.75x of a plain read of the same bytes
  * (medians of ~300 interleaved rounds in the machine's fast memory phase), whether for every
  * slice or only those of 2, 4 or 6 rows and more. */
