@@ -496,10 +496,11 @@ static AVX512 void tile_g4_any(const uint16_t *x, int64_t ldx, int mr, int64_t K
  * finding it in L2 (64 rows x K bfloat16: 64 KB at K = 512, 176 KB at K = 1408).
  *
  * No software prefetch: the stream is sequential, and the hardware prefetcher alone read it
- * fastest. Prefetching 32-64 KB ahead into L2 (as the float32 blocks do for thick slices) slowed a cold
- * 16-token layer's experts from 0.80x to 0.60-0.75x of a plain read of the same bytes
- * (medians of ~300 interleaved rounds in the machine's fast memory phase), whether for every
- * slice or only those of 2, 4 or 6 rows and more. */
+ * fastest. Prefetching 32-64 KB ahead into L2 slowed a cold 16-token layer's experts from 0.80x
+ * to 0.60-0.75x of a plain read of the same bytes (medians of ~300 interleaved rounds in the
+ * machine's fast memory phase), whether for every slice or only those of 2, 4 or 6 rows and
+ * more; unlike the float32 blocks' it slowed 16-row slices too (0.35x against 0.375x; tiny
+ * experts 0.27x against 0.29x). */
 static AVX512 void dot_rows_g4(const uint16_t *x, int64_t ldx, int n, const uint16_t *wg,
                                int64_t K, int64_t ngroups, float *y, int64_t ldy) {
     const int passes = (n + G4_MAX_MR - 1) / G4_MAX_MR;
