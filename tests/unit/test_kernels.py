@@ -546,26 +546,6 @@ def test_blocked_equals_pytorch(d: int, f: int, counts: list[int]) -> None:
     torch.testing.assert_close(out, reference(x, counts, w13, w2), rtol=1e-5, atol=2e-5)
 
 
-@needs_avx512f
-@pytest.mark.parametrize("n", [2, 9, 13, 25, 40])
-def test_blocked_rows_do_not_depend_on_batch_or_thread_count(n: int) -> None:
-    """As for the row-major path: one FMA chain per output element, whatever the batch."""
-    w13, w2 = weights(torch.float32, d=64, f=176)
-    b13, b2 = blocked(w13[:1]), blocked(w2[:1])
-    x = torch.randn(n, 64)
-    full = torch.empty(n, 64)
-    kernels.thin_experts(x, [0], [n], b13, b2, full, blocked=True)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for i in sorted({0, n // 2, n - 1}):
-            alone = torch.empty(1, 64)
-            kernels.thin_experts(x[i : i + 1], [0], [1], b13, b2, alone, blocked=True)
-            assert torch.equal(alone[0], full[i])
-    finally:
-        torch.set_num_threads(threads)
-
-
 needs_avx512_bf16 = pytest.mark.skipif(not kernels.has_avx512_bf16(), reason="no AVX512-BF16")
 
 
@@ -600,12 +580,22 @@ def test_blocked_bf16_equals_rounded_reference(d: int, f: int, counts: list[int]
         assert excess.max() <= 0
 
 
-@needs_avx512_bf16
-@pytest.mark.parametrize("n", [2, 9, 13, 25])
-def test_blocked_bf16_rows_do_not_depend_on_batch_or_thread_count(n: int) -> None:
-    w13, w2 = weights(torch.bfloat16, d=64, f=192)
+@pytest.mark.parametrize(
+    ("dtype", "f"),
+    [
+        pytest.param(torch.float32, 176, marks=needs_avx512f, id="fp32"),
+        pytest.param(torch.bfloat16, 192, marks=needs_avx512_bf16, id="bf16"),
+    ],
+)
+@pytest.mark.parametrize("n", [2, 9, 13, 25, 40])
+def test_blocked_rows_do_not_depend_on_batch_or_thread_count(
+    dtype: torch.dtype, f: int, n: int
+) -> None:
+    """As for the row-major path: one chain of multiply-adds per output element, whatever the
+    batch (float32 blocks, bfloat16 groups)."""
+    w13, w2 = weights(dtype, d=64, f=f)
     b13, b2 = blocked(w13[:1]), blocked(w2[:1])
-    x = torch.randn(n, 64).to(torch.bfloat16)
+    x = torch.randn(n, 64).to(dtype)
     full = torch.empty(n, 64)
     kernels.thin_experts(x, [0], [n], b13, b2, full, blocked=True)
     threads = torch.get_num_threads()

@@ -128,10 +128,8 @@ class PackedWeight:
     def blocks(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` in the native expert kernel's blocked layout (:func:`kernels.block_weights`),
         made on first use and again whenever ``w`` changes (the same test as :meth:`linear`)."""
-        key = weight_identity(w)
-        if self._blocks_key != key or self._blocks is None:
-            self._blocks = kernels.block_weights(w)
-            self._blocks_source, self._blocks_key = w.untyped_storage(), key
+        if self._blocks is None or self._blocks_key != weight_identity(w):
+            self.adopt_blocks(w, kernels.block_weights(w))
         return self._blocks
 
     def adopt_blocks(self, w: torch.Tensor, blocks: torch.Tensor) -> None:
