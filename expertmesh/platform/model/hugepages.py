@@ -37,7 +37,7 @@ def supported() -> bool:
 def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised contiguous CPU tensor, on 2 MB pages where :func:`supported` and it
     is at least one such page."""
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes < HUGE_PAGE or not supported():
         return torch.empty(shape, dtype=dtype)
     # one page more than needed, so that the tensor can start on a 2 MB boundary (only pages

@@ -20,17 +20,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "vec_math.h"
+
 #define GATE_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 #define GATE_TOKENS 4 /* tokens per pass: 4 independent chains hide vdpbf16ps' latency */
-
-static inline float gate_round_bf16(float v) { /* as PyTorch's float -> bfloat16 -> float */
-    uint32_t b;
-    memcpy(&b, &v, 4);
-    if (v != v) b = 0xFFFF0000u;
-    else b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000u;
-    memcpy(&v, &b, 4);
-    return v;
-}
 
 /* Returns 0; 1 for a non-positive or odd D or KB, T < 0 or E < 1; 3 out of memory. */
 GATE_AVX512 int moe_gate_logits_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w,
@@ -67,7 +60,8 @@ GATE_AVX512 int moe_gate_logits_bf16(const uint16_t *x, int64_t T, int64_t D, co
             for (int64_t i = 0; i < nt; i++) {
                 float lanes[16];
                 _mm512_storeu_ps(lanes, acc[i]);
-                for (int64_t e = 0; e < n; e++) out[(t0 + i) * E + e0 + e] = gate_round_bf16(lanes[e]);
+                for (int64_t e = 0; e < n; e++)
+                    out[(t0 + i) * E + e0 + e] = from_bf16_bits(to_bf16_bits(lanes[e]));
             }
         }
     }

@@ -557,22 +557,6 @@ static void bf16_to_f32(const uint16_t *src, float *dst, int64_t n) {
     for (int64_t k = 0; k < n; k += 8) _mm256_storeu_ps(dst + k, bf16_plain8(src + k));
 }
 
-/* float32 <-> bfloat16 bits, one value: to nearest even as PyTorch's c10::BFloat16 (NaN stays
- * a NaN). A float32 product of two bfloat16 values is exact, so rounding it once gives
- * PyTorch's bfloat16 product; a sum is rounded to float32 and then to bfloat16, as there. */
-static inline uint16_t to_bf16_bits(float v) {
-    uint32_t b;
-    memcpy(&b, &v, 4);
-    if (v != v) return 0xFFFF;
-    return (uint16_t)((b + 0x7FFF + ((b >> 16) & 1)) >> 16);
-}
-static inline float from_bf16_bits(uint16_t h) {
-    const uint32_t b = (uint32_t)h << 16;
-    float v;
-    memcpy(&v, &b, 4);
-    return v;
-}
-
 /* out_T[token_A[a]] += weight_A[a] * out_A[a] over a < A, for columns [lo, hi): the gate
  * weights' combine, in the order of the assignments. A product and then a sum, each rounded,
  * never fused into one FMA: the numbers of PyTorch's ``y * w`` followed by ``index_add_``.
