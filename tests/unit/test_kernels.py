@@ -748,21 +748,29 @@ def _moe_layer(d: int, f: int, dtype: torch.dtype = torch.float32, **overrides: 
 def _both_paths(layer, x: torch.Tensor, monkeypatch, *, taken: bool = True, **kw: object):
     """The layer's output and stats with the fused path off, then on (``taken``: it must have
     answered; else it must have handed the call back to the general path)."""
-    answers = []
-    real = kernels.moe_topk_experts
+    answers = []  # per native call: whether it ran the experts
+    real_experts, real_layer = kernels.moe_topk_experts, kernels.moe_layer_topk
 
-    def counting(*args: object) -> object:
-        answers.append(real(*args) is not None)
-        return real(*args)
+    def experts(*args: object) -> object:
+        done = real_experts(*args)
+        answers.append(done is not None)
+        return done
 
-    monkeypatch.setattr(kernels, "moe_topk_experts", counting)
+    def whole_layer(*args: object, **kwargs: object) -> object:
+        logits, done = real_layer(*args, **kwargs)
+        answers.append(done is not None)
+        return logits, done
+
+    monkeypatch.setattr(kernels, "moe_topk_experts", experts)
+    monkeypatch.setattr(kernels, "moe_layer_topk", whole_layer)
     with torch.no_grad():
         monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "0")
         general = layer(x, return_routing=True, **kw)
         assert answers == []
         monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "1")
         fused = layer(x, return_routing=True, **kw)
-    assert answers == [taken]
+    # one call that ran the layer, or (declined) the whole layer's call and then the experts'
+    assert answers == ([True] if taken else [False, False])
     return general, fused
 
 
@@ -961,18 +969,115 @@ def test_native_gate_refuses_what_it_cannot_read() -> None:
 
 @needs_avx512_bf16
 def test_moe_layer_takes_the_native_gate_in_bfloat16_inference_only(monkeypatch) -> None:
+    """Both inference paths compute a bfloat16 gate natively (the fused one inside its one
+    call), with F.linear's bits; autograd, or no matching piece, keeps PyTorch's gate."""
     layer = _moe_layer(64, 192, torch.bfloat16)
     x = torch.randn(2, 7, 64).bfloat16()
     calls = []
-    real = kernels.gate_logits
-    monkeypatch.setattr(kernels, "gate_logits", lambda *a: calls.append(1) or real(*a))
+    real_gate, real_layer = kernels.gate_logits, kernels.moe_layer_topk
+
+    def gate(*args: object) -> torch.Tensor:
+        calls.append("general")
+        return real_gate(*args)
+
+    def whole_layer(*args: object, **kw: object) -> object:
+        if kw["gate_w"] is not None:
+            calls.append("fused")
+        return real_layer(*args, **kw)
+
+    monkeypatch.setattr(kernels, "gate_logits", gate)
+    monkeypatch.setattr(kernels, "moe_layer_topk", whole_layer)
     with torch.no_grad():
-        native = layer(x, return_routing=True)
-    assert calls == [1]
+        fused = layer(x, return_routing=True)
+        monkeypatch.setenv("EXPERTMESH_FUSED_MOE", "0")
+        general = layer(x, return_routing=True)
+        monkeypatch.delenv("EXPERTMESH_FUSED_MOE")
+    assert calls == ["fused", "general"]
     monkeypatch.setattr(kernels, "native_gate_block", lambda D, E: None)
     with torch.no_grad():
         plain = layer(x, return_routing=True)
-    assert calls == [1]
-    _assert_same(plain, native)
+    assert calls == ["fused", "general"]
+    _assert_same(plain, fused)
+    _assert_same(plain, general)
     layer(x)  # autograd on: PyTorch's gate
-    assert calls == [1]
+    assert calls == ["fused", "general"]
+
+
+# --- native top-k routing (moe_gate.c): topk_choice's bits, ties in torch.topk's order ---
+def _probe_logits(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "ints":  # ties everywhere
+        return torch.randint(-2, 3, (T, E), generator=g).float()
+    logits = torch.randn(T, E, generator=g) * 3
+    return logits.bfloat16().float() if kind == "bf16" else logits  # bf16: 8-bit mantissas
+
+
+@needs_avx512f
+@pytest.mark.parametrize(("E", "k"), [(8, 2), (8, 1), (4, 4), (16, 4), (64, 6), (32, 15)])
+@pytest.mark.parametrize("kind", ["randn", "bf16", "ints"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_native_routing_is_topk_choice_bit_for_bit(E: int, k: int, kind: str, with_bias) -> None:
+    from expertmesh.platform.model.routers import topk_choice
+
+    g = torch.Generator().manual_seed(E * 7 + k)
+    logits = _probe_logits(kind, 3000, E, g)
+    bias = (torch.randn(E, generator=g) * 0.5).round() if with_bias else None  # ties stay
+    assert kernels.native_route_ok(E, k)
+    got = kernels.route_topk(logits, k, bias)
+    assert got is not None  # below 64 * k experts every tie has torch.topk's order here
+    want = topk_choice(logits, k, bias)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_avx512f
+def test_native_routing_leaves_nan_and_unrepeated_tie_orders_to_pytorch() -> None:
+    from expertmesh.platform.model.routers import topk_choice
+
+    logits = torch.randn(5, 8)
+    logits[3, 2] = float("nan")
+    assert kernels.route_topk(logits, 2) is None
+    # 128 experts, top-2: torch.topk takes std::partial_sort there, whose tie order this does
+    # not repeat: a tie among a token's three largest goes back, a distinct order does not
+    ties = torch.zeros(2, 128)
+    ties[:, 5] = ties[:, 9] = 1.0
+    assert kernels.route_topk(ties, 2) is None
+    distinct = torch.randn(4, 128)
+    got = kernels.route_topk(distinct, 2)
+    assert got is not None
+    want = topk_choice(distinct, 2)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@needs_avx512f
+def test_native_routing_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(kernels.KernelError, match="k <= min"):
+        kernels.route_topk(torch.randn(3, 4), 5)
+    with pytest.raises(kernels.KernelError, match="k <= min"):
+        kernels.route_topk(torch.randn(3, 64), 16)  # PyTorch sums 16 exps as a tree
+    with pytest.raises(kernels.KernelError, match="float32 logits"):
+        kernels.route_topk(torch.randn(3, 8).bfloat16(), 2)
+    with pytest.raises(kernels.KernelError, match="bias must be float32"):
+        kernels.route_topk(torch.randn(3, 8), 2, torch.zeros(7))
+    assert not kernels.native_route_ok(64, 16)
+
+
+@needs_avx512f
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_layer_routes_ties_natively_as_the_general_path(dtype, monkeypatch) -> None:
+    """A gate whose logits tie everywhere (small integers): the one native call still takes the
+    step, and its routing is the general path's (torch.topk's) to the bit."""
+    layer = _moe_layer(64, 192, dtype, balance_bias_rate=1e-3)
+    with torch.no_grad():
+        layer.gate.weight.copy_(torch.randint(-1, 2, layer.gate.weight.shape))
+        layer.expert_bias.copy_(torch.tensor([0.0, 1, 0, 1, 0, 0, 1, 0]))
+    x = torch.randint(-1, 2, (2, 9, 64)).to(dtype)
+    general, fused = _both_paths(layer, x, monkeypatch)
+    _assert_same(general, fused)
+    assert (general[1].routing.logits_TE == 0).any()  # ties were there to order
+
+
+@needs_avx512f
+def test_fused_layer_without_native_routing_keeps_pytorchs_choice(monkeypatch) -> None:
+    layer = _moe_layer(64, 192)
+    monkeypatch.setattr(kernels, "native_route_ok", lambda E, k: False)
+    general, fused = _both_paths(layer, torch.randn(3, 5, 64), monkeypatch)
+    _assert_same(general, fused)

@@ -114,11 +114,11 @@ class MoELayer(nn.Module):
         else:
             x_ND = x_BTD[valid_BT]  # N = number of real tokens, row-major order
             ids_N = None if token_ids_BT is None else token_ids_BT[valid_BT]
-        logits_ND = self._gate_logits(x_ND)
-        fused = self._fused(x_ND, logits_ND) if dispatcher is None else None
-        if fused is not None:
+        fused = self._fused(x_ND) if dispatcher is None else None
+        if isinstance(fused, tuple):
             y_ND, routing = fused
-        else:
+        else:  # the fused path may have computed the logits before it declined
+            logits_ND = self._gate_logits(x_ND) if fused is None else fused
             routing = route(
                 self.cfg,
                 logits_ND.to(self.gate.weight.dtype),
@@ -167,17 +167,19 @@ class MoELayer(nn.Module):
             dispatcher = LocalDispatcher({self.layer: self.experts})
         return dispatcher.dispatch(self.layer, x_ND, routing)
 
-    def _fused(
-        self, x_ND: torch.Tensor, logits_NE: torch.Tensor
-    ) -> tuple[torch.Tensor, Routing] | None:
-        """Inference on this layer's own experts for few tokens: the top-k choice in PyTorch,
-        then sort, gather, experts and combine in one native call
-        (:func:`kernels.moe_topk_experts`), bit for bit the numbers of the general path
-        without its ~15 small tensor ops (the caller passes no dispatcher). None where it does
-        not apply: training or autograd, another router or a capacity limit, activations of
-        another dtype than the experts', weights the native kernel does not take, more than
-        :data:`FUSED_MAX_ASSIGNMENTS` assignments, or (found by the kernel before it does
-        anything else) a slice larger than :func:`run_experts` gives the kernel."""
+    def _fused(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, Routing] | torch.Tensor | None:
+        """Inference on this layer's own experts for few tokens in one native call
+        (:func:`kernels.moe_layer_topk`): the gate (natively in bfloat16 where
+        :func:`kernels.native_gate_block` found ``F.linear``'s bits, else PyTorch's), the top-k
+        choice (:func:`kernels.route_topk` where :func:`kernels.native_route_ok` found
+        ``topk_choice``'s bits, else PyTorch's), then sort, gather, experts and combine: bit for
+        bit the numbers of the general path without its ~15 small tensor ops (the caller
+        passes no dispatcher). Returns ``(y_ND, routing)``; the logits where it computed them
+        and then declined (a slice larger than :func:`run_experts` gives the kernel, found
+        before the experts run); None where it does not apply: training or autograd, another
+        router or a capacity limit, activations of another dtype than the experts', weights
+        the native kernel does not take, or more than :data:`FUSED_MAX_ASSIGNMENTS`
+        assignments."""
         cfg, experts = self.cfg, self.experts
         if (
             experts is None
@@ -193,11 +195,30 @@ class MoELayer(nn.Module):
         ptrs = experts.fused_pointers(x_ND.dtype)
         if ptrs is None:
             return None
-        logits_NE = logits_NE.float()
-        expert_NK, weight_NK = topk_choice(logits_NE, cfg.top_k, self.expert_bias)
-        done = kernels.moe_topk_experts(x_ND, expert_NK, weight_NK, *ptrs)
-        if done is None:
-            return None
+        k, w = cfg.top_k, self.gate.weight
+        done = None
+        if kernels.native_route_ok(cfg.n_experts, k):
+            block = (
+                kernels.native_gate_block(w.shape[1], w.shape[0])
+                if x_ND.dtype == w.dtype == torch.bfloat16
+                else None
+            )
+            logits_NE, done = kernels.moe_layer_topk(
+                x_ND,
+                k,
+                *ptrs,
+                gate_w=None if block is None else w,
+                gate_block=block or 0,
+                logits_TE=None if block is not None else self._gate_logits(x_ND).float(),
+                bias_E=None if self.expert_bias is None else self.expert_bias.float(),
+            )
+        else:
+            logits_NE = self._gate_logits(x_ND).float()
+        if done is None:  # PyTorch's choice (no native routing here, or a tie or NaN)
+            expert_NK, weight_NK = topk_choice(logits_NE, k, self.expert_bias)
+            done = kernels.moe_topk_experts(x_ND, expert_NK, weight_NK, *ptrs)
+            if done is None:
+                return logits_NE
         y_ND, token_A, expert_A, weight_A, counts_E = done
         routing = Routing(
             token_idx_A=token_A,

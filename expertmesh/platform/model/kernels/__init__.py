@@ -55,6 +55,7 @@ _ERRORS = {
     ),
     5: "an expert index is out of range",
     6: "a chosen expert has no weights",
+    8: "a tie or NaN among a token's largest logits",
 }
 
 
@@ -262,6 +263,44 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_int64,  # E
         ctypes.c_int64,  # columns summed per piece
         ctypes.c_void_p,  # out (T, E) float32
+    ]
+    rt = lib.moe_route_topk
+    rt.restype = ctypes.c_int
+    rt.argtypes = [
+        ctypes.c_void_p,  # logits (T, E) float32
+        ctypes.c_int64,  # T
+        ctypes.c_int64,  # E
+        ctypes.c_int64,  # k
+        ctypes.c_void_p,  # selection bias (E,) float32 or NULL
+        ctypes.c_void_p,  # expert_TK (int64)
+        ctypes.c_void_p,  # weight_TK (float32)
+    ]
+    layer = lib.moe_layer_topk
+    layer.restype = ctypes.c_int
+    layer.argtypes = [
+        ctypes.c_void_p,  # x (T, D), the experts' dtype
+        ctypes.c_int64,  # T
+        ctypes.c_int64,  # D
+        ctypes.c_void_p,  # gate weight (E, D) or NULL (logits given)
+        ctypes.c_int64,  # the gate's piece (bfloat16)
+        ctypes.c_void_p,  # logits (T, E) float32: out with a gate weight, else in
+        ctypes.c_int64,  # E
+        ctypes.c_int,  # k
+        ctypes.c_void_p,  # selection bias (E,) float32 or NULL
+        ctypes.c_void_p,  # expert_TK (int64)
+        ctypes.c_void_p,  # weight_TK (float32)
+        ctypes.c_void_p,  # w13 pointers
+        ctypes.c_void_p,  # w2 pointers
+        ctypes.c_int,  # bfloat16 weights and x
+        ctypes.c_int,  # weights in blocks
+        ctypes.c_int64,  # F
+        ctypes.c_int64,  # max rows per expert
+        ctypes.c_void_p,  # token_A (int64, T * k)
+        ctypes.c_void_p,  # expert_A (int64, T * k)
+        ctypes.c_void_p,  # weight_A (float32, T * k)
+        ctypes.c_void_p,  # counts_E (int64, E)
+        ctypes.c_void_p,  # out (T, D), x's dtype
+        ctypes.c_int,  # threads
     ]
     return lib
 
@@ -601,6 +640,168 @@ def moe_topk_experts(
 
 ATTN_MAX_HEAD_DIM = 256  # must match ATTN_MAX_K in decode_attention.c
 ATTN_MAX_GROUP = 16  # query heads per key/value head; ATTN_MAX_R there
+
+
+ROUTE_MAX_K = 15  # must match ROUTE_MAX_K in moe_gate.c
+# the probe native_route_ok compares on (tokens of random logits, with and without a bias)
+_ROUTE_PROBE_TOKENS = 4096
+
+
+def route_topk(
+    logits_TE: torch.Tensor, k: int, bias_E: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """:func:`~..routers.topk_choice` natively (``moe_gate.c``): ``(expert_TK, weight_TK)`` for
+    float32 ``logits_TE``, the experts chosen by ``logits + bias_E`` in descending order, their
+    weights the softmax of their unbiased logits, equal values in torch.topk's order; or None
+    for a NaN, or for ties where PyTorch's sort is one this does not repeat (``moe_gate.c``).
+    Its bits are ``topk_choice``'s where :func:`native_route_ok` found them so."""
+    lib = _lib()
+    if lib is None or not has_avx512f():
+        raise KernelError("native routing needs the kernels on a CPU with AVX-512F")
+    T, E = logits_TE.shape
+    if logits_TE.dtype != torch.float32 or not 0 < k <= min(E, ROUTE_MAX_K):
+        raise KernelError(
+            f"native routing takes float32 logits (T, E) and 1 <= k <= min(E, {ROUTE_MAX_K});"
+            f" got {logits_TE.dtype} {tuple(logits_TE.shape)}, k={k}"
+        )
+    if bias_E is not None and (bias_E.dtype != torch.float32 or bias_E.shape != (E,)):
+        raise KernelError(f"bias must be float32 ({E},), got {bias_E.dtype} {tuple(bias_E.shape)}")
+    logits_TE = logits_TE.contiguous()
+    bias_E = None if bias_E is None else bias_E.contiguous()
+    expert_TK = torch.empty(T, k, dtype=torch.int64)
+    weight_TK = torch.empty(T, k)
+    rc = lib.moe_route_topk(
+        logits_TE.data_ptr(),
+        T,
+        E,
+        k,
+        None if bias_E is None else bias_E.data_ptr(),
+        expert_TK.data_ptr(),
+        weight_TK.data_ptr(),
+    )
+    if rc == 8:
+        return None
+    if rc != 0:
+        raise KernelError(f"moe_route_topk refused its arguments (code {rc})")
+    return expert_TK, weight_TK
+
+
+@functools.cache
+def native_route_ok(E: int, k: int) -> bool:
+    """True where :func:`route_topk` gives :func:`~..routers.topk_choice`'s bits for E experts,
+    top-k, here: checked once per shape and process on random logits, with and without a bias,
+    and on small integers, ties everywhere (PyTorch's softmax kernel and its sort's order of
+    ties may differ between its builds and CPUs)."""
+    from expertmesh.platform.model.routers import topk_choice  # routers -> kernels is fine
+
+    if not (available() and has_avx512f() and 0 < k <= min(E, ROUTE_MAX_K)):
+        return False
+    g = torch.Generator().manual_seed(E * 131 + k)
+    logits = torch.randn(_ROUTE_PROBE_TOKENS, E, generator=g) * 4
+    ties = torch.randint(-2, 3, (_ROUTE_PROBE_TOKENS, E), generator=g).float()
+    bias = torch.randn(E, generator=g) * 0.1
+    for x, b in ((logits, None), (logits, bias), (ties, None)):
+        got = route_topk(x, k, b)
+        if got is None and x is ties:
+            continue  # no order of ties here (std::partial_sort's): such tokens go to PyTorch
+        want = topk_choice(x, k, b)
+        if got is None or not all(torch.equal(u, v) for u, v in zip(got, want, strict=True)):
+            log.info("native routing: not topk_choice's bits at E=%d, k=%d; using PyTorch", E, k)
+            return False
+    return True
+
+
+def moe_layer_topk(
+    x_TD: torch.Tensor,
+    k: int,
+    experts: ExpertPointers,
+    max_rows: int,
+    *,
+    gate_w: torch.Tensor | None = None,
+    gate_block: int = 0,
+    logits_TE: torch.Tensor | None = None,
+    bias_E: torch.Tensor | None = None,
+) -> tuple[
+    torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+]:
+    """A top-k MoE layer's inference for few tokens in one native call (``moe_layer_topk`` in
+    ``thin_experts.c``): the gate's float32 logits (from bfloat16 ``gate_w`` (E, D) in pieces of
+    ``gate_block``, :func:`gate_logits`; or given as ``logits_TE``), the choice of
+    :func:`route_topk` and :func:`moe_topk_experts`. Returns ``(logits_TE, done)``, ``done``
+    as :func:`moe_topk_experts` returns it, or None where the routing is left to the caller (a
+    tie or NaN, see :func:`route_topk`) or an expert got more than ``max_rows`` rows. The
+    caller checks :func:`native_route_ok` (and :func:`native_gate_block` for a gate) first."""
+    lib = _lib()
+    if lib is None:
+        raise KernelError("native kernel not available; check kernels.available() first")
+    T, D = x_TD.shape
+    E = experts.n_experts
+    if x_TD.dtype != experts.dtype or D != experts.D:
+        raise KernelError(
+            f"x must be {experts.dtype} (T, {experts.D}) like the experts, got "
+            f"{tuple(x_TD.shape)} {x_TD.dtype}"
+        )
+    if not 0 < k <= min(E, ROUTE_MAX_K):
+        raise KernelError(f"k must be in 1..{min(E, ROUTE_MAX_K)}, got {k}")
+    limit = MAX_ROWS_BLOCKED if experts.blocked else MAX_ROWS
+    if not 0 < max_rows <= limit:
+        raise KernelError(f"max_rows must be in 1..{limit}, got {max_rows}")
+    if gate_w is not None:
+        if gate_w.dtype != torch.bfloat16 or experts.dtype != torch.bfloat16:
+            raise KernelError(f"the native gate takes bfloat16 weights and x, got {gate_w.dtype}")
+        if gate_w.shape != (E, D) or gate_block <= 0 or gate_block % 2 or D % 2:
+            raise KernelError(
+                f"gate weight {tuple(gate_w.shape)}, piece {gate_block}: want ({E}, {D}), an"
+                " even piece and an even D"
+            )
+        gate_w = gate_w.detach().contiguous()
+        logits_TE = torch.empty(T, E)
+    elif logits_TE is None or logits_TE.shape != (T, E) or logits_TE.dtype != torch.float32:
+        raise KernelError(f"without a gate weight, pass float32 logits ({T}, {E})")
+    else:
+        logits_TE = logits_TE.contiguous()
+    if bias_E is not None:
+        if bias_E.dtype != torch.float32 or bias_E.shape != (E,):
+            raise KernelError(
+                f"bias must be float32 ({E},), got {bias_E.dtype} {tuple(bias_E.shape)}"
+            )
+        bias_E = bias_E.contiguous()
+    x_TD = x_TD.contiguous()
+    A = T * k
+    idx = torch.empty(3 * A + E, dtype=torch.int64)  # expert_TK, token_A, expert_A, counts_E
+    wts = torch.empty(2 * A)  # weight_TK, weight_A
+    out_TD = torch.empty(T, D, dtype=x_TD.dtype)
+    rc = lib.moe_layer_topk(
+        x_TD.data_ptr(),
+        T,
+        D,
+        None if gate_w is None else gate_w.data_ptr(),
+        gate_block,
+        logits_TE.data_ptr(),
+        E,
+        k,
+        None if bias_E is None else bias_E.data_ptr(),
+        idx.data_ptr(),
+        wts.data_ptr(),
+        ctypes.addressof(experts.w13),
+        ctypes.addressof(experts.w2),
+        int(experts.dtype == torch.bfloat16),
+        int(experts.blocked),
+        experts.F,
+        max_rows,
+        idx.data_ptr() + 8 * A,
+        idx.data_ptr() + 16 * A,
+        wts.data_ptr() + 4 * A,
+        idx.data_ptr() + 24 * A,
+        out_TD.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if rc in (7, 8):
+        return logits_TE, None
+    if rc != 0:
+        raise KernelError(f"moe_layer_topk refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")
+    done = (out_TD, idx[A : 2 * A], idx[2 * A : 3 * A], wts[A:], idx[3 * A :])
+    return logits_TE, done
 
 
 def supports_decode_attention(

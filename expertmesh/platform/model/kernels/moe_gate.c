@@ -68,3 +68,164 @@ GATE_AVX512 int moe_gate_logits_bf16(const uint16_t *x, int64_t T, int64_t D, co
     free(wv);
     return 0;
 }
+
+/* --- Top-k routing with PyTorch's numbers (routers.topk_choice) ---------------------------
+ * Per token: the k experts with the largest logits (plus bias_E where given: selection only)
+ * in torch.topk's order, then the softmax of their unbiased logits as PyTorch's softmax kernel
+ * computes it on AVX-512 (max, exp(x - max) with SLEEF's expf_u10, the sum left to right,
+ * times 1 / sum), so that the weights are topk_choice's bits (kernels.native_route_ok checks
+ * that with a probe, since a PyTorch build may compute its softmax otherwise).
+ *
+ * Equal logits are common in bfloat16 (8 bits of mantissa: a 16-token step of 8 experts had
+ * a tie among some token's three largest more often than not), and torch.topk leaves their
+ * order to its sort: below 64 * k experts std::nth_element, then std::sort of the first k - 1
+ * (TopKImpl.h). route_select repeats libstdc++'s introselect and insertion sort step by step,
+ * so ties come out in the same order. Where PyTorch takes std::partial_sort instead (64 * k
+ * experts or more), or the introselect would fall back to its heap, or a value is NaN, a tie
+ * among a token's k + 1 largest returns 8, having written nothing for that token on, and the
+ * caller routes with PyTorch. */
+
+#define ROUTE_AVX512 __attribute__((target("avx512f")))
+#define ROUTE_MAX_K 15 /* PyTorch sums a full vector of 16 exps as a tree, fewer in order */
+
+typedef struct {
+    float v;
+    int64_t e;
+} route_elem;
+
+/* comp(x, y) of TopKImpl.h for largest = true and no NaN: x before y */
+static inline int route_before(const route_elem *x, const route_elem *y) { return x->v > y->v; }
+
+static inline void route_swap(route_elem *a, route_elem *b) {
+    const route_elem t = *a;
+    *a = *b;
+    *b = t;
+}
+
+/* libstdc++'s __insertion_sort */
+static void route_insertion_sort(route_elem *first, route_elem *last) {
+    if (first == last) return;
+    for (route_elem *i = first + 1; i != last; i++) {
+        const route_elem val = *i;
+        if (route_before(&val, first)) {
+            memmove(first + 1, first, (size_t)(i - first) * sizeof(route_elem));
+            *first = val;
+        } else {
+            route_elem *hole = i, *next = i - 1;
+            while (route_before(&val, next)) {
+                *hole = *next;
+                hole = next--;
+            }
+            *hole = val;
+        }
+    }
+}
+
+/* libstdc++'s std::nth_element (__introselect with its median-of-three pivot and unguarded
+ * partition); returns 0, or 1 where it would fall back to its heap select (depth exhausted) */
+static int route_nth_element(route_elem *first, route_elem *nth, route_elem *last) {
+    if (first == last || nth == last) return 0;
+    int depth = 0;
+    for (int64_t n = last - first; n > 1; n >>= 1) depth++; /* 2 * floor(log2(n)) */
+    depth *= 2;
+    while (last - first > 3) {
+        if (depth == 0) return 1;
+        depth--;
+        /* __unguarded_partition_pivot: the median of first + 1, mid and last - 1 to first */
+        route_elem *a = first + 1, *b = first + (last - first) / 2, *c = last - 1;
+        route_elem *m;
+        if (route_before(a, b)) m = route_before(b, c) ? b : route_before(a, c) ? c : a;
+        else m = route_before(a, c) ? a : route_before(b, c) ? c : b;
+        route_swap(first, m);
+        route_elem *lo = first + 1, *hi = last;
+        for (;;) {
+            while (route_before(lo, first)) lo++;
+            hi--;
+            while (route_before(first, hi)) hi--;
+            if (!(lo < hi)) break;
+            route_swap(lo, hi);
+            lo++;
+        }
+        if (lo <= nth) first = lo;
+        else last = lo;
+    }
+    route_insertion_sort(first, last);
+    return 0;
+}
+
+/* exp(d) as SLEEF's expf_u10 computes it with FMA (SLEEF's xexpf: q = rint(d / ln 2), a
+ * two-part reduction by ln 2, a degree-6 polynomial, 2^q in two factors); 0 below -104 and
+ * infinity above 100, as there. */
+static inline ROUTE_AVX512 __m512 sleef_expf16(__m512 d) {
+    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(d, _mm512_set1_ps(1.442695040888963407f)));
+    const __m512 qf = _mm512_cvtepi32_ps(q);
+    __m512 s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-0.693145751953125f), d);
+    s = _mm512_fmadd_ps(qf, _mm512_set1_ps(-1.428606765330187045e-06f), s);
+    __m512 u = _mm512_set1_ps(0.000198527617612853646278381f);
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00139304355252534151077271f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.00833336077630519866943359f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.0416664853692054748535156f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.166666671633720397949219f));
+    u = _mm512_fmadd_ps(u, s, _mm512_set1_ps(0.5f));
+    u = _mm512_add_ps(_mm512_set1_ps(1.0f), _mm512_fmadd_ps(_mm512_mul_ps(s, s), u, s));
+    const __m512i h = _mm512_srai_epi32(q, 1), bias = _mm512_set1_epi32(127);
+    const __m512 p1 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(h, bias), 23));
+    const __m512 p2 = _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_add_epi32(_mm512_sub_epi32(q, h), bias), 23));
+    u = _mm512_mul_ps(_mm512_mul_ps(u, p1), p2);
+    u = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(d, _mm512_set1_ps(-104.f), _CMP_LT_OQ), u,
+                             _mm512_setzero_ps());
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(_mm512_set1_ps(100.f), d, _CMP_LT_OQ), u,
+                                _mm512_set1_ps(__builtin_inff()));
+}
+
+/* Returns 0; 1 for k outside 1..min(E, ROUTE_MAX_K) or T < 0; 3 out of memory; 8 where the
+ * caller routes (above). */
+ROUTE_AVX512 int moe_route_topk(const float *logits, int64_t T, int64_t E, int64_t k,
+                                const float *bias, int64_t *expert_TK, float *weight_TK) {
+    if (k < 1 || k > ROUTE_MAX_K || k > E || T < 0) return 1;
+    route_elem *q = (route_elem *)malloc((size_t)E * sizeof(route_elem));
+    if (!q) return 3;
+    const int partial_sort = k * 64 <= E; /* TopKImpl.h's use_partial_sort */
+    int rc = 0;
+    for (int64_t t = 0; t < T && rc == 0; t++) {
+        const float *l = logits + t * E;
+        for (int64_t e = 0; e < E; e++) {
+            q[e].v = bias ? l[e] + bias[e] : l[e];
+            q[e].e = e;
+            if (q[e].v != q[e].v) rc = 8;
+        }
+        if (rc || route_nth_element(q, q + k - 1, q + E)) {
+            rc = 8;
+            break;
+        }
+        route_insertion_sort(q, q + k - 1); /* std::sort of k - 1 <= 16 elements */
+        if (partial_sort) { /* another algorithm there: only an order without ties is sure */
+            float below = -__builtin_inff(); /* the largest value left out */
+            for (int64_t e = k; e < E; e++)
+                if (q[e].v > below) below = q[e].v;
+            for (int64_t j = 0; j < k; j++)
+                if ((j > 0 && q[j].v == q[j - 1].v) || (k < E && q[j].v == below)) rc = 8;
+            if (rc) break;
+        }
+        float chosen[16] = {0};
+        float mx = l[q[0].e];
+        for (int64_t j = 0; j < k; j++) {
+            chosen[j] = l[q[j].e];
+            if (chosen[j] > mx) mx = chosen[j];
+        }
+        const __mmask16 m = (__mmask16)((1u << k) - 1);
+        float ex[16];
+        _mm512_storeu_ps(ex, sleef_expf16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, chosen),
+                                                        _mm512_set1_ps(mx))));
+        float sum = ex[0];
+        for (int64_t j = 1; j < k; j++) sum += ex[j];
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < k; j++) {
+            expert_TK[t * k + j] = q[j].e;
+            weight_TK[t * k + j] = ex[j] * inv;
+        }
+    }
+    free(q);
+    return rc;
+}
