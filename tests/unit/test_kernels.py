@@ -956,6 +956,45 @@ def test_native_gate_gives_f_linear_bits(T: int, D: int, E: int) -> None:
         )
 
 
+@needs_avx512f
+@pytest.mark.parametrize(("D", "E"), [(64, 8), (512, 8), (1024, 4), (4096, 8)])
+@pytest.mark.parametrize("T", [1, 2, 5, 16, 37])
+def test_native_float32_gate_gives_f_linear_bits(T: int, D: int, E: int) -> None:
+    """MKL's float32 GEMM sums a gate's logits in 4 lanes without FMA (a GEMV: its first 4
+    products in order first); the native gate repeats that, fresh tokens included."""
+    assert kernels.native_gate_f32_ok(D, E), f"not F.linear's bits at D={D}, E={E} here"
+    g = torch.Generator().manual_seed(T * D + E)
+    x = torch.randn(T, D, generator=g)
+    w = torch.randn(E, D, generator=g) * D**-0.5
+    got = kernels.gate_logits_f32(x, w)
+    assert got.shape == (T, E)
+    assert torch.equal(got, torch.nn.functional.linear(x, w))
+    if T >= 16:  # the logits rounded once from exact sums differ: the order is what matters
+        assert not torch.equal((x.double() @ w.double().T).float(), got)
+
+
+@needs_avx512f
+@pytest.mark.parametrize("offset", [1, 2, 3])
+def test_native_float32_gate_follows_where_rows_start(offset: int) -> None:
+    """Rows that do not start on 16 bytes move MKL's first products into a head (per token
+    row of x; per expert row of w for one token): views at odd offsets still get its bits."""
+    buf = torch.randn(40 * 96 + offset)
+    w_buf = torch.randn(8 * 96 + offset) * 0.1
+    w = w_buf[offset:].view(8, 96)
+    for T in (1, 3, 37):
+        x = buf[offset : offset + T * 96].view(T, 96)
+        assert torch.equal(kernels.gate_logits_f32(x, w), torch.nn.functional.linear(x, w))
+
+
+@needs_avx512f
+def test_native_float32_gate_refuses_what_it_does_not_repeat() -> None:
+    with pytest.raises(kernels.KernelError, match="E in"):
+        kernels.gate_logits_f32(torch.randn(3, 64), torch.randn(16, 64))
+    with pytest.raises(kernels.KernelError, match="float32 x"):
+        kernels.gate_logits_f32(torch.randn(3, 64).bfloat16(), torch.randn(8, 64))
+    assert not kernels.native_gate_f32_ok(64, 16)  # MKL splits wider gates by threads
+
+
 @needs_avx512_bf16
 def test_native_gate_refuses_what_it_cannot_read() -> None:
     w = torch.randn(8, 64).bfloat16()
@@ -968,13 +1007,17 @@ def test_native_gate_refuses_what_it_cannot_read() -> None:
 
 
 @needs_avx512_bf16
-def test_moe_layer_takes_the_native_gate_in_bfloat16_inference_only(monkeypatch) -> None:
-    """Both inference paths compute a bfloat16 gate natively (the fused one inside its one
-    call), with F.linear's bits; autograd, or no matching piece, keeps PyTorch's gate."""
-    layer = _moe_layer(64, 192, torch.bfloat16)
-    x = torch.randn(2, 7, 64).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_moe_layer_takes_the_native_gate_in_inference_only(dtype, monkeypatch) -> None:
+    """Both inference paths compute the gate natively (the fused one inside its one call),
+    with F.linear's bits; autograd, or no native gate for the shape, keeps PyTorch's gate."""
+    if dtype == torch.float32 and not kernels.has_avx512f():
+        pytest.skip("no AVX-512F")
+    layer = _moe_layer(64, 192, dtype)
+    x = torch.randn(2, 7, 64).to(dtype)
     calls = []
-    real_gate, real_layer = kernels.gate_logits, kernels.moe_layer_topk
+    name = "gate_logits" if dtype == torch.bfloat16 else "gate_logits_f32"
+    real_gate, real_layer = getattr(kernels, name), kernels.moe_layer_topk
 
     def gate(*args: object) -> torch.Tensor:
         calls.append("general")
@@ -985,7 +1028,7 @@ def test_moe_layer_takes_the_native_gate_in_bfloat16_inference_only(monkeypatch)
             calls.append("fused")
         return real_layer(*args, **kw)
 
-    monkeypatch.setattr(kernels, "gate_logits", gate)
+    monkeypatch.setattr(kernels, name, gate)
     monkeypatch.setattr(kernels, "moe_layer_topk", whole_layer)
     with torch.no_grad():
         fused = layer(x, return_routing=True)
@@ -994,6 +1037,7 @@ def test_moe_layer_takes_the_native_gate_in_bfloat16_inference_only(monkeypatch)
         monkeypatch.delenv("EXPERTMESH_FUSED_MOE")
     assert calls == ["fused", "general"]
     monkeypatch.setattr(kernels, "native_gate_block", lambda D, E: None)
+    monkeypatch.setattr(kernels, "native_gate_f32_ok", lambda D, E: False)
     with torch.no_grad():
         plain = layer(x, return_routing=True)
     assert calls == ["fused", "general"]

@@ -264,6 +264,16 @@ def _lib() -> ctypes.CDLL | None:
         ctypes.c_int64,  # columns summed per piece
         ctypes.c_void_p,  # out (T, E) float32
     ]
+    gate32 = lib.moe_gate_logits_f32
+    gate32.restype = ctypes.c_int
+    gate32.argtypes = [
+        ctypes.c_void_p,  # x (T, D) float32
+        ctypes.c_int64,  # T
+        ctypes.c_int64,  # D
+        ctypes.c_void_p,  # w (E, D) float32
+        ctypes.c_int64,  # E
+        ctypes.c_void_p,  # out (T, E) float32
+    ]
     rt = lib.moe_route_topk
     rt.restype = ctypes.c_int
     rt.argtypes = [
@@ -642,6 +652,65 @@ ATTN_MAX_HEAD_DIM = 256  # must match ATTN_MAX_K in decode_attention.c
 ATTN_MAX_GROUP = 16  # query heads per key/value head; ATTN_MAX_R there
 
 
+GATE_F32_EXPERTS = (4, 8)  # the gate widths moe_gate_logits_f32 repeats MKL's order for
+# the token counts native_gate_f32_ok compares at: one token (MKL's GEMV) and several GEMMs
+_GATE_F32_PROBE_TOKENS = (1, 1, 1, 2, 3, 5, 16, 37, 256)
+
+
+def gate_logits_f32(x_TD: torch.Tensor, w_ED: torch.Tensor) -> torch.Tensor:
+    """An MoE gate's float32 logits ``x @ w.T`` (T, E) for E in :data:`GATE_F32_EXPERTS`,
+    summed in the order of MKL's SGEMM here (``moe_gate.c``): ``F.linear``'s bits where
+    :func:`native_gate_f32_ok` found them so."""
+    lib = _lib()
+    if lib is None or not has_avx512f():
+        raise KernelError("native float32 gate needs the kernels on a CPU with AVX-512F")
+    T, D = x_TD.shape
+    if (
+        x_TD.dtype != torch.float32
+        or w_ED.dtype != torch.float32
+        or w_ED.dim() != 2
+        or w_ED.shape[1] != D
+        or w_ED.shape[0] not in GATE_F32_EXPERTS
+    ):
+        raise KernelError(
+            f"native float32 gate takes float32 x (T, D) and w (E, D) with E in"
+            f" {GATE_F32_EXPERTS}; got x {tuple(x_TD.shape)} {x_TD.dtype}, w"
+            f" {tuple(w_ED.shape)} {w_ED.dtype}"
+        )
+    # NOTE: the same tensors F.linear would get: MKL's order depends on where rows start
+    x_TD, w_ED = x_TD.contiguous(), w_ED.detach().contiguous()
+    out = torch.empty(T, w_ED.shape[0])
+    rc = lib.moe_gate_logits_f32(
+        x_TD.data_ptr(), T, D, w_ED.data_ptr(), w_ED.shape[0], out.data_ptr()
+    )
+    if rc != 0:
+        raise KernelError(f"moe_gate_logits_f32 refused its arguments (code {rc})")
+    return out
+
+
+def native_gate_f32_ok(D: int, E: int) -> bool:
+    """True where :func:`gate_logits_f32` gives ``F.linear``'s float32 bits for gates of this
+    shape at PyTorch's current thread count: compared once per shape, thread count and
+    process on random tokens, singly and in GEMMs of several sizes (MKL's order depends on its
+    build, the CPU and, for wider gates, the threads)."""
+    return _native_gate_f32_ok(D, E, torch.get_num_threads())
+
+
+@functools.cache
+def _native_gate_f32_ok(D: int, E: int, threads: int) -> bool:
+    if E not in GATE_F32_EXPERTS or D < 1 or not available() or not has_avx512f():
+        return False
+    g = torch.Generator().manual_seed(D * 131 + E)
+    w = torch.randn(E, D, generator=g) * D**-0.5
+    with torch.no_grad():
+        for T in _GATE_F32_PROBE_TOKENS:
+            x = torch.randn(T, D, generator=g)
+            if not torch.equal(gate_logits_f32(x, w), torch.nn.functional.linear(x, w)):
+                log.info("native float32 gate: not F.linear's bits at D=%d, E=%d, T=%d", D, E, T)
+                return False
+    return True
+
+
 ROUTE_MAX_K = 15  # must match ROUTE_MAX_K in moe_gate.c
 # the probe native_route_ok compares on (tokens of random logits, with and without a bias)
 _ROUTE_PROBE_TOKENS = 4096
@@ -712,7 +781,7 @@ def native_route_ok(E: int, k: int) -> bool:
 
 
 def moe_layer_topk(
-    x_TD: torch.Tensor,
+    x: torch.Tensor,
     k: int,
     experts: ExpertPointers,
     max_rows: int,
@@ -727,19 +796,24 @@ def moe_layer_topk(
     """A top-k MoE layer's inference for few tokens in one native call (``moe_layer_topk`` in
     ``thin_experts.c``): the gate's float32 logits (from bfloat16 ``gate_w`` (E, D) in pieces of
     ``gate_block``, :func:`gate_logits`; or given as ``logits_TE``), the choice of
-    :func:`route_topk` and :func:`moe_topk_experts`. Returns ``(logits_TE, done)``, ``done``
-    as :func:`moe_topk_experts` returns it, or None where the routing is left to the caller (a
+    :func:`route_topk` and :func:`moe_topk_experts`; float32 ``gate_w`` as
+    :func:`gate_logits_f32`. ``x`` (..., D) holds T tokens. Returns ``(logits_TE, done)``,
+    ``done`` as :func:`moe_topk_experts` returns it (the output in ``x``'s shape), or None where the routing is left to the caller (a
     tie or NaN, see :func:`route_topk`) or an expert got more than ``max_rows`` rows. The
-    caller checks :func:`native_route_ok` (and :func:`native_gate_block` for a gate) first."""
+    caller checks :func:`native_route_ok` (and :func:`native_gate_block` or
+    :func:`native_gate_f32_ok` for a gate) first."""
     lib = _lib()
     if lib is None:
         raise KernelError("native kernel not available; check kernels.available() first")
-    T, D = x_TD.shape
+    # NOTE: this runs once per MoE layer of every decode step, right after the experts' weights
+    # went through the caches, where each tensor op costs several us: few of them here
+    D = x.shape[-1]
+    T = x.numel() // D if D else 0
     E = experts.n_experts
-    if x_TD.dtype != experts.dtype or D != experts.D:
+    if x.dtype != experts.dtype or D != experts.D:
         raise KernelError(
-            f"x must be {experts.dtype} (T, {experts.D}) like the experts, got "
-            f"{tuple(x_TD.shape)} {x_TD.dtype}"
+            f"x must be {experts.dtype} (..., {experts.D}) like the experts, got "
+            f"{tuple(x.shape)} {x.dtype}"
         )
     if not 0 < k <= min(E, ROUTE_MAX_K):
         raise KernelError(f"k must be in 1..{min(E, ROUTE_MAX_K)}, got {k}")
@@ -747,14 +821,17 @@ def moe_layer_topk(
     if not 0 < max_rows <= limit:
         raise KernelError(f"max_rows must be in 1..{limit}, got {max_rows}")
     if gate_w is not None:
-        if gate_w.dtype != torch.bfloat16 or experts.dtype != torch.bfloat16:
-            raise KernelError(f"the native gate takes bfloat16 weights and x, got {gate_w.dtype}")
-        if gate_w.shape != (E, D) or gate_block <= 0 or gate_block % 2 or D % 2:
+        if gate_w.dtype != experts.dtype or gate_w.shape != (E, D):
             raise KernelError(
-                f"gate weight {tuple(gate_w.shape)}, piece {gate_block}: want ({E}, {D}), an"
-                " even piece and an even D"
+                f"gate weight {tuple(gate_w.shape)} {gate_w.dtype}: want ({E}, {D})"
+                f" {experts.dtype}, the experts' dtype"
             )
-        gate_w = gate_w.detach().contiguous()
+        if gate_w.dtype == torch.bfloat16 and (gate_block <= 0 or gate_block % 2 or D % 2):
+            raise KernelError(f"a bfloat16 gate wants an even piece and D, got {gate_block}, {D}")
+        if gate_w.dtype == torch.float32 and E not in GATE_F32_EXPERTS:
+            raise KernelError(f"a float32 gate takes E in {GATE_F32_EXPERTS}, got {E}")
+        if not gate_w.is_contiguous():
+            gate_w = gate_w.detach().contiguous()
         logits_TE = torch.empty(T, E)
     elif logits_TE is None or logits_TE.shape != (T, E) or logits_TE.dtype != torch.float32:
         raise KernelError(f"without a gate weight, pass float32 logits ({T}, {E})")
@@ -766,13 +843,13 @@ def moe_layer_topk(
                 f"bias must be float32 ({E},), got {bias_E.dtype} {tuple(bias_E.shape)}"
             )
         bias_E = bias_E.contiguous()
-    x_TD = x_TD.contiguous()
+    x = x.contiguous()
     A = T * k
     idx = torch.empty(3 * A + E, dtype=torch.int64)  # expert_TK, token_A, expert_A, counts_E
     wts = torch.empty(2 * A)  # weight_TK, weight_A
-    out_TD = torch.empty(T, D, dtype=x_TD.dtype)
+    out = torch.empty(x.shape, dtype=x.dtype)
     rc = lib.moe_layer_topk(
-        x_TD.data_ptr(),
+        x.data_ptr(),
         T,
         D,
         None if gate_w is None else gate_w.data_ptr(),
@@ -793,15 +870,15 @@ def moe_layer_topk(
         idx.data_ptr() + 16 * A,
         wts.data_ptr() + 4 * A,
         idx.data_ptr() + 24 * A,
-        out_TD.data_ptr(),
+        out.data_ptr(),
         torch.get_num_threads(),
     )
     if rc in (7, 8):
         return logits_TE, None
     if rc != 0:
         raise KernelError(f"moe_layer_topk refused its arguments: {_ERRORS.get(rc, f'code {rc}')}")
-    done = (out_TD, idx[A : 2 * A], idx[2 * A : 3 * A], wts[A:], idx[3 * A :])
-    return logits_TE, done
+    _, token_A, expert_A, counts_E = idx.split((A, A, A, E))  # one op for the four views
+    return logits_TE, (out, token_A, expert_A, wts[A:], counts_E)
 
 
 def supports_decode_attention(

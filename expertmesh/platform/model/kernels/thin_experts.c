@@ -671,30 +671,34 @@ int moe_topk_experts(const void *x, int64_t T, int k, const int64_t *expert_TK,
 /* in moe_gate.c */
 int moe_gate_logits_bf16(const uint16_t *x, int64_t T, int64_t D, const uint16_t *w, int64_t E,
                          int64_t KB, float *out);
+int moe_gate_logits_f32(const float *x, int64_t T, int64_t D, const float *w, int64_t E,
+                        float *out);
 int moe_route_topk(const float *logits, int64_t T, int64_t E, int64_t k, const float *bias,
                    int64_t *expert_TK, float *weight_TK);
 
 /* A top-k MoE layer's inference for few tokens in one call: the gate's logits, the top-k choice
  * and moe_topk_experts. With gate_w (E, D) in the experts' dtype the logits are computed here
- * (bfloat16: moe_gate_logits_bf16 in pieces of gate_block) and written to logits_TE (T, E);
+ * (bfloat16: moe_gate_logits_bf16 in pieces of gate_block; float32: moe_gate_logits_f32) and
+ * written to logits_TE (T, E);
  * without, logits_TE holds them. The choice is moe_route_topk's (bias_E: selection only, may
  * be NULL), written to expert_TK and weight_TK (T, k). What the caller does in PyTorch
  * otherwise, in ~10 tensor ops between the gate and the experts: right after a decode step's
  * expert weights went through the caches, each costs 5-30 us there (a cold 16-token layer of
  * the d=512, f=1408 bench spent ~120 us outside the experts).
  *
- * Returns moe_topk_experts' codes; 8 having written the logits only (a tie or NaN among a
- * token's largest logits: the caller routes with PyTorch); 1 for a gate this file does not
- * compute (float32). */
+ * Returns moe_topk_experts' codes; 8 having written the logits only (where the caller routes
+ * with PyTorch: see moe_route_topk); 1 for a gate moe_gate.c does not compute. */
 int moe_layer_topk(const void *x, int64_t T, int64_t D, const void *gate_w, int64_t gate_block,
                    float *logits_TE, int64_t E, int k, const float *bias_E, int64_t *expert_TK,
                    float *weight_TK, const void *const *w13, const void *const *w2, int bf16,
                    int blocked, int64_t F, int64_t max_rows, int64_t *token_A, int64_t *expert_A,
                    float *weight_A, int64_t *counts_E, void *out, int n_threads) {
     if (gate_w) {
-        if (!bf16) return 1;
-        const int rc = moe_gate_logits_bf16((const uint16_t *)x, T, D, (const uint16_t *)gate_w,
-                                            E, gate_block, logits_TE);
+        const int rc = bf16 ? moe_gate_logits_bf16((const uint16_t *)x, T, D,
+                                                   (const uint16_t *)gate_w, E, gate_block,
+                                                   logits_TE)
+                            : moe_gate_logits_f32((const float *)x, T, D, (const float *)gate_w,
+                                                  E, logits_TE);
         if (rc) return rc;
     }
     const int rc = moe_route_topk(logits_TE, T, E, k, bias_E, expert_TK, weight_TK);
