@@ -1047,6 +1047,24 @@ def test_moe_layer_takes_the_native_gate_in_inference_only(dtype, monkeypatch) -
     assert calls == ["fused", "general"]
 
 
+@needs_avx512f
+def test_moe_layer_leaves_a_prefills_gate_to_pytorch(monkeypatch) -> None:
+    """Past NATIVE_GATE_MAX_TOKENS tokens the gate is PyTorch's multi-threaded GEMM; below,
+    the native one; the logits are the same bits either way."""
+    from expertmesh.platform.model.moe import NATIVE_GATE_MAX_TOKENS
+
+    layer = _moe_layer(64, 192)
+    calls = []
+    real = kernels.gate_logits_f32
+    monkeypatch.setattr(kernels, "gate_logits_f32", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(NATIVE_GATE_MAX_TOKENS + 1, 64)
+    with torch.no_grad():
+        big = layer._gate_logits(x)
+        small = layer._gate_logits(x[:NATIVE_GATE_MAX_TOKENS])
+    assert calls == [1]
+    assert torch.equal(big[:NATIVE_GATE_MAX_TOKENS], small)
+
+
 # --- native top-k routing (moe_gate.c): topk_choice's bits, ties in torch.topk's order ---
 def _probe_logits(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor:
     if kind == "ints":  # ties everywhere

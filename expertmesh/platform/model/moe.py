@@ -24,6 +24,9 @@ from expertmesh.platform.model.routers import (
 # stays within the blocked kernel's range whatever the routing: a decode step of up to 128
 # tokens at top-2.
 FUSED_MAX_ASSIGNMENTS = KERNEL_MAX_ROWS_BLOCKED
+# the most tokens a native gate takes (MoELayer._native_gate): decode steps, where PyTorch's
+# GEMM costs more in dispatch than in work; the float32 probe compares up to this many
+NATIVE_GATE_MAX_TOKENS = 256
 
 
 @dataclass(kw_only=True, slots=True)
@@ -155,13 +158,16 @@ class MoELayer(nn.Module):
         bfloat16 one's piece (:func:`kernels.native_gate_block`), or 0 for the float32 one
         (:func:`kernels.native_gate_f32_ok`); else None (PyTorch's gate). Why: right after a
         decode step's expert weights went through the caches PyTorch's gate costs ~60-77 us
-        of a cold 16-token layer (dispatch and the GEMM's code cold), these a few us."""
+        of a cold 16-token layer (dispatch and the GEMM's code cold), these a few us. Up to
+        :data:`NATIVE_GATE_MAX_TOKENS` tokens: the native gates run on one core, PyTorch's
+        GEMM on all, and a prefill's gate is a small part of its layer anyway."""
         w = self.gate.weight
         if (
             x_ND.dtype != w.dtype
             or x_ND.device.type != "cpu"
             or self.training
             or torch.is_grad_enabled()
+            or x_ND.numel() > NATIVE_GATE_MAX_TOKENS * w.shape[1]
         ):
             return None
         D, E = w.shape[1], w.shape[0]
