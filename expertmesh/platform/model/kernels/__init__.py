@@ -55,7 +55,6 @@ _ERRORS = {
     ),
     5: "an expert index is out of range",
     6: "a chosen expert has no weights",
-    8: "a tie or NaN among a token's largest logits",
 }
 
 
@@ -579,6 +578,28 @@ class ExpertPointers:
         self.w2 = (ctypes.c_void_p * E)(*(w.data_ptr() for w in w2))
 
 
+def _check_fused_args(x: torch.Tensor, experts: ExpertPointers, max_rows: int) -> None:
+    """The checks :func:`moe_topk_experts` and :func:`moe_layer_topk` share: ``x`` (..., D) in
+    the experts' dtype and width, and a row limit the kernel takes."""
+    if x.dtype != experts.dtype or x.shape[-1] != experts.D:
+        raise KernelError(
+            f"x must be {experts.dtype} (..., {experts.D}) like the experts, got "
+            f"{tuple(x.shape)} {x.dtype}"
+        )
+    limit = MAX_ROWS_BLOCKED if experts.blocked else MAX_ROWS
+    if not 0 < max_rows <= limit:
+        raise KernelError(f"max_rows must be in 1..{limit}, got {max_rows}")
+
+
+def _check_bias(bias_E: torch.Tensor | None, E: int) -> torch.Tensor | None:
+    """A selection bias as the native choice reads it: float32 (E,), contiguous; or None."""
+    if bias_E is None:
+        return None
+    if bias_E.dtype != torch.float32 or bias_E.shape != (E,):
+        raise KernelError(f"bias must be float32 ({E},), got {bias_E.dtype} {tuple(bias_E.shape)}")
+    return bias_E.contiguous()
+
+
 def moe_topk_experts(
     x_TD: torch.Tensor,
     expert_TK: torch.Tensor,
@@ -597,19 +618,12 @@ def moe_topk_experts(
     if lib is None:
         raise KernelError("native kernel not available; check kernels.available() first")
     T, D = x_TD.shape
-    if x_TD.dtype != experts.dtype or D != experts.D:
-        raise KernelError(
-            f"x must be {experts.dtype} (T, {experts.D}) like the experts, got "
-            f"{tuple(x_TD.shape)} {x_TD.dtype}"
-        )
+    _check_fused_args(x_TD, experts, max_rows)
     if expert_TK.shape != weight_TK.shape or expert_TK.dim() != 2 or expert_TK.shape[0] != T:
         raise KernelError(
             f"experts {tuple(expert_TK.shape)} and weights {tuple(weight_TK.shape)} must be (T, k)"
             f" with T = {T}"
         )
-    limit = MAX_ROWS_BLOCKED if experts.blocked else MAX_ROWS
-    if not 0 < max_rows <= limit:
-        raise KernelError(f"max_rows must be in 1..{limit}, got {max_rows}")
     A = expert_TK.numel()
     x_TD = x_TD.contiguous()
     expert_TK = expert_TK.to(torch.int64).contiguous()
@@ -733,10 +747,8 @@ def route_topk(
             f"native routing takes float32 logits (T, E) and 1 <= k <= min(E, {ROUTE_MAX_K});"
             f" got {logits_TE.dtype} {tuple(logits_TE.shape)}, k={k}"
         )
-    if bias_E is not None and (bias_E.dtype != torch.float32 or bias_E.shape != (E,)):
-        raise KernelError(f"bias must be float32 ({E},), got {bias_E.dtype} {tuple(bias_E.shape)}")
+    bias_E = _check_bias(bias_E, E)
     logits_TE = logits_TE.contiguous()
-    bias_E = None if bias_E is None else bias_E.contiguous()
     expert_TK = torch.empty(T, k, dtype=torch.int64)
     weight_TK = torch.empty(T, k)
     rc = lib.moe_route_topk(
@@ -798,28 +810,21 @@ def moe_layer_topk(
     ``gate_block``, :func:`gate_logits`; or given as ``logits_TE``), the choice of
     :func:`route_topk` and :func:`moe_topk_experts`; float32 ``gate_w`` as
     :func:`gate_logits_f32`. ``x`` (..., D) holds T tokens. Returns ``(logits_TE, done)``,
-    ``done`` as :func:`moe_topk_experts` returns it (the output in ``x``'s shape), or None where the routing is left to the caller (a
-    tie or NaN, see :func:`route_topk`) or an expert got more than ``max_rows`` rows. The
-    caller checks :func:`native_route_ok` (and :func:`native_gate_block` or
+    ``done`` as :func:`moe_topk_experts` returns it (the output in ``x``'s shape), or None
+    where the routing is left to the caller (see :func:`route_topk`) or an expert got more
+    than ``max_rows`` rows. The caller checks :func:`native_route_ok` (and :func:`native_gate_block` or
     :func:`native_gate_f32_ok` for a gate) first."""
     lib = _lib()
     if lib is None:
         raise KernelError("native kernel not available; check kernels.available() first")
     # NOTE: this runs once per MoE layer of every decode step, right after the experts' weights
     # went through the caches, where each tensor op costs several us: few of them here
+    _check_fused_args(x, experts, max_rows)
     D = x.shape[-1]
     T = x.numel() // D if D else 0
     E = experts.n_experts
-    if x.dtype != experts.dtype or D != experts.D:
-        raise KernelError(
-            f"x must be {experts.dtype} (..., {experts.D}) like the experts, got "
-            f"{tuple(x.shape)} {x.dtype}"
-        )
     if not 0 < k <= min(E, ROUTE_MAX_K):
         raise KernelError(f"k must be in 1..{min(E, ROUTE_MAX_K)}, got {k}")
-    limit = MAX_ROWS_BLOCKED if experts.blocked else MAX_ROWS
-    if not 0 < max_rows <= limit:
-        raise KernelError(f"max_rows must be in 1..{limit}, got {max_rows}")
     if gate_w is not None:
         if gate_w.dtype != experts.dtype or gate_w.shape != (E, D):
             raise KernelError(
@@ -837,12 +842,7 @@ def moe_layer_topk(
         raise KernelError(f"without a gate weight, pass float32 logits ({T}, {E})")
     else:
         logits_TE = logits_TE.contiguous()
-    if bias_E is not None:
-        if bias_E.dtype != torch.float32 or bias_E.shape != (E,):
-            raise KernelError(
-                f"bias must be float32 ({E},), got {bias_E.dtype} {tuple(bias_E.shape)}"
-            )
-        bias_E = bias_E.contiguous()
+    bias_E = _check_bias(bias_E, E)
     x = x.contiguous()
     A = T * k
     # NOTE: one tensor per output, not views of one buffer: a split right after the experts'
