@@ -25,7 +25,7 @@ import ray
 
 import expertmesh
 from expertmesh.actors import names
-from expertmesh.platform.models import resolve_model
+from expertmesh.platform.loader import resolve_model
 
 PARAMS = {
     "max_tokens": 16,

@@ -63,7 +63,7 @@ def op_times(L: int, threads: int, rounds: int, cold: bool) -> tuple[float, floa
 
 WAVE_CHILD = """
 import sys, time, torch
-from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.sampling import SamplingParams
 torch.set_num_threads(int(sys.argv[2]))
@@ -128,7 +128,7 @@ def main() -> None:
                     dict(L=L, threads=threads, cache=cache, torch_s=t_torch, native_s=t_native)
                 )
     if not args.skip_wave:
-        from expertmesh.platform.models import resolve_model
+        from expertmesh.platform.loader import resolve_model
 
         uri = resolve_model(args.model).checkpoint_uri
         print("\nengine decode wave (dense part), CPU ms per step, child processes alternating")

@@ -47,7 +47,7 @@ from serving_lib import (
 
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.hf import export_hf
-from expertmesh.platform.models import load_for_inference, resolve_model
+from expertmesh.platform.loader import load_for_inference, resolve_model
 from expertmesh.platform.sampling import SamplingParams
 
 MAX_TOKENS = 64

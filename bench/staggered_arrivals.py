@@ -28,8 +28,8 @@ import torch
 from serving_lib import distinct_prompts  # bench/ is on sys.path (the script's folder)
 
 from expertmesh.platform.engine import PREFILL_SPLIT_ROWS, Engine
+from expertmesh.platform.loader import load_for_inference, resolve_model
 from expertmesh.platform.model import MoETransformer
-from expertmesh.platform.models import load_for_inference, resolve_model
 from expertmesh.platform.sampling import SamplingParams
 
 BATCH = 64

@@ -111,7 +111,7 @@ class Cluster:
         from expertmesh.actors.controller import DeploymentSpec
         from expertmesh.actors.dispatch import TRANSPORTS
         from expertmesh.actors.expert_shard import ShardResources
-        from expertmesh.platform.models import resolve_model
+        from expertmesh.platform.loader import resolve_model
 
         if shards < 1:
             raise ClusterError(f"shards must be >= 1, got {shards}")

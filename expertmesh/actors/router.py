@@ -21,8 +21,8 @@ import torch
 
 from expertmesh.actors.dispatch import PlacementView, RayDispatcher, Transport
 from expertmesh.platform.engine import Engine, Sequence, StepOutput
+from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.model import kernels
-from expertmesh.platform.models import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 
 log = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from expertmesh.platform.config import ExperimentConfig, TrainConfig, to_dict
 from expertmesh.platform.data import TokenData, load_tokenizer
 from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.model import MoETransformer
+from expertmesh.platform.model.gates import balance_bias_step
 from expertmesh.platform.model.moe import LayerStats
-from expertmesh.platform.model.routers import balance_bias_step
 from expertmesh.platform.tracking import CHECKPOINT_ARTIFACT, ModelVersionInfo, Tracker
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from expertmesh.platform.engine import Engine
-from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 from tests.chaos.load import MAX_TOKENS
 from tests.integration.helpers import PROMPTS, tiny_checkpoint

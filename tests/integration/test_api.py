@@ -16,7 +16,7 @@ import pytest
 
 import expertmesh
 from expertmesh.platform.engine import Engine
-from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 from tests.integration.helpers import PROMPTS as ALL_PROMPTS
 from tests.integration.helpers import tiny_checkpoint

@@ -20,7 +20,7 @@ import pytest
 from expertmesh.api.local import is_running
 from expertmesh.cli import format_status
 from expertmesh.platform.engine import Engine
-from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 from tests.integration.helpers import PROMPTS, tiny_checkpoint
 

@@ -12,7 +12,7 @@ from ray.util.state import list_actors
 import expertmesh
 from expertmesh.actors import names
 from expertmesh.platform.engine import Engine
-from expertmesh.platform.models import load_for_inference
+from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import LocalRayOptions
 from tests.integration.helpers import PROMPTS, tiny_checkpoint

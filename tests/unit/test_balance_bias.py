@@ -7,7 +7,7 @@ import torch
 
 from expertmesh.platform.config import ModelConfig, TrainConfig
 from expertmesh.platform.model import MoELayer, MoETransformer, route
-from expertmesh.platform.model.routers import balance_bias_step
+from expertmesh.platform.model.gates import balance_bias_step
 from expertmesh.platform.training import make_optimizer, train_step
 
 BASE = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4)

@@ -1078,7 +1078,7 @@ def _probe_logits(kind: str, T: int, E: int, g: torch.Generator) -> torch.Tensor
 @pytest.mark.parametrize("kind", ["randn", "bf16", "ints"])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_native_routing_is_topk_choice_bit_for_bit(E: int, k: int, kind: str, with_bias) -> None:
-    from expertmesh.platform.model.routers import topk_choice
+    from expertmesh.platform.model.gates import topk_choice
 
     g = torch.Generator().manual_seed(E * 7 + k)
     logits = _probe_logits(kind, 3000, E, g)
@@ -1092,7 +1092,7 @@ def test_native_routing_is_topk_choice_bit_for_bit(E: int, k: int, kind: str, wi
 
 @needs_avx512f
 def test_native_routing_leaves_nan_and_unrepeated_tie_orders_to_pytorch() -> None:
-    from expertmesh.platform.model.routers import topk_choice
+    from expertmesh.platform.model.gates import topk_choice
 
     logits = torch.randn(5, 8)
     logits[3, 2] = float("nan")

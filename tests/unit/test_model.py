@@ -7,7 +7,7 @@ import torch
 
 from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.model import KVCache, MoELayer, MoETransformer, SwiGLU, kernels, route
-from expertmesh.platform.model.routers import capacity_for
+from expertmesh.platform.model.gates import capacity_for
 
 BASE = dict(vocab_size=128, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48, n_experts=4)
 

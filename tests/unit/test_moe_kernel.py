@@ -135,7 +135,7 @@ def test_moe_layer_matches_transformers_mixtral_block(impl: str) -> None:
 def test_layer_losses_are_computed_on_first_use_and_train() -> None:
     """The router losses are no longer computed in forward; read from the stats they equal the
     router's functions, are computed once, and carry gradients to the gate in training."""
-    from expertmesh.platform.model.routers import load_balancing_loss, route, z_loss
+    from expertmesh.platform.model.gates import load_balancing_loss, route, z_loss
 
     torch.manual_seed(0)
     cfg = ModelConfig(d_model=D, d_ff=FF, n_experts=E, top_k=2, n_heads=4, n_kv_heads=2)

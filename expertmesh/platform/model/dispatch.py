@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from expertmesh.platform.model.routers import Routing
+from expertmesh.platform.model.gates import Routing
 
 if TYPE_CHECKING:
     from expertmesh.platform.model.experts import ExpertBank

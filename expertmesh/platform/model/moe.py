@@ -12,7 +12,7 @@ from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.model import kernels
 from expertmesh.platform.model.dispatch import Dispatcher, LocalDispatcher
 from expertmesh.platform.model.experts import KERNEL_MAX_ROWS_BLOCKED, ExpertBank
-from expertmesh.platform.model.routers import (
+from expertmesh.platform.model.gates import (
     Routing,
     load_balancing_loss,
     route,

@@ -773,7 +773,7 @@ def native_route_ok(E: int, k: int) -> bool:
     top-k, here: checked once per shape and process on random logits, with and without a bias,
     and on small integers, ties everywhere (PyTorch's softmax kernel and its sort's order of
     ties may differ between its builds and CPUs)."""
-    from expertmesh.platform.model.routers import topk_choice  # routers -> kernels is fine
+    from expertmesh.platform.model.gates import topk_choice  # routers -> kernels is fine
 
     if not (available() and has_avx512f() and 0 < k <= min(E, ROUTE_MAX_K)):
         return False
