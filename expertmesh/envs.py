@@ -50,45 +50,6 @@ def api_token() -> str | None:
     return os.environ.get("EXPERTMESH_TOKEN") or None
 
 
-def native_kernels() -> bool:
-    """``EXPERTMESH_NATIVE_KERNELS``: ``0`` turns the compiled CPU kernels off (PyTorch only)."""
-    return os.environ.get("EXPERTMESH_NATIVE_KERNELS", "1") != "0"
-
-
-def onednn_linear() -> bool:
-    """``EXPERTMESH_ONEDNN_LINEAR``: ``0`` turns off the packed oneDNN matmuls of inference
-    (:mod:`expertmesh.platform.model.packed`); ``F.linear`` (MKL) everywhere then."""
-    return os.environ.get("EXPERTMESH_ONEDNN_LINEAR", "1") != "0"
-
-
-def fused_moe() -> bool:
-    """``EXPERTMESH_FUSED_MOE``: ``0`` turns off the MoE layer's fused inference path (sort,
-    gather, experts and combine in one native call for few tokens); read on every call, so a
-    process can compare the two paths."""
-    return os.environ.get("EXPERTMESH_FUSED_MOE", "1") != "0"
-
-
-def huge_pages() -> bool:
-    """``EXPERTMESH_HUGE_PAGES``: ``0`` keeps the native kernels' weight copies on ordinary
-    pages instead of asking the kernel for 2 MB transparent huge pages."""
-    return os.environ.get("EXPERTMESH_HUGE_PAGES", "1") != "0"
-
-
-def kernel_cache_dir() -> Path:
-    """``EXPERTMESH_KERNEL_CACHE``: where compiled kernels are kept (default
-    ``$XDG_CACHE_HOME/expertmesh/kernels``, else ``~/.cache/expertmesh/kernels``)."""
-    explicit = os.environ.get("EXPERTMESH_KERNEL_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "expertmesh" / "kernels"
-
-
-def c_compiler() -> str:
-    """``CC``: the C compiler that builds the native kernels (default ``cc``)."""
-    return os.environ.get("CC") or "cc"
-
-
 # Settings expertmesh applies for a *local* Ray cluster only (never when joining a real one).
 LOCAL_RAY_ENV: dict[str, str] = {
     # keep Ray on loopback: without it Ray picks the machine's other address and a driver

@@ -84,7 +84,6 @@ class Cluster:
         max_batch: int = 64,
         warm_shards: int = 1,
         router_threads: int = 1,
-        router_large_op_threads: int = 2,
         micro_batches: int = 1,
         transport: str = "direct",
     ) -> dict[str, Any]:
@@ -93,9 +92,7 @@ class Cluster:
         Experts are spread over ``shards`` actors with ``replicas`` copies of each expert;
         ``warm_shards`` more actors are kept started (holding no experts) so that scaling out
         and replacing a failed shard take an already running process. ``router_threads`` is
-        the number of torch threads the router's dense part (attention, gates) runs on, and
-        ``router_large_op_threads`` the threads of its few large ops (decode attention, the
-        q|k|v projection and the LM head at a full batch), which otherwise leave a core idle;
+        the number of torch threads the router's dense part (attention, gates) runs on;
         ``micro_batches`` splits each step's batch into parts that take turns on the router:
         one part's dense layers run while another's tokens are with the expert shards (worth
         it where the router has cores of its own; even on a 2-core machine). ``transport`` is how tokens reach the
@@ -121,10 +118,6 @@ class Cluster:
             raise ClusterError(f"micro_batches must be >= 1, got {micro_batches}")
         if router_threads < 1:
             raise ClusterError(f"router_threads must be >= 1, got {router_threads}")
-        if router_large_op_threads < 1:
-            raise ClusterError(
-                f"router_large_op_threads must be >= 1, got {router_large_op_threads}"
-            )
         if warm_shards < 0:
             raise ClusterError(f"warm_shards must be >= 0, got {warm_shards}")
         if transport not in TRANSPORTS:
@@ -141,7 +134,6 @@ class Cluster:
             max_batch=max_batch,
             warm_shards=warm_shards,
             router_threads=router_threads,
-            router_large_op_threads=router_large_op_threads,
             micro_batches=micro_batches,
             transport=transport,
         )

@@ -7,7 +7,7 @@ again, for longer.
 
 The backoff depends on how the call failed. A timeout says the shard is slow, not that it is
 dead: a shard just put in service by a scale-out pays for its first calls (the router's
-connection, the native kernel loaded, the experts' weights laid out) on a machine that is busy
+connection, the experts' first matmuls) on a machine that is busy
 starting more shards. Left out for the whole ``suspect_s`` it would take no work for as long as
 a short test or a load spike lasts, so it is probed again after ``probe_s``, doubled with each
 timeout in a row up to ``suspect_s``. An error (connection reset, actor dead, an error answer)

@@ -47,9 +47,6 @@ class DeploymentSpec:
     shard_resources: ShardResources = field(default_factory=ShardResources)
     router_num_cpus: float = 0.25
     router_threads: int = 1  # torch intra-op threads for the router's dense part
-    # threads for the router's few large ops (decode attention, q|k|v, LM head); the others
-    # stay on router_threads (see kernels.set_large_op_threads)
-    router_large_op_threads: int = 2
     micro_batches: int = 1  # >1 splits a step's batch to overlap dense compute with shard calls
     max_batch: int = 64
     call_timeout_s: float = 2.0
@@ -309,8 +306,8 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                     # the router sits with the controller on the head node, apart from the
                     # shards; it starts first so that the shards cannot take the head's capacity
                     scheduling_strategy=nodes.on_head(),
-                    # OpenMP workers sleep between the router's large ops instead of spinning
-                    # on the core the shards need next (kernels.set_large_op_threads)
+                    # with router_threads > 1, OpenMP workers sleep between the router's ops
+                    # instead of spinning on the cores the shards need next
                     runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
                 )
                 .remote(
@@ -318,7 +315,6 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                     ray.get_runtime_context().current_actor,
                     max_batch=spec.max_batch,
                     threads=spec.router_threads,
-                    large_op_threads=spec.router_large_op_threads,
                     micro_batches=spec.micro_batches,
                     call_timeout_s=spec.call_timeout_s,
                     transport=spec.transport,

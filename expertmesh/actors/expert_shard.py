@@ -23,8 +23,7 @@ from expertmesh.actors.channel import ChannelServer, Endpoint
 from expertmesh.actors.metrics import ShardMetrics
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.devices import resolve_device
-from expertmesh.platform.model.experts import run_experts
-from expertmesh.platform.model.packed import PackedWeight
+from expertmesh.platform.model.experts import select_backend
 
 ExpertKey = tuple[int, int]
 log = logging.getLogger(__name__)
@@ -60,10 +59,10 @@ class ExpertShard:
         # "cuda" where Ray gave the actor a GPU (it sees that one alone): the experts' weights
         # live there and every call's rows are copied there and back
         self.device = resolve_device(device)
+        # the experts arrive and leave one at a time, so they are kept per expert, not stacked
+        self.backend = select_backend(self.device, stacked=False)
         self.checkpoint_uri = checkpoint_uri
         self.weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
-        # each expert's weights packed for oneDNN on first use (large slices, see run_experts)
-        self.packed: dict[ExpertKey, tuple[PackedWeight, PackedWeight]] = {}
         self.tokens_served: dict[ExpertKey, int] = defaultdict(int)
         self.calls = 0
         self.busy_s = 0.0
@@ -91,14 +90,12 @@ class ExpertShard:
                     # rounded where PyTorch rounds them), half the memory of float32 copies
                     w13 = torch.cat([t["w1"], t["w3"]], dim=0).to(self.device).contiguous()
                     self.weights[key] = (w13, t["w2"].to(self.device).contiguous())
-                    self.packed[key] = (PackedWeight(), PackedWeight())
         return self.held()
 
     def drop_experts(self, experts: list[ExpertKey]) -> list[ExpertKey]:
         with self._lock:
             for k in experts:
                 self.weights.pop(tuple(k), None)
-                self.packed.pop(tuple(k), None)
         return self.held()
 
     def held(self) -> list[ExpertKey]:
@@ -114,7 +111,6 @@ class ExpertShard:
         try:
             try:
                 pairs = [self.weights[(layer, e)] for e in experts]
-                packed = [self.packed[(layer, e)] for e in experts]
             except KeyError as exc:
                 raise LookupError(
                     f"shard {self.shard_id} does not hold expert {exc.args[0]}"
@@ -122,9 +118,8 @@ class ExpertShard:
             x = torch.from_numpy(x_AD).to(self.device)
             wire = x.dtype  # rows travel as float32 (or float16); they hold model-dtype values
             dtype = pairs[0][0].dtype if pairs else x.dtype
-            y = run_experts(
-                x.to(dtype), counts, [p[0] for p in pairs], [p[1] for p in pairs], packed
-            )
+            counts_E = torch.tensor(counts, device=self.device)
+            y = self.backend(x.to(dtype), counts_E, [p[0] for p in pairs], [p[1] for p in pairs])
             for e, n in zip(experts, counts, strict=True):
                 self.tokens_served[(layer, e)] += n
             self.metrics.record(layer, experts, counts, time.perf_counter() - t0)

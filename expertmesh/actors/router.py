@@ -22,7 +22,6 @@ import torch
 from expertmesh.actors.dispatch import PlacementView, RayDispatcher, Transport
 from expertmesh.platform.engine import Engine, Sequence, StepOutput
 from expertmesh.platform.loader import load_for_inference
-from expertmesh.platform.model import kernels
 from expertmesh.platform.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -53,17 +52,12 @@ class RouterService:
         *,
         max_batch: int = 64,
         threads: int = 1,
-        large_op_threads: int = 2,
         micro_batches: int = 1,
         call_timeout_s: float = 2.0,
         transport: Transport = "direct",
         refresh_s: float = 0.25,
     ) -> None:
         torch.set_num_threads(max(1, threads))
-        # the few large ops of a step (decode attention, q|k|v, LM head) on more threads: the
-        # core next to the router idles while it runs them (see kernels.set_large_op_threads;
-        # the controller starts this actor with OMP_WAIT_POLICY=PASSIVE)
-        kernels.set_large_op_threads(large_op_threads)
         model, tokenizer = load_for_inference(checkpoint_uri, with_experts=False)
         self.controller = controller
         self.dispatcher = RayDispatcher(
@@ -261,7 +255,6 @@ class RouterService:
             "dispatch_calls": d.calls,
             "channel_calls": d.channel_calls,  # of dispatch_calls, over the direct channel
             "transport": self.dispatcher.transport,
-            "large_op_threads": kernels.large_op_threads(),
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
             "dispatch_retries": d.retries,
             "call_deadline_s": self.dispatcher.deadline.current(),

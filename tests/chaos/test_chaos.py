@@ -179,8 +179,8 @@ def test_no_warm_spares_when_turned_off(cluster, checkpoint, expected) -> None:
 def test_autoscaling_follows_load(cluster, checkpoint, expected) -> None:
     cluster.deploy(checkpoint, shards=2, replicas=2)
     # aggressive settings so the test is short: any sustained load wants more shards. The
-    # test model's experts are tiny and the native kernel runs them in microseconds, so the
-    # shards' busy fraction under this load is small (0.05 no longer triggered a scale-out).
+    # test model's experts are tiny and run in microseconds, so the shards' busy fraction
+    # under this load is small (0.05 did not trigger a scale-out).
     cluster.autoscale(
         min_shards=2,
         max_shards=4,

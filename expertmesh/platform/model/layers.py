@@ -13,8 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.platform.config import ModelConfig
-from expertmesh.platform.model import kernels
-from expertmesh.platform.model.packed import PackedWeight
 
 
 class RMSNorm(nn.Module):
@@ -24,10 +22,6 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_grad_enabled() and kernels.supports_rms_norm(x, self.weight):
-            # NOTE: inference: one native call; F.rms_norm is six ops on the CPU, whose
-            # dispatch overhead is its whole cost at a decode step's rows (~3x the call)
-            return kernels.rms_norm(x, self.weight, self.eps)
         if x.dtype == torch.float32:  # one fused op; the same numbers as the lines below
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # NOTE: normalise in float32 like Mixtral, then cast back, for bf16 parity.
@@ -118,7 +112,6 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
         # inference only: q|k|v weights concatenated, with the versions they were built from
         self._qkv: tuple[tuple[int, ...], torch.Tensor] | None = None
-        self._qkv_packed, self._o_packed = PackedWeight(), PackedWeight()
 
     def _fused_qkv(self) -> torch.Tensor:
         """The q, k and v weights as one (H*K + 2*G*K, D) matrix, rebuilt whenever any of them
@@ -145,7 +138,7 @@ class Attention(nn.Module):
             return q, k, self.v_proj(x_BTD).view(B, T, G, K)
         # NOTE: inference: one matmul for q, k and v and one rotation for q and k (at serving
         # batch sizes each op costs about its fixed overhead)
-        qkv = self._qkv_packed.linear(x_BTD, self._fused_qkv()).view(B, T, H + 2 * G, K)
+        qkv = F.linear(x_BTD, self._fused_qkv()).view(B, T, H + 2 * G, K)
         qk = apply_rotary(qkv[:, :, : H + G], *rope)
         return qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + G :]
 
@@ -166,10 +159,6 @@ class Attention(nn.Module):
         if cache is not None and step is None:
             assert slots_B is not None
             step = CacheStep.build(pos_BT, slots_B, write_pos_BT)
-        if cache is not None and step is not None and step.decode_pos_B is not None:
-            out_BHK = self._decode_native(x_BTD, rope, cache, step)
-            if out_BHK is not None:
-                return self._out(out_BHK.reshape(B, 1, -1))
         q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD, rope)
         if cache is None:
             k_BGLK, v_BGLK = k_BTGK.transpose(1, 2), v_BTGK.transpose(1, 2)
@@ -189,50 +178,15 @@ class Attention(nn.Module):
         k_BGLK, v_BGLK = k_BGLK.to(q_BTHK.dtype), v_BGLK.to(q_BTHK.dtype)
         if T == 1 and q_BTHK.dtype == torch.float32:
             assert step.future_B1L is not None  # built for every single-position step
-            out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.future_B1L, step.n_keys_B)
+            out_BHK = decode_attention(q_BTHK[:, 0], k_BGLK, v_BGLK, step.future_B1L)
             return self._out(out_BHK.reshape(B, 1, -1))
         out_BHTK = F.scaled_dot_product_attention(
             q_BTHK.transpose(1, 2), k_BGLK, v_BGLK, attn_mask=step.allowed_B1TL, enable_gqa=True
         )
         return self._out(out_BHTK.transpose(1, 2).reshape(B, T, -1))
 
-    def _decode_native(
-        self,
-        x_BTD: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
-        cache: tuple[torch.Tensor, torch.Tensor],
-        step: CacheStep,
-    ) -> torch.Tensor | None:
-        """A decode step's attention in one native call (rotary, cache append, attention:
-        :func:`kernels.decode_rope_attention`), (B, H, K); None where that does not apply
-        (training, other dtypes, slots that are not one compact range, no kernel).
-
-        NOTE: the PyTorch path spends ~10 small ops per layer between the projection and the
-        attention (the rotation's slices, cat, negation, products and sum; two index_put writes
-        into the cache), each costing its dispatch overhead at a decode step's 64 rows."""
-        k_buf, v_buf = cache
-        if (
-            torch.is_grad_enabled()
-            or step.first_slot is None
-            or x_BTD.dtype != torch.float32
-            or k_buf.dtype != torch.float32
-            or self.head_dim % 8
-            or not kernels.available()
-        ):
-            return None
-        B = x_BTD.shape[0]
-        qkv_BRK = self._qkv_packed.linear(x_BTD, self._fused_qkv()).view(B, -1, self.head_dim)
-        cos_BK, sin_BK = rope[0].reshape(B, -1), rope[1].reshape(B, -1)
-        if not kernels.supports_decode_rope_attention(qkv_BRK, cos_BK, k_buf, v_buf):
-            return None
-        assert step.decode_pos_B is not None
-        return kernels.decode_rope_attention(
-            qkv_BRK, cos_BK, sin_BK, k_buf, v_buf, step.first_slot, step.decode_pos_B, self.n_heads
-        )
-
     def _out(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        """The output projection (packed for oneDNN where no gradient is wanted)."""
-        return self._o_packed.linear(x_BTD, self.o_proj.weight)
+        return self.o_proj(x_BTD)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -246,9 +200,6 @@ class CacheStep:
     L: int  # key positions read: 0 .. max query position
     first_slot: int | None  # slots are first_slot .. first_slot + B - 1: read the cache in place
     future_B1L: torch.Tensor | None = None  # decode: keys past a row's position
-    n_keys_B: torch.Tensor | None = None  # decode: keys a row sees (its position + 1)
-    # decode, each token written at its own position: that position (the native path's input)
-    decode_pos_B: torch.Tensor | None = None
     allowed_B1TL: torch.Tensor | None = None  # otherwise: keys each query may see
 
     @classmethod
@@ -268,34 +219,21 @@ class CacheStep:
             if torch.equal(slots_B, torch.arange(s0, s0 + B, device=slots_B.device))
             else None,
             future_B1L=keys_L[None, None, :] > pos_BT[:, :1, None] if T == 1 else None,
-            n_keys_B=pos_BT[:, 0] + 1 if T == 1 else None,
-            decode_pos_B=pos_BT[:, 0] if T == 1 and write_pos_BT is None else None,
             # each query sees keys of its own slot at positions <= its own position
             allowed_B1TL=None if T == 1 else (keys_L[None, None, :] <= pos_BT[:, :, None])[:, None],
         )
 
 
 def decode_attention(
-    q_BHK: torch.Tensor,
-    k_BGLK: torch.Tensor,
-    v_BGLK: torch.Tensor,
-    future_B1L: torch.Tensor,
-    n_keys_B: torch.Tensor | None = None,
+    q_BHK: torch.Tensor, k_BGLK: torch.Tensor, v_BGLK: torch.Tensor, future_B1L: torch.Tensor
 ) -> torch.Tensor:
     """One query per sequence (a decode step) against its cached keys, leaving out those past
     its own position (``future_B1L``, True there).
 
-    With ``n_keys_B`` (each row's position + 1: the same keys as ``future_B1L`` leaves) and the
-    native kernel available, one pass over the cache in C (:func:`kernels.decode_attention`:
-    1.9-2.1x this path at L=64-96 with the cache cold, as a decode step finds it). Otherwise:
-
     The H // G query heads sharing a key/value head become the rows of one (rows x L) product,
-    so a batch is two batched matmuls over (B * G) small problems, reading the cache in place.
-    Measured at B=64, G=4, L=96-128 on one core: 0.49-0.52 ms against 0.73-0.93 ms for
-    ``scaled_dot_product_attention`` with a mask (one flash-attention block per head and row).
+    so a batch is two batched matmuls over (B * G) small problems that read the cache in place,
+    where ``scaled_dot_product_attention`` with a mask would expand the keys per query head.
     """
-    if n_keys_B is not None and kernels.supports_decode_attention(q_BHK, k_BGLK, v_BGLK):
-        return kernels.decode_attention(q_BHK, k_BGLK, v_BGLK, n_keys_B)
     B, H, K = q_BHK.shape
     G, L = k_BGLK.shape[1], k_BGLK.shape[2]
     r = H // G
@@ -313,9 +251,6 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(d_model, d_ff, bias=False)  # gate
         self.w3 = nn.Linear(d_model, d_ff, bias=False)  # up
         self.w2 = nn.Linear(d_ff, d_model, bias=False)  # down
-        self._packed = (PackedWeight(), PackedWeight(), PackedWeight())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p1, p3, p2 = self._packed
-        gate, up = p1.linear(x, self.w1.weight), p3.linear(x, self.w3.weight)
-        return p2.linear(F.silu(gate) * up, self.w2.weight)
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

@@ -20,7 +20,6 @@ from expertmesh.platform.model.layers import (
     SwiGLU,
 )
 from expertmesh.platform.model.moe import LayerStats, MoELayer
-from expertmesh.platform.model.packed import PackedWeight
 
 
 @dataclass(kw_only=True, slots=True)
@@ -78,7 +77,6 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
-        self._lm_head_packed = PackedWeight()
         self.reset_parameters()
 
     @torch.no_grad()
@@ -147,7 +145,7 @@ class MoETransformer(nn.Module):
             h_BTD = h_BTD[torch.arange(B, device=h_BTD.device), gather_B][:, None]
         elif last_only:
             h_BTD = h_BTD[:, -1:]
-        logits = self._lm_head_packed.linear(self.norm(h_BTD), self.lm_head.weight)
+        logits = self.lm_head(self.norm(h_BTD))
         return ModelOutput(logits=logits, layer_stats=stats)
 
     def loss(self, out: ModelOutput, targets_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
