@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import ray
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
 
 import expertmesh
 from expertmesh.actors import names
@@ -113,6 +114,7 @@ def killer(
 
 
 def main(argv: list[str] | None = None) -> int:
+    print(machine_line())
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -36,12 +36,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
 from transformers import MixtralConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from expertmesh.platform.config import ModelConfig
-from expertmesh.platform.model import kernels
-from expertmesh.platform.model.experts import matmul_dtype
 from expertmesh.platform.model.moe import MoELayer
 
 D_MODEL, D_FF, N_EXPERTS, TOP_K = 512, 1408, 8, 2
@@ -227,25 +226,6 @@ def print_table(rows: list[Row]) -> None:
         )
 
 
-def print_targets(rows: list[Row]) -> None:
-    """The issue's targets, each checked on the rows it names."""
-    checks = [
-        ("transformers", "hf/ours >= 1.0 at every size", 1.0, rows,
-         lambda r: min(r.hf_s.values()) / r.ours_s),
-        ("dense GEMM", "dense/ours >= 0.9 at 4096 tokens", 0.9,
-         [r for r in rows if r.tokens == 4096], lambda r: r.dense_s / r.ours_s),
-        ("bandwidth", "bound/cold >= 0.7 at 16 tokens", 0.7,
-         [r for r in rows if r.tokens == 16], lambda r: r.bound_s / r.cold_s),
-    ]  # fmt: skip
-    for name, rule, floor, subset, ratio_of in checks:
-        for r in subset:
-            ratio = ratio_of(r)
-            verdict = "met" if ratio >= floor else "MISSED"
-            print(
-                f"target {name:<12} {rule:<34} {r.tokens:>5} {r.dtype:<8} {ratio:6.2f}  {verdict}"
-            )
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[16, 64, 256, 4096])
@@ -273,17 +253,8 @@ def main() -> None:
         f"\nMoE layer d={D_MODEL} f={D_FF} E={N_EXPERTS} top-{TOP_K}, "
         f"{where}; ratios are other_time / ours (>= 1: ours faster)"
     )
-    # which paths the numbers come from: they differ between CPUs
-    native_bf16 = matmul_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
-    if cuda:
-        print(f"torch {torch.__version__}: experts as grouped GEMMs (F.grouped_mm)")
-    else:
-        print(
-            f"native kernel: {kernels.available()}, its AVX512-BF16 path: "
-            f"{kernels.has_avx512_bf16()}, PyTorch bf16 GEMMs native: {native_bf16}"
-        )
+    print(machine_line())
     print_table(rows)
-    print_targets(rows)
     print(f"load average (1 min) before/after: {load_before:.2f} / {os.getloadavg()[0]:.2f}")
 
 

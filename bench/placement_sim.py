@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
 
 from expertmesh.platform.placement import (
     ExpertKey,
@@ -153,6 +154,7 @@ def measure(
 
 
 def main() -> None:
+    print(machine_line())
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     defaults = SimConfig()
     for name in SimConfig.__slots__:

@@ -64,6 +64,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
+
 from expertmesh.platform.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
 from expertmesh.platform.data import TokenData, prepare
 from expertmesh.platform.model import MoETransformer
@@ -239,6 +241,7 @@ def format_table(results: list[Result], entropy: dict[str, float]) -> str:
 
 
 def main() -> None:
+    print(machine_line())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument(
         "--steps",

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
 
 HERE = Path(__file__).resolve().parent
 KEYS = {"aux": "aux_loss_weight", "z": "z_loss_weight", "bias": "balance_bias_rate"}
@@ -127,6 +128,7 @@ def summarise(results: list[dict], recipes: list[str], seeds: list[int]) -> str:
 
 
 def main() -> None:
+    print(machine_line())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])

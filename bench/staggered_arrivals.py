@@ -25,6 +25,7 @@ import time
 from collections.abc import Iterator
 
 import torch
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
 from serving_lib import distinct_prompts  # bench/ is on sys.path (the script's folder)
 
 from expertmesh.platform.engine import PREFILL_SPLIT_ROWS, Engine
@@ -62,6 +63,7 @@ def run(
 
 
 def main() -> None:
+    print(machine_line())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="expertmesh-tiny", help="registry name[/version] or URI")
     p.add_argument("--steps", type=int, default=120, help="timed steps per run")

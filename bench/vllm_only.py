@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from machine import machine_line  # bench/ is on sys.path (the script's folder)
 from serving_lib import (  # bench/ is on sys.path: Python puts a script's folder there
     LoadResult,
     VllmServer,
@@ -102,6 +103,7 @@ def bench(cfg: BenchConfig, model_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    print(machine_line())
     cfg = parse_args(argv)
     if not vllm_available():
         sys.exit(1)
