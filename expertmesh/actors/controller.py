@@ -321,7 +321,7 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                 )
             )
             infos = self._start_shards(spec.shards)
-            experts = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.n_experts)]
+            experts = cfg.expert_keys()
             plan = pl.place(experts, infos, min_replicas=spec.min_replicas)
             for w in plan.warnings:
                 self._event("warning", w)

@@ -70,9 +70,7 @@ class Manifest:
     created_at: str  # ISO 8601, UTC
 
     def expert_keys(self) -> list[ExpertKey]:
-        return [
-            (layer, e) for layer in self.config.moe_layers for e in range(self.config.n_experts)
-        ]
+        return self.config.expert_keys()
 
     def to_json(self) -> str:
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -212,7 +210,7 @@ def _expert_source(
 ) -> dict[ExpertKey, Any]:
     """Check every (layer, expert) has weights (model or override) of the right shape."""
     cfg = model.cfg
-    keys = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.n_experts)]
+    keys = cfg.expert_keys()
     stray = sorted(set(overrides) - set(keys))
     if stray:
         raise ValueError(f"experts_override has keys {stray} outside this model's (layer, expert)s")
@@ -407,7 +405,7 @@ def assemble_model(
             loaded.add((layer, e))
     except (RuntimeError, KeyError) as exc:  # shape mismatch, missing w1/w3/w2
         raise CheckpointError(f"{where}: weights do not match the config ({exc})") from exc
-    want = {(layer, e) for layer in cfg.moe_layers for e in range(cfg.n_experts)}
+    want = set(cfg.expert_keys())
     if with_experts and loaded != want:
         raise CheckpointError(f"{where}: no weights for experts {sorted(want - loaded)[:4]}")
     return model.eval()

@@ -48,7 +48,10 @@ class ModelConfig:
     n_kv_heads: int = 4
     d_ff: int = 704  # width of each expert's SwiGLU FFN
     d_ff_dense: int | None = None  # width of the dense FFN in non-MoE layers (default: d_ff)
-    n_experts: int = 8
+    n_experts: int = 8  # experts per MoE layer, unless layer_experts says otherwise
+    # MoE layer -> its expert count, where it differs from n_experts (a layer grown by
+    # add_expert); JSON manifests give the layers as strings, read back as ints
+    layer_experts: dict[int, int] = field(default_factory=dict)
     top_k: int = 2
     moe_every: int = 1  # layer i is an MoE layer when i % moe_every == moe_every - 1
     router: RouterKind = "topk"
@@ -97,6 +100,7 @@ class ModelConfig:
             )
         if self.top_k > self.n_experts:
             raise ConfigError("top_k", f"top_k={self.top_k} exceeds n_experts={self.n_experts}")
+        self._check_layer_experts()
         if self.router == "switch" and self.top_k != 1:
             raise ConfigError("top_k", "the switch router is top-1; set top_k: 1")
         if self.d_model % self.n_heads:
@@ -123,9 +127,47 @@ class ModelConfig:
                 f"{self.router!r} (expert_choice is balanced by construction); set it to 0",
             )
 
+    def _check_layer_experts(self) -> None:
+        if not isinstance(self.layer_experts, dict):
+            raise ConfigError("layer_experts", "must map MoE layers to expert counts")
+        fixed: dict[int, int] = {}
+        for key, count in self.layer_experts.items():
+            try:
+                layer = int(key)
+            except (TypeError, ValueError):
+                raise ConfigError("layer_experts", f"layer {key!r} is not an integer") from None
+            if not 0 <= layer < self.n_layers or not self.is_moe_layer(layer):
+                raise ConfigError("layer_experts", f"layer {layer} is not an MoE layer")
+            if isinstance(count, bool) or not isinstance(count, int) or count < self.top_k:
+                raise ConfigError(
+                    "layer_experts",
+                    f"layer {layer} needs an integer count >= top_k={self.top_k}, got {count!r}",
+                )
+            if count != self.n_experts:
+                fixed[layer] = count
+        self.layer_experts = fixed
+
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def experts_in(self, layer: int) -> int:
+        """How many experts MoE layer ``layer`` has."""
+        return self.layer_experts.get(layer, self.n_experts)
+
+    @property
+    def max_experts(self) -> int:
+        """The largest expert count of any MoE layer."""
+        return max([self.n_experts, *self.layer_experts.values()])
+
+    @property
+    def uniform_experts(self) -> bool:
+        """Whether every MoE layer has :attr:`n_experts` experts (Mixtral's shape)."""
+        return not self.layer_experts
+
+    def expert_keys(self) -> list[tuple[int, int]]:
+        """Every (MoE layer, expert) of the model, in layer then expert order."""
+        return [(layer, e) for layer in self.moe_layers for e in range(self.experts_in(layer))]
 
     def is_moe_layer(self, layer: int) -> bool:
         return layer % self.moe_every == self.moe_every - 1

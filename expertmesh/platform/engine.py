@@ -158,7 +158,7 @@ class Engine:
         if params.seed is not None:
             seq.generator = torch.Generator().manual_seed(params.seed)
         if self.track_routing or trace:
-            seq.expert_counts = torch.zeros(self.n_moe, self.cfg.n_experts, dtype=torch.long)
+            seq.expert_counts = torch.zeros(self.n_moe, self.cfg.max_experts, dtype=torch.long)
         return seq
 
     def abort(self, seq: Sequence) -> None:
@@ -362,7 +362,7 @@ class Engine:
     def _record_routing(self, seqs, feeds, valid_BT, stats) -> None:
         """Per-sequence expert counts (vectorised); per-token experts only for traced sequences."""
         row_N = torch.nonzero(valid_BT)[:, 0]  # row of each real token, row-major
-        B, E = len(seqs), self.cfg.n_experts
+        B, E = len(seqs), self.cfg.max_experts  # layers with fewer experts leave columns at 0
         counts_BLE = torch.stack(
             [
                 torch.bincount(

@@ -47,6 +47,13 @@ def check_mixtral_compatible(cfg: ModelConfig) -> None:
             "moe_every",
             f"Mixtral has an MoE FFN in every layer; moe_every={cfg.moe_every} has dense layers",
         )
+    if not cfg.uniform_experts:
+        counts = {layer: cfg.experts_in(layer) for layer in cfg.moe_layers}
+        raise ConfigError(
+            "layer_experts",
+            f"Mixtral has one expert count for every layer, this model's layers differ: {counts} "
+            "(a model grown by add_expert in some layers only); serve it with expertmesh",
+        )
     if cfg.router not in ("topk", "noisy_topk"):
         raise ConfigError(
             "router",

@@ -90,11 +90,15 @@ def expert_counts(expert_A: torch.Tensor, n_experts: int) -> torch.Tensor:
     return expert_A.new_zeros(n_experts).scatter_add_(0, expert_A, ones_A)
 
 
-def capacity_for(cfg: ModelConfig, n_tokens: int, factor: float | None) -> int | None:
-    """Assignments an expert may take: ``ceil(factor * T * k / E)``; None means dropless."""
+def capacity_for(
+    cfg: ModelConfig, n_tokens: int, factor: float | None, n_experts: int | None = None
+) -> int | None:
+    """Assignments an expert may take: ``ceil(factor * T * k / E)``, E the layer's expert count
+    (default ``cfg.n_experts``); None means dropless."""
     if factor is None:
         return None
-    return max(1, math.ceil(factor * n_tokens * cfg.top_k / cfg.n_experts))
+    E = cfg.n_experts if n_experts is None else n_experts
+    return max(1, math.ceil(factor * n_tokens * cfg.top_k / E))
 
 
 def route(
@@ -116,7 +120,7 @@ def route(
     k = cfg.top_k
     logits_TE = logits_TE.float()
     arange_T = torch.arange(T, device=logits_TE.device)
-    capacity = capacity_for(cfg, T, cfg.capacity_factor)
+    capacity = capacity_for(cfg, T, cfg.capacity_factor, E)
     if select_bias_E is not None and cfg.router not in ("topk", "noisy_topk"):
         raise ValueError(f"the {cfg.router!r} router takes no selection bias")
     if cfg.router == "topk":
@@ -127,7 +131,7 @@ def route(
 
     if cfg.router == "expert_choice":
         # each expert takes its C highest-scoring tokens: exactly balanced by construction
-        C = min(T, capacity_for(cfg, T, cfg.capacity_factor or 1.0) or T)
+        C = min(T, capacity_for(cfg, T, cfg.capacity_factor or 1.0, E) or T)
         weight_EC, token_EC = probs_TE.t().topk(C, dim=-1)
         expert_EC = torch.arange(E, device=logits_TE.device)[:, None].expand(E, C)
         return _sorted_routing(token_EC, expert_EC, weight_EC, E, logits_TE, probs_TE, None)

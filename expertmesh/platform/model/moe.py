@@ -72,15 +72,16 @@ class MoELayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int, with_experts: bool = True) -> None:
         super().__init__()
         self.cfg, self.layer = cfg, layer
-        self.gate = nn.Linear(cfg.d_model, cfg.n_experts, bias=False)
-        self.experts = ExpertBank(cfg.n_experts, cfg.d_model, cfg.d_ff) if with_experts else None
+        self.n_experts = E = cfg.experts_in(layer)
+        self.gate = nn.Linear(cfg.d_model, E, bias=False)
+        self.experts = ExpertBank(E, cfg.d_model, cfg.d_ff) if with_experts else None
         self.expert_bias: torch.Tensor | None  # (E,) selection-only bias; see balance_bias_rate
         if cfg.balance_bias_rate > 0:
             # NOTE: a buffer, not a parameter: no gradient reaches it and the optimizer never
             # sees it; training moves it by balance_bias_step. It is in the state dict, so
             # checkpoints keep it and serving (the same forward) applies it. Keep it float32
             # (assemble_model casts parameters only): steps of ~1e-3 vanish in bfloat16 at ~1.
-            self.register_buffer("expert_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+            self.register_buffer("expert_bias", torch.zeros(E, dtype=torch.float32))
         else:
             self.expert_bias = None
 

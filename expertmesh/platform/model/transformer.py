@@ -159,6 +159,6 @@ class MoETransformer(nn.Module):
         total = sum(p.numel() for p in self.parameters())
         if active:
             per_expert = 3 * self.cfg.d_model * self.cfg.d_ff
-            idle = self.cfg.n_experts - self.cfg.top_k
-            total -= len(self.moe_layers()) * idle * per_expert
+            for layer in self.moe_layers().values():
+                total -= (layer.n_experts - self.cfg.top_k) * per_expert
         return total
