@@ -298,7 +298,10 @@ def connect(
         from expertmesh.client import HttpCluster
 
         return HttpCluster(address, token=token)
+    from expertmesh import published
     from expertmesh.runtime import init_ray
 
     owns = init_ray(address, local)
+    if not owns:  # a cluster we joined: publish our settings unless it has its own
+        published.ensure()
     return Cluster(owns_ray=owns)
