@@ -65,6 +65,7 @@ def ensure(
     tracking_uri: str | None = None,
     checkpoint_root: str | None = None,
     shared_storage: bool | None = None,
+    job_server: str | None = None,
 ) -> ClusterSettings:
     """The cluster's settings; publishes them first when it has none, or when explicit values
     (arguments or the environment) are given. Unset parts come from the environment, else the
@@ -76,6 +77,7 @@ def ensure(
         or envs.mlflow_tracking_uri()
         or envs.checkpoint_root()
         or shared_storage is not None
+        or job_server
     )
     if current is not None and not explicit:
         return current
@@ -86,6 +88,7 @@ def ensure(
             checkpoint_root=storage.checkpoint_root(checkpoint_root, published=base),
             shared_storage=envs.shared_storage() if shared_storage is None else shared_storage,
             python=sys.executable if current is None else current.python,
+            job_server=job_server or base.job_server,
         )
     )
 

@@ -86,7 +86,7 @@ def init_ray(address: str | None = None, local: LocalRayOptions | None = None) -
         _start_local(opts, port)
     from expertmesh import published
 
-    published.ensure()
+    published.ensure(job_server=f"http://127.0.0.1:{port}" if opts.dashboard else None)
     return True
 
 

@@ -41,6 +41,7 @@ class ClusterSettings:
     shared_storage: bool = False
     # the interpreter that started the cluster: job drivers run it (`python` on their PATH)
     python: str | None = None
+    job_server: str | None = None  # the Ray dashboard's URL, where jobs are submitted
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -54,6 +55,7 @@ class ClusterSettings:
                 checkpoint_root=str(raw["checkpoint_root"]),
                 shared_storage=bool(raw.get("shared_storage", False)),
                 python=raw.get("python"),
+                job_server=raw.get("job_server"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise ConfigError("cluster_settings", f"{where} are unreadable ({exc})") from None
