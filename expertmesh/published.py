@@ -31,11 +31,13 @@ def _join() -> None:
         init_ray(envs.ray_address() or "auto")
 
 
-def alive_nodes() -> int:
+def hosts() -> int:
+    """Machines the cluster's live nodes run on (nodes on one machine share its disk, as
+    ``ray.cluster_utils.Cluster``'s do)."""
     import ray
 
     _join()
-    return sum(1 for n in ray.nodes() if n.get("Alive"))
+    return len({n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
 
 
 def read() -> ClusterSettings | None:
@@ -51,11 +53,11 @@ def publish(settings: ClusterSettings) -> ClusterSettings:
     """Publish ``settings`` for this cluster (replacing earlier ones).
 
     Raises:
-        ConfigError: a node-local path on a multi-node cluster not marked shared.
+        ConfigError: a node-local path on a cluster spanning machines, not marked shared.
     """
     from ray.experimental import internal_kv
 
-    storage.check_shared(settings, nodes=alive_nodes())
+    storage.check_shared(settings, nodes=hosts())
     internal_kv._internal_kv_put(KV_KEY, settings.to_json(), overwrite=True, namespace=KV_NAMESPACE)
     return settings
 
@@ -93,4 +95,4 @@ def ensure(
     )
 
 
-__all__ = ["KV_KEY", "KV_NAMESPACE", "alive_nodes", "ensure", "publish", "read"]
+__all__ = ["KV_KEY", "KV_NAMESPACE", "ensure", "hosts", "publish", "read"]

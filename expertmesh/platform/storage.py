@@ -147,7 +147,7 @@ def local_path_of(uri: str) -> str | None:
 
 
 def check_shared(settings: ClusterSettings, *, nodes: int) -> None:
-    """Refuse node-local storage on a multi-node cluster unless marked shared.
+    """Refuse node-local storage on a cluster on ``nodes`` machines unless marked shared.
 
     A checkpoint written to one node's disk cannot be read by shards on the others, and a
     SQLite file on one node is a different store on every other node.
@@ -162,8 +162,8 @@ def check_shared(settings: ClusterSettings, *, nodes: int) -> None:
         if path is not None:
             raise ConfigError(
                 field,
-                f"{path} is a path on one node, but this cluster has {nodes} nodes and the "
-                "others cannot read it; use shared storage (s3://, gs://, an MLflow server), "
+                f"{path} is a path on one machine, but this cluster's nodes run on {nodes} "
+                "machines and the others cannot read it; use shared storage (s3://, gs://, an MLflow server), "
                 "or, if it is a mount every node shares, set EXPERTMESH_SHARED_STORAGE=1 "
                 "(shared_storage=True)",
             )
