@@ -6,6 +6,7 @@ expertmesh generate "prompt" [--max-tokens N] [--temperature T] [--stream] [--js
 expertmesh scale N
 expertmesh down
 expertmesh data prepare | train
+expertmesh submit PIPELINE [ARGS] | jobs | job status|logs|stop ID | lineage NAME
 """
 
 from __future__ import annotations
@@ -219,6 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", help="stop what `expertmesh up` started")
     down.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for exit")
     down.set_defaults(func=_down)
+
+    from expertmesh import cli_jobs
+
+    cli_jobs.add_commands(sub)
     return parser
 
 

@@ -40,9 +40,63 @@ def mlflow_tracking_uri() -> str | None:
     return os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def checkpoint_root() -> str | None:
+    """``EXPERTMESH_CHECKPOINT_ROOT``: where checkpoints go (a ``pyarrow.fs`` URI or a path);
+    unset means what the Ray cluster publishes, else ``<home>/checkpoints``
+    (see :mod:`expertmesh.platform.storage`)."""
+    return os.environ.get("EXPERTMESH_CHECKPOINT_ROOT") or None
+
+
+def shared_storage() -> bool:
+    """``EXPERTMESH_SHARED_STORAGE``: ``1`` says a local-path checkpoint root or SQLite store is
+    a mount every node of the cluster shares (NFS, a CSI volume), so a multi-node cluster may
+    use it."""
+    return os.environ.get("EXPERTMESH_SHARED_STORAGE", "0") == "1"
+
+
+def git_revision() -> str | None:
+    """``EXPERTMESH_GIT_REVISION``: the code's git revision, recorded in lineage; set by
+    ``Cluster.submit`` for jobs whose working directory travels without ``.git``."""
+    return os.environ.get("EXPERTMESH_GIT_REVISION") or None
+
+
+def ray_job_submission_id() -> str | None:
+    """The Ray job's submission id (``raysubmit_...``) when this process is a job's driver.
+
+    Ray's job supervisor passes the job's metadata to the driver in ``RAY_JOB_CONFIG_JSON_ENV_VAR``;
+    the id is there under ``job_submission_id``.
+    """
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return None
+    try:
+        return json.loads(raw).get("metadata", {}).get("job_submission_id") or None
+    except (ValueError, AttributeError):
+        return None
+
+
+def ray_job_address() -> str | None:
+    """``RAY_API_SERVER_ADDRESS`` (else an ``http(s)://`` ``RAY_ADDRESS``): the job server
+    (Ray dashboard) that ``expertmesh submit`` talks to, as for ``ray job submit``."""
+    explicit = os.environ.get("RAY_API_SERVER_ADDRESS")
+    if explicit:
+        return explicit
+    address = os.environ.get("RAY_ADDRESS") or ""
+    return address if address.startswith(("http://", "https://")) else None
+
+
 def ray_address() -> str | None:
-    """``RAY_ADDRESS``: an existing Ray cluster to join; unset means start a local one."""
-    return os.environ.get("RAY_ADDRESS") or None
+    """``RAY_ADDRESS``: an existing Ray cluster to join; unset means start a local one.
+
+    Ray sets it for a job's driver (the cluster's GCS address). A dashboard URL (``http://``,
+    meant for ``ray job submit``) is no address to join and counts as unset here.
+    """
+    address = os.environ.get("RAY_ADDRESS") or None
+    if address and address.startswith(("http://", "https://")):
+        return None
+    return address
 
 
 def api_token() -> str | None:

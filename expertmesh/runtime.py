@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from expertmesh import envs
@@ -42,8 +46,28 @@ def temp_dir() -> str:
     return str(path)
 
 
+@contextlib.contextmanager
+def _this_python_first_on_path() -> Iterator[None]:
+    """Put this interpreter's folder first on ``PATH`` while Ray starts.
+
+    NOTE: the raylet inherits this process's environment and a job's driver inherits the
+    raylet's, so `ray job submit -- python -m expertmesh.pipelines.train` then runs the Python
+    (the venv) that started the cluster, even when that venv was never activated.
+    """
+    before = os.environ.get("PATH", "")
+    bindir = os.path.dirname(sys.executable)
+    os.environ["PATH"] = os.pathsep.join([bindir, before]) if before else bindir
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = before
+
+
 def init_ray(address: str | None = None, local: LocalRayOptions | None = None) -> bool:
     """Join ``address`` (or ``RAY_ADDRESS``), else start a local cluster on loopback.
+
+    A local cluster this call starts publishes its tracking URI and checkpoint root (from the
+    environment, else the embedded default; see :mod:`expertmesh.published`).
 
     Returns True when this call started a local cluster (the caller then owns it).
     """
@@ -58,6 +82,17 @@ def init_ray(address: str | None = None, local: LocalRayOptions | None = None) -
     envs.apply_local_ray_env()
     opts = local or LocalRayOptions()
     port = opts.dashboard_port or free_port()
+    with _this_python_first_on_path():
+        _start_local(opts, port)
+    from expertmesh import published
+
+    published.ensure(job_server=f"http://127.0.0.1:{port}" if opts.dashboard else None)
+    return True
+
+
+def _start_local(opts: LocalRayOptions, port: int) -> None:
+    import ray
+
     ray.init(
         address="local",  # always a new cluster: never join one found in Ray's temp folder
         num_cpus=opts.num_cpus,
@@ -71,4 +106,3 @@ def init_ray(address: str | None = None, local: LocalRayOptions | None = None) -
         _node_ip_address="127.0.0.1",
         _system_config=dict(FAST_HEALTH_CHECKS),
     )
-    return True

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from expertmesh.platform.errors import ExpertmeshError
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import LocalRayOptions
+
+if TYPE_CHECKING:
+    from expertmesh.jobs import JobClient, JobInfo
+    from expertmesh.platform.lineage import VersionNode
 
 
 class ClusterError(ExpertmeshError):
@@ -137,7 +141,12 @@ class Cluster:
             micro_batches=micro_batches,
             transport=transport,
         )
-        return self._call("deploy", spec)
+        out = self._call("deploy", spec)
+        if resolved.version is not None:  # MLflow's alias says which version this cluster serves
+            from expertmesh.platform.tracking import SERVING_ALIAS, Tracker
+
+            Tracker().set_alias(resolved.name, SERVING_ALIAS, resolved.version.version)
+        return out
 
     def scale(self, shards: int) -> dict[str, Any]:
         """Grow or shrink the expert shard pool to ``shards`` actors, live."""
@@ -242,6 +251,66 @@ class Cluster:
 
         return Tracker().recent_runs(experiment, max_results)
 
+    # ------------------------------------------------------------------ jobs and lineage
+    def _jobs(self) -> JobClient:
+        from expertmesh import published
+        from expertmesh.jobs import JobClient
+
+        settings = published.read()
+        return JobClient(settings.job_server if settings else None)
+
+    def submit(
+        self,
+        pipeline: str,
+        *,
+        working_dir: str | None = None,
+        wait: bool = False,
+        timeout_s: float = 3600.0,
+        env: dict[str, str] | None = None,
+        **args: Any,
+    ) -> JobInfo:
+        """Run ``expertmesh.pipelines.<pipeline>`` as a Ray job on this cluster.
+
+        ``args`` become the pipeline's flags (``steps=50`` -> ``--steps 50``, see
+        :func:`expertmesh.jobs.pipeline_args`). The job uses the cluster's MLflow store and
+        checkpoint root. ``working_dir`` uploads a local checkout to run instead of the
+        cluster's installed code; ``wait`` returns only once the job ended.
+
+        Example::
+
+            job = cluster.submit("finetune", model="expertmesh-tiny", train="router",
+                                 domains=["legal"], steps=50, wait=True)
+            print(job.status, cluster.lineage("expertmesh-tiny"))
+        """
+        from expertmesh.jobs import pipeline_args
+
+        client = self._jobs()
+        job = client.submit(pipeline, pipeline_args(**args), working_dir=working_dir, env_vars=env)
+        return client.wait(job.submission_id, timeout_s=timeout_s) if wait else job
+
+    def jobs(self) -> list[JobInfo]:
+        """Every job of this cluster, newest first."""
+        return self._jobs().list()
+
+    def job(self, job_id: str) -> JobInfo:
+        return self._jobs().info(job_id)
+
+    def job_logs(self, job_id: str) -> str:
+        return self._jobs().logs(job_id)
+
+    def stop_job(self, job_id: str) -> bool:
+        return self._jobs().stop(job_id)
+
+    def lineage(self, name: str) -> list[VersionNode]:
+        """Registered model ``name``'s versions as a tree (roots first), with their lineage."""
+        from expertmesh.platform.lineage import lineage_tree
+        from expertmesh.platform.tracking import Tracker
+
+        versions = Tracker().versions(name)
+        if not versions:
+            raise ClusterError(f"no registered model named {name!r}")
+        return lineage_tree(versions)
+
     def serve(self, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> str:
         """Start the HTTP API (Ray Serve) for this cluster; returns its base URL."""
         from expertmesh.api import info
@@ -290,7 +359,10 @@ def connect(
         from expertmesh.client import HttpCluster
 
         return HttpCluster(address, token=token)
+    from expertmesh import published
     from expertmesh.runtime import init_ray
 
     owns = init_ray(address, local)
+    if not owns:  # a cluster we joined: publish our settings unless it has its own
+        published.ensure()
     return Cluster(owns_ray=owns)

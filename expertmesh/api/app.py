@@ -24,7 +24,7 @@ from expertmesh.api import info
 from expertmesh.api.deps import ApiSettings, Services, token_digest
 from expertmesh.api.errors import install_error_handlers
 from expertmesh.api.limits import BodySizeLimit
-from expertmesh.api.routes import cluster, completions, health, models
+from expertmesh.api.routes import cluster, completions, health, lineage, models
 from expertmesh.sdk import ClusterError
 
 APP_NAME = "expertmesh-api"
@@ -38,7 +38,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.services = Services(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, completions, models, cluster):
+    for module in (health, completions, models, cluster, lineage):
         app.include_router(module.router)
     return app
 

@@ -1,16 +1,20 @@
 """Train an MoE LM: ``python -m expertmesh.pipelines.train --config configs/tiny.yaml``.
 
 Prepares the data if needed, trains with checkpoints and exact resume, logs to MLflow and
-registers the result as a new model version.
+registers the result as a new model version with its lineage. Checkpoints and the MLflow store
+are the cluster's when it runs on one (see :mod:`expertmesh.platform.storage`).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from expertmesh.platform.config import load_config
+from expertmesh.platform import lineage, storage
+from expertmesh.platform.config import load_config, to_dict
 from expertmesh.platform.data import prepare
+from expertmesh.platform.tracking import Tracker
 from expertmesh.platform.training import train
 
 
@@ -26,14 +30,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the cluster's)")
+    p.add_argument(
+        "--checkpoint-root", default=None, help="pyarrow.fs URI (default: the cluster's)"
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.set)
+    tracker = Tracker(args.tracking_uri)
+    tracker.check_reachable()  # before hours of data preparation and training
+    if cfg.train.output_dir is None:
+        root = storage.checkpoint_root(args.checkpoint_root)
+        cfg.train.output_dir = f"{root}/{cfg.train.registered_model}/train"
     prepare(cfg.data, progress=not args.no_progress)
-    result = train(cfg, resume=not args.no_resume, progress=not args.no_progress)
+    domains = list(cfg.data.train_domains)
+    record = lineage.Lineage(
+        pipeline="train",
+        parent="",
+        trained_parts="all",
+        domains=domains,
+        data_digest=lineage.data_digest(cfg.data.data_dir, domains),
+        config_digest=lineage.digest(to_dict(cfg)),
+        ray_job_id=lineage.ray_job_id(),
+        git_revision=lineage.git_revision(),
+        data_uri=os.path.abspath(cfg.data.data_dir),
+    )
+    result = train(
+        cfg,
+        tracker=tracker,
+        resume=not args.no_resume,
+        progress=not args.no_progress,
+        lineage=record,
+    )
     mv = result.model_version
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"mlflow run: {result.run_id}")

@@ -9,6 +9,13 @@ One checkpoint is an immutable directory, so a shard can read just its experts::
     <root>/<name>/train_state.pt                  optional, opaque bytes (optimizer state etc.)
     <root>/latest.json                            {"name": <name>}, replaced after each save
 
+Content-addressed: saved with a ``parent``, a checkpoint writes only the files whose bytes differ
+from the parent's; its manifest lists every file, and an unchanged one's entry carries the
+``path`` (URI) of the parent's copy with the same sha256 and size instead of a copy. So
+fine-tuning the router writes one new ``dense.safetensors``. Such a manifest says ``format: 2``
+(a reader of format 1 refuses it by name rather than miss files); one without references stays
+``format: 1``. Every loader here follows the references and verifies the bytes it reads.
+
 Every file is written to a temporary name and renamed (object stores write single objects
 atomically anyway), and ``latest.json`` moves only after the new manifest exists, so a crash
 mid-save leaves the previous checkpoint and ``latest.json`` intact. Reads verify size and sha256
@@ -37,7 +44,8 @@ from expertmesh.platform.config import ModelConfig, from_dict, to_dict
 from expertmesh.platform.errors import CheckpointError, ConfigError
 from expertmesh.platform.model import MoETransformer
 
-FORMAT = 1
+FORMAT = 2  # 2: entries may reference another checkpoint's file by ``path``
+_FORMAT_PLAIN = 1  # what a checkpoint without references is written as
 MANIFEST, LATEST, DENSE = "manifest.json", "latest.json", "dense.safetensors"
 TOKENIZER, TRAIN_STATE = "tokenizer.json", "train_state.pt"
 EXPERT_TENSORS = ("w1", "w3", "w2")
@@ -55,6 +63,7 @@ def expert_file(layer: int, expert: int) -> str:
 class FileEntry:
     sha256: str
     size: int
+    path: str | None = None  # where the bytes are when not in this checkpoint (a parent's file)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -75,8 +84,15 @@ class Manifest:
     def to_json(self) -> str:
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         body["config"] = to_dict(self.config)
-        body["files"] = {k: dataclasses.asdict(v) for k, v in sorted(self.files.items())}
+        body["files"] = {
+            k: {f: x for f, x in dataclasses.asdict(v).items() if x is not None}
+            for k, v in sorted(self.files.items())
+        }
         return json.dumps(body, indent=2)
+
+    def written_files(self) -> list[str]:
+        """Files this checkpoint holds itself (not referenced from a parent), sorted."""
+        return sorted(rel for rel, e in self.files.items() if e.path is None)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str) -> Manifest:
@@ -163,13 +179,14 @@ def _read_verified(d: _Dir, manifest: Manifest, rel: str) -> bytes:
     entry = manifest.files.get(rel)
     if entry is None:
         raise CheckpointError(f"{d.uri_of(rel)}: not listed in the checkpoint's manifest")
-    data = d.read(rel)
+    where = entry.path or d.uri_of(rel)
+    data = _read_uri(entry.path) if entry.path else d.read(rel)
     if len(data) != entry.size:
         raise CheckpointError(
-            f"{d.uri_of(rel)}: truncated or corrupt: {len(data)} bytes, manifest says {entry.size}"
+            f"{where}: truncated or corrupt: {len(data)} bytes, manifest says {entry.size}"
         )
     if hashlib.sha256(data).hexdigest() != entry.sha256:
-        raise CheckpointError(f"{d.uri_of(rel)}: corrupt: sha256 does not match the manifest")
+        raise CheckpointError(f"{where}: corrupt: sha256 does not match the manifest")
     return data
 
 
@@ -236,6 +253,7 @@ def save_checkpoint(
     version: dict[str, Any] | None = None,
     train_state: bytes | None = None,
     experts_override: dict[ExpertKey, dict[str, torch.Tensor]] | None = None,
+    parent: str | None = None,
 ) -> str:
     """Write ``model`` as the new checkpoint ``<root>/<name>`` and point ``<root>/latest.json`` at it.
 
@@ -248,6 +266,8 @@ def save_checkpoint(
         train_state: opaque bytes (e.g. ``torch.save`` of the optimizer) for resuming.
         experts_override: per-(layer, expert) ``{"w1", "w3", "w2"}`` tensors used instead of the
             model's own (experts trained or held elsewhere).
+        parent: a checkpoint URI; files byte-identical to one of its files (same sha256 and
+            size) are referenced there instead of written again.
 
     Returns:
         The checkpoint's URI, e.g. ``file:///ckpt/step-400`` or ``/ckpt/step-400``.
@@ -264,6 +284,7 @@ def save_checkpoint(
         raise ValueError(f"version must be JSON-serialisable: {exc}") from None
     experts = _expert_source(model, experts_override or {})
     tokenizer = None if tokenizer_path is None else _read_uri(tokenizer_path)
+    reusable = _reusable_files(parent) if parent is not None else {}
 
     root_dir = _Dir(root)
     ckpt = root_dir.sub(name)
@@ -274,8 +295,13 @@ def save_checkpoint(
     files: dict[str, FileEntry] = {}
 
     def put(rel: str, data: bytes) -> None:
+        entry = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        elsewhere = reusable.get((entry.sha256, entry.size))
+        if elsewhere is not None:
+            files[rel] = dataclasses.replace(entry, path=elsewhere)
+            return
         ckpt.write(rel, data)
-        files[rel] = FileEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        files[rel] = entry
 
     moe = model.moe_layers()
     with torch.no_grad():
@@ -290,7 +316,7 @@ def save_checkpoint(
     if train_state is not None:
         put(TRAIN_STATE, bytes(train_state))
     manifest = Manifest(
-        format=FORMAT,
+        format=FORMAT if any(e.path for e in files.values()) else _FORMAT_PLAIN,
         name=name,
         config=model.cfg,
         version=version,
@@ -301,6 +327,13 @@ def save_checkpoint(
     ckpt.write(MANIFEST, manifest.to_json().encode())
     root_dir.write(LATEST, json.dumps({"name": name}).encode())
     return ckpt.uri
+
+
+def _reusable_files(parent: str) -> dict[tuple[str, int], str]:
+    """``(sha256, size) -> URI`` of every file of checkpoint ``parent``, following its own
+    references so that a chain of versions stays one hop deep."""
+    d, manifest = _open(parent)
+    return {(e.sha256, e.size): e.path or d.uri_of(rel) for rel, e in manifest.files.items()}
 
 
 # --- loading -----------------------------------------------------------------------------------

@@ -217,7 +217,9 @@ class TrainConfig:
     log_every: int = 10
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (default: torch's choice)
-    output_dir: str = ".state/checkpoints/tiny"  # pyarrow.fs URI or local path
+    # pyarrow.fs URI or path; None: <checkpoint root>/<registered_model>/train, the root being
+    # the cluster's when run on one (never a folder relative to a Ray job's working directory)
+    output_dir: str | None = None
     experiment: str = "expertmesh"
     registered_model: str = "expertmesh-tiny"
 

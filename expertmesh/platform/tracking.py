@@ -1,7 +1,12 @@
 """MLflow tracking: runs, metrics, checkpoints as artifacts, registry versions with lineage.
 
-Embedded default: a SQLite backend store and artifact folder under the state folder
-(``EXPERTMESH_HOME``); ``MLFLOW_TRACKING_URI`` points at a server instead.
+Which store: :func:`expertmesh.platform.storage.tracking_uri` (a flag, ``MLFLOW_TRACKING_URI``,
+the Ray cluster's, else a SQLite store under ``EXPERTMESH_HOME``). A SQLite store keeps its
+artifacts in ``mlartifacts/`` beside the database file, wherever the run happens.
+
+MLflow's own features carry the platform's bookkeeping: nested runs for multi-stage pipelines,
+``log_inputs`` datasets for training data, model-version tags for lineage and model-version
+aliases (``@serving``) for what a cluster serves.
 """
 
 from __future__ import annotations
@@ -9,29 +14,29 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from expertmesh import envs
+from expertmesh.platform import storage
+from expertmesh.platform.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_ARTIFACT = "checkpoint"
 TAG_CHECKPOINT = "expertmesh.checkpoint_uri"
+SERVING_ALIAS = "serving"  # the model-version alias of what a cluster serves
 
 
 def default_tracking_uri() -> str:
-    uri = envs.mlflow_tracking_uri()
-    if uri:
-        return uri
-    db = envs.home() / "mlflow.db"
-    db.parent.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{db}"
+    return storage.tracking_uri()
 
 
-def _artifact_root() -> str:
-    root = envs.home() / "mlartifacts"
+def _artifact_root(tracking_uri: str) -> str | None:
+    """``mlartifacts/`` beside a SQLite store's file; None (the server decides) otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    root = Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts"
     root.mkdir(parents=True, exist_ok=True)
     return root.as_uri()
 
@@ -43,6 +48,7 @@ class ModelVersionInfo:
     source: str  # where the checkpoint's files are (a pyarrow.fs URI or local path)
     run_id: str | None
     tags: dict[str, str]
+    aliases: list[str] = field(default_factory=list)
 
 
 class Tracker:
@@ -51,16 +57,35 @@ class Tracker:
     def __init__(self, tracking_uri: str | None = None) -> None:
         import mlflow
 
-        self.uri = tracking_uri or default_tracking_uri()
+        self.uri = storage.tracking_uri(tracking_uri)
         self._mlflow = mlflow
         self.client = mlflow.MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         self.run_id: str | None = None
+
+    def check_reachable(self, timeout_s: float = 5.0) -> None:
+        """Fail fast, before any work, when the tracking store cannot be reached.
+
+        Raises:
+            ConfigError: naming ``tracking_uri``.
+        """
+        try:
+            if self.uri.startswith(("http://", "https://")):
+                import httpx
+
+                # NOTE: MLflow's REST client retries for minutes; one plain GET says it at once
+                httpx.get(f"{self.uri.rstrip('/')}/health", timeout=timeout_s).raise_for_status()
+            else:
+                self.client.search_experiments(max_results=1)
+        except Exception as exc:
+            raise ConfigError(
+                "tracking_uri", f"the MLflow store at {self.uri} is unreachable ({exc})"
+            ) from None
 
     def experiment_id(self, name: str) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             return exp.experiment_id
-        location = None if envs.mlflow_tracking_uri() else _artifact_root()
+        location = _artifact_root(self.uri)
         return self.client.create_experiment(
             name, artifact_location=location and f"{location}/{name}"
         )
@@ -74,10 +99,20 @@ class Tracker:
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> Iterator[str]:
-        """Start (or resume, given ``run_id``) a run; marks it FAILED if the body raises."""
+        """Start (or resume, given ``run_id``) a run; marks it FAILED if the body raises.
+
+        A run started inside another one's ``with`` is its nested child run (MLflow's
+        ``mlflow.parentRunId``), as the stages of a multi-stage pipeline.
+        """
+        outer = self.run_id
         if run_id is None:
+            tags = dict(tags or {})
+            if outer is not None:
+                from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+                tags[MLFLOW_PARENT_RUN_ID] = outer
             run = self.client.create_run(
-                self.experiment_id(experiment), run_name=run_name, tags=dict(tags or {})
+                self.experiment_id(experiment), run_name=run_name, tags=tags
             )
             run_id = run.info.run_id
         else:
@@ -91,7 +126,35 @@ class Tracker:
         else:
             self.client.set_terminated(run_id, status="FINISHED")
         finally:
-            self.run_id = None
+            self.run_id = outer
+
+    def log_dataset(
+        self,
+        *,
+        name: str,
+        digest: str,
+        source: str,
+        profile: Mapping[str, Any],
+        context: str = "training",
+    ) -> None:
+        """Record the run's input data as an MLflow dataset (what ``mlflow.log_input`` logs).
+
+        ``source`` is where the Parquet shards are; ``digest`` identifies their content.
+        """
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        dataset = Dataset(
+            name=name,
+            digest=digest[:36],  # NOTE: MLflow's digest column is short; the full one is a tag
+            source_type="local" if storage.local_path_of(source) else "uri",
+            source=json.dumps({"uri": source}),
+            profile=json.dumps(dict(profile)),
+        )
+        tags = [InputTag(key=MLFLOW_DATASET_CONTEXT, value=context)]
+        self.client.log_inputs(self._active(), datasets=[DatasetInput(dataset=dataset, tags=tags)])
 
     def _active(self) -> str:
         if self.run_id is None:
@@ -159,19 +222,46 @@ class Tracker:
         return self.get_version(name, str(mv.version))
 
     def get_version(self, name: str, version: str) -> ModelVersionInfo:
-        mv = self.client.get_model_version(name, version)
-        tags = dict(mv.tags or {})
-        return ModelVersionInfo(
-            name=name,
-            version=str(mv.version),
-            source=tags.get(TAG_CHECKPOINT, mv.source),
-            run_id=mv.run_id,
-            tags=tags,
-        )
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version(name, version)
+        except MlflowException:
+            have = [v.version for v in self.versions(name)]
+            raise LookupError(
+                f"registered model {name!r} has no version {version!r} in MLflow at {self.uri}"
+                + (f"; its versions: {', '.join(have)}" if have else "")
+            ) from None
+        return _info(mv)
+
+    def versions(self, name: str) -> list[ModelVersionInfo]:
+        """Every version of registered model ``name``, oldest first (empty if none)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            found = self.client.search_model_versions(f"name='{name}'")
+        except MlflowException:
+            return []
+        return sorted((_info(mv) for mv in found), key=lambda v: int(v.version))
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point model-version alias ``name@alias`` (e.g. ``@serving``) at ``version``."""
+        self.client.set_registered_model_alias(name, alias, version)
 
     def resolve_model(self, ref: str) -> ModelVersionInfo:
-        """Resolve ``name``, ``name/version`` or ``models:/name/version`` to a registered version."""
+        """Resolve ``name``, ``name/version``, ``name@alias`` or ``models:/name/version``
+        to a registered version; LookupError names what is missing."""
+        from mlflow.exceptions import MlflowException
+
         ref = ref.removeprefix("models:/")
+        if "@" in ref:
+            name, _, alias = ref.partition("@")
+            try:
+                return _info(self.client.get_model_version_by_alias(name, alias))
+            except MlflowException:
+                raise LookupError(
+                    f"registered model {name!r} has no alias @{alias} in MLflow at {self.uri}"
+                ) from None
         name, _, version = ref.partition("/")
         if version and version != "latest":
             return self.get_version(name, version)
@@ -201,3 +291,15 @@ class Tracker:
             }
             for r in runs
         ]
+
+
+def _info(mv: Any) -> ModelVersionInfo:
+    tags = dict(mv.tags or {})
+    return ModelVersionInfo(
+        name=mv.name,
+        version=str(mv.version),
+        source=tags.get(TAG_CHECKPOINT, mv.source),
+        run_id=mv.run_id,
+        tags=tags,
+        aliases=list(getattr(mv, "aliases", None) or []),
+    )

@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -25,7 +26,12 @@ from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.model.gates import balance_bias_step
 from expertmesh.platform.model.moe import LayerStats
+from expertmesh.platform.storage import checkpoint_root
 from expertmesh.platform.tracking import CHECKPOINT_ARTIFACT, ModelVersionInfo, Tracker
+
+if TYPE_CHECKING:
+    from expertmesh.platform.lineage import Lineage
+    from expertmesh.platform.parts import Freezer
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,8 @@ def update_balance_bias(model: MoETransformer, stats: list[LayerStats]) -> dict[
     moe = model.moe_layers()
     out: dict[str, float] = {}
     for s, counts_E in zip(stats, counts_LE, strict=True):
+        if not moe[s.layer].gate.weight.requires_grad:  # a frozen router keeps its bias too
+            continue
         bias_E = moe[s.layer].expert_bias
         balance_bias_step(bias_E, counts_E, rate)
         out[f"expert_bias_max_abs/L{s.layer}"] = float(bias_E.abs().max())
@@ -216,13 +224,22 @@ def train(
     stop_after: int | None = None,
     model_factory: Callable[[], MoETransformer] | None = None,
     version_tags: dict[str, str] | None = None,
+    freeze: Freezer | None = None,
+    parent_checkpoint: str | None = None,
+    lineage: Lineage | None = None,
 ) -> TrainResult:
     """Train ``cfg.model`` on ``cfg.data.train_domains``; checkpoint, log and register it.
 
-    Resumes exactly from the latest checkpoint in ``cfg.train.output_dir`` when ``resume``.
+    Resumes exactly from the latest checkpoint in ``cfg.train.output_dir`` when ``resume``
+    (unset: ``<checkpoint root>/<registered_model>/train``, see
+    :func:`expertmesh.platform.storage.checkpoint_root`).
     ``stop_after`` ends the loop early at that step (used to test resumption).
+    ``freeze`` keeps the parts it freezes unchanged (fine-tuning); checkpoints then reference
+    ``parent_checkpoint``'s unchanged files instead of copying them. ``lineage`` is logged as
+    the run's dataset and the registered version's tags.
     """
     tc = cfg.train
+    output_dir = tc.output_dir or f"{checkpoint_root()}/{tc.registered_model}/train"
     tracker = tracker or Tracker()
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -235,10 +252,12 @@ def train(
 
     device = resolve_device(tc.device)
     model = (model_factory() if model_factory else MoETransformer(cfg.model)).to(device)
+    if freeze is not None:
+        freeze.apply(model)
     optimizer = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     start, run_id = 0, None
-    resume_uri = _find_resume(tc.output_dir) if resume else None
+    resume_uri = _find_resume(output_dir) if resume else None
     if resume_uri:
         loaded, _ = ckpt.load_model(resume_uri)
         model.load_state_dict(loaded.state_dict())
@@ -267,6 +286,13 @@ def train(
                 "n_active_params": model.num_parameters(active=True),
             }
             tracker.log_params(params)
+            if lineage is not None:
+                tracker.log_dataset(
+                    name=",".join(lineage.domains),
+                    digest=lineage.data_digest,
+                    source=cfg.data.data_dir,
+                    profile={"domains": lineage.domains},
+                )
             tracker.log_metrics(
                 {f"unigram_entropy/{d}": val_data.unigram_entropy(d) for d in val_data.domains}, 0
             )
@@ -278,6 +304,8 @@ def train(
         for step in bar:
             batch = train_data.sample(tc.batch_size, tc.seq_len, gen)
             metrics, stats = train_step(model, optimizer, batch, step, tc)
+            if freeze is not None:
+                freeze.after_step()
             steps_since += 1
             done = step + 1
             if done % tc.log_every == 0 or done == end:
@@ -294,7 +322,7 @@ def train(
                 tracker.log_metrics(val, done)
             if done % tc.checkpoint_every == 0 or done == end:
                 uri = ckpt.save_checkpoint(
-                    tc.output_dir,
+                    output_dir,
                     f"step-{done:06d}",
                     model,
                     tokenizer_path=tokenizer_path,
@@ -304,16 +332,21 @@ def train(
                         "domains": list(cfg.data.train_domains),
                     },
                     train_state=_train_state(optimizer, done, gen, run_id),
+                    parent=parent_checkpoint,
                 )
         result = TrainResult(checkpoint_uri=uri, run_id=run_id, steps=end, metrics=metrics)
         if register and end == tc.steps:
             artifact_uri = _log_checkpoint(tracker, model, tokenizer_path, result, cfg)
-            tags = {
-                "domains": ",".join(cfg.data.train_domains),
-                "n_experts": str(cfg.model.n_experts),
-                "parent_version": "",
-                "pipeline": "train",
-            } | (version_tags or {})
+            tags = (
+                {
+                    "domains": ",".join(cfg.data.train_domains),
+                    "n_experts": str(cfg.model.n_experts),
+                    "parent_version": "",
+                    "pipeline": "train",
+                }
+                | (lineage.tags() if lineage else {})
+                | (version_tags or {})
+            )
             result.model_version = tracker.register_version(
                 tc.registered_model, source=artifact_uri, run_id=run_id, tags=tags
             )

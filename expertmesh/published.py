@@ -1,0 +1,98 @@
+"""The settings a Ray cluster publishes for every pipeline that runs on it.
+
+``expertmesh up`` and ``expertmesh.connect()`` write one small JSON record (tracking URI,
+checkpoint root, whether local paths are shared, the Python that started the cluster) into
+Ray's internal key-value store, which lives in the cluster's GCS. A job's driver reads it after
+joining the cluster (Ray sets ``RAY_ADDRESS`` for it), so ``Cluster.submit``, ``expertmesh
+submit`` and a plain ``ray job submit`` all land in the same store.
+
+NOTE: the internal KV rather than a named actor: it costs no process, survives no worse (both
+live as long as the GCS) and is readable before any expertmesh actor exists.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from expertmesh import envs
+from expertmesh.platform import storage
+from expertmesh.platform.storage import ClusterSettings
+
+KV_NAMESPACE = "expertmesh"
+KV_KEY = "cluster-settings"
+
+
+def _join() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        from expertmesh.runtime import init_ray
+
+        init_ray(envs.ray_address() or "auto")
+
+
+def hosts() -> int:
+    """Machines the cluster's live nodes run on (nodes on one machine share its disk, as
+    ``ray.cluster_utils.Cluster``'s do)."""
+    import ray
+
+    _join()
+    return len({n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
+
+
+def read() -> ClusterSettings | None:
+    """The settings the cluster publishes (joining it first if needed); None if it has none."""
+    from ray.experimental import internal_kv
+
+    _join()
+    raw = internal_kv._internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
+    return None if raw is None else ClusterSettings.from_json(raw)
+
+
+def publish(settings: ClusterSettings) -> ClusterSettings:
+    """Publish ``settings`` for this cluster (replacing earlier ones).
+
+    Raises:
+        ConfigError: a node-local path on a cluster spanning machines, not marked shared.
+    """
+    from ray.experimental import internal_kv
+
+    storage.check_shared(settings, nodes=hosts())
+    internal_kv._internal_kv_put(KV_KEY, settings.to_json(), overwrite=True, namespace=KV_NAMESPACE)
+    return settings
+
+
+def ensure(
+    *,
+    tracking_uri: str | None = None,
+    checkpoint_root: str | None = None,
+    shared_storage: bool | None = None,
+    job_server: str | None = None,
+) -> ClusterSettings:
+    """The cluster's settings; publishes them first when it has none, or when explicit values
+    (arguments or the environment) are given. Unset parts come from the environment, else the
+    embedded default under ``EXPERTMESH_HOME``."""
+    current = read()
+    explicit = (
+        tracking_uri
+        or checkpoint_root
+        or envs.mlflow_tracking_uri()
+        or envs.checkpoint_root()
+        or shared_storage is not None
+        or job_server
+    )
+    if current is not None and not explicit:
+        return current
+    base = current or storage.default_settings()
+    return publish(
+        ClusterSettings(
+            tracking_uri=storage.tracking_uri(tracking_uri, published=base),
+            checkpoint_root=storage.checkpoint_root(checkpoint_root, published=base),
+            shared_storage=envs.shared_storage() if shared_storage is None else shared_storage,
+            python=sys.executable if current is None else current.python,
+            job_server=job_server or base.job_server,
+        )
+    )
+
+
+__all__ = ["KV_KEY", "KV_NAMESPACE", "ensure", "hosts", "publish", "read"]
