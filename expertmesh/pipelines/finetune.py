@@ -86,7 +86,7 @@ def _data(opts: FinetuneOptions, parent: ModelVersionInfo) -> tuple[str, list[st
     return data_dir, list(domains)
 
 
-def _check_tokenizer(data_dir: str, manifest: ckpt.Manifest, parent: str) -> None:
+def check_tokenizer(data_dir: str, manifest: ckpt.Manifest, parent: str) -> None:
     entry = manifest.files.get(manifest.tokenizer or "")
     if entry is None:
         return
@@ -141,7 +141,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     manifest = ckpt.read_manifest(parent_uri)
     parts = parse_trained_parts(opts.train, manifest.config, field="train")
     data_dir, domains = _data(opts, parent)
-    _check_tokenizer(data_dir, manifest, parent_ref)
+    check_tokenizer(data_dir, manifest, parent_ref)
     name = opts.register_as or parent.name
     root = storage.checkpoint_root(opts.checkpoint_root)
     output_dir = f"{root}/{name}/finetune-{uuid.uuid4().hex[:12]}"
