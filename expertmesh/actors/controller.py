@@ -31,9 +31,9 @@ from expertmesh.actors.state import StateStore
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
 from expertmesh.platform.autoscale import AutoscaleConfig, AutoscaleState
+from expertmesh.platform.placement import ExpertKey
 
 log = logging.getLogger(__name__)
-ExpertKey = tuple[int, int]
 
 
 @dataclass(kw_only=True, slots=True)

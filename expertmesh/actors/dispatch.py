@@ -33,9 +33,9 @@ from expertmesh.actors.channel import (
     ShardChannel,
 )
 from expertmesh.platform.model import Routing, combine, permute
+from expertmesh.platform.placement import ExpertKey
 
 log = logging.getLogger(__name__)
-ExpertKey = tuple[int, int]
 Transport = Literal["direct", "ray"]
 TRANSPORTS: tuple[str, ...] = ("direct", "ray")
 

@@ -14,8 +14,7 @@ import ray
 
 from expertmesh.platform import placement as pl
 from expertmesh.platform.autoscale import AutoscaleConfig, AutoscaleState, LoadSnapshot, autoscale
-
-ExpertKey = tuple[int, int]
+from expertmesh.platform.placement import ExpertKey
 
 
 class ElasticOps:

@@ -24,8 +24,8 @@ from expertmesh.actors.metrics import ShardMetrics
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.model.experts import select_backend
+from expertmesh.platform.placement import ExpertKey
 
-ExpertKey = tuple[int, int]
 log = logging.getLogger(__name__)
 
 

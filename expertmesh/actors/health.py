@@ -12,9 +12,9 @@ import time
 import ray
 
 from expertmesh.platform import placement as pl
+from expertmesh.platform.placement import ExpertKey
 
 log = logging.getLogger(__name__)
-ExpertKey = tuple[int, int]
 
 
 class HealthOps:

@@ -43,6 +43,7 @@ from safetensors.torch import save as st_save
 from expertmesh.platform.config import ModelConfig, from_dict, to_dict
 from expertmesh.platform.errors import CheckpointError, ConfigError
 from expertmesh.platform.model import MoETransformer
+from expertmesh.platform.placement import ExpertKey
 
 FORMAT = 2  # 2: entries may reference another checkpoint's file by ``path``
 _FORMAT_PLAIN = 1  # what a checkpoint without references is written as
@@ -50,8 +51,6 @@ MANIFEST, LATEST, DENSE = "manifest.json", "latest.json", "dense.safetensors"
 TOKENIZER, TRAIN_STATE = "tokenizer.json", "train_state.pt"
 EXPERT_TENSORS = ("w1", "w3", "w2")
 _ATOMIC_OBJECT_STORES = ("s3", "gcs")  # single-object PUTs are atomic; no rename needed
-
-ExpertKey = tuple[int, int]  # (layer, expert)
 
 
 def expert_file(layer: int, expert: int) -> str:

@@ -22,8 +22,8 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.errors import CheckpointError, ConfigError
 from expertmesh.platform.model import MoETransformer
+from expertmesh.platform.placement import ExpertKey
 
-ExpertKey = tuple[int, int]
 _GATE_SUFFIXES = (".gate.weight", ".expert_bias")
 
 
