@@ -22,8 +22,9 @@ __version__ = "0.1.0"
 _EXPORTS: dict[str, str] = {
     "connect": "expertmesh.sdk",
     "Cluster": "expertmesh.sdk",
-    "ClusterError": "expertmesh.sdk",
-    "Completion": "expertmesh.sdk",
+    "ClusterError": "expertmesh.types",
+    "ClusterHandle": "expertmesh.types",
+    "Completion": "expertmesh.types",
     "HttpCluster": "expertmesh.client",
     "SamplingParams": "expertmesh.platform.sampling",
     "ModelConfig": "expertmesh.platform.config",
@@ -36,6 +37,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = [
     "Cluster",
     "ClusterError",
+    "ClusterHandle",
     "Completion",
     "DataConfig",
     "ExperimentConfig",
@@ -53,7 +55,8 @@ if TYPE_CHECKING:
     from expertmesh.platform.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
     from expertmesh.platform.sampling import SamplingParams
     from expertmesh.runtime import LocalRayOptions
-    from expertmesh.sdk import Cluster, ClusterError, Completion, connect
+    from expertmesh.sdk import Cluster, connect
+    from expertmesh.types import ClusterError, ClusterHandle, Completion
 
 
 def __getattr__(name: str) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from expertmesh import envs
-from expertmesh.sdk import ClusterError, Completion
+from expertmesh.types import ClusterError, Completion
 
 
 class HttpError(ClusterError):
@@ -31,6 +31,9 @@ class HttpError(ClusterError):
 
 class HttpCluster:
     """A running expertmesh API, driven like :class:`expertmesh.sdk.Cluster`.
+
+    It offers the :class:`~expertmesh.types.ClusterHandle` surface, plus the served models and
+    the API's health.
 
     Args:
         base_url: e.g. ``"http://127.0.0.1:8000"``.

@@ -7,47 +7,25 @@ actors directly; ``connect("http://...")`` talks to the HTTP API. Both offer the
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-from expertmesh.platform.errors import ExpertmeshError
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import LocalRayOptions
+from expertmesh.types import ClusterError, Completion
 
 if TYPE_CHECKING:
+    from expertmesh.client import HttpCluster
     from expertmesh.jobs import JobClient, JobInfo
     from expertmesh.platform.lineage import VersionNode
 
 
-class ClusterError(ExpertmeshError):
-    """An operation on the cluster failed; the message says why."""
-
-
-@dataclass(kw_only=True, slots=True)
-class Completion:
-    text: str
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    token_ids: list[int] = field(default_factory=list)
-    expert_counts: list[list[int]] | None = None  # (MoE layer, expert) tokens served
-    token_experts: list[list[list[int]]] | None = None  # per token, per MoE layer: experts
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Completion:
-        return cls(
-            text=d["text"],
-            finish_reason=d.get("finish_reason"),
-            prompt_tokens=d.get("prompt_tokens", 0),
-            completion_tokens=d.get("completion_tokens", 0),
-            token_ids=list(d.get("token_ids", [])),
-            expert_counts=d.get("expert_counts"),
-            token_experts=d.get("token_experts"),
-        )
-
-
 class Cluster:
-    """A handle on an expertmesh deployment inside a Ray cluster."""
+    """A handle on an expertmesh deployment inside a Ray cluster.
+
+    It offers the :class:`~expertmesh.types.ClusterHandle` surface (as the HTTP-side
+    :class:`~expertmesh.client.HttpCluster` does) plus deploying, serving and MLflow runs.
+    """
 
     def __init__(self, *, owns_ray: bool) -> None:
         from expertmesh.actors.launch import get_controller
@@ -229,11 +207,30 @@ class Cluster:
             raise ClusterError(str(exc.cause if exc.cause else exc)) from None
         return outs[0] if isinstance(prompt, str) else outs
 
-    def stream(self, prompt: str, **params: Any) -> Iterator[str]:
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[str]:
         """Yield the completion's text piece by piece as tokens are generated."""
         import ray
 
-        sp = asdict(SamplingParams(**params))
+        sp = asdict(
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                stop=tuple(stop or ()),
+                seed=seed,
+                ignore_eos=ignore_eos,
+            )
+        )
         gen = self._router().generate_stream.options(num_returns="streaming").remote(prompt, sp)
         for ref in gen:
             yield ray.get(ref)["text"]
@@ -345,7 +342,7 @@ def connect(
     token: str | None = None,
     *,
     local: LocalRayOptions | None = None,
-) -> Cluster | Any:
+) -> Cluster | HttpCluster:
     """Connect to expertmesh.
 
     Args:

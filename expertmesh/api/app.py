@@ -25,7 +25,7 @@ from expertmesh.api.deps import ApiSettings, Services, token_digest
 from expertmesh.api.errors import install_error_handlers
 from expertmesh.api.limits import BodySizeLimit
 from expertmesh.api.routes import cluster, completions, health, lineage, models
-from expertmesh.sdk import ClusterError
+from expertmesh.types import ClusterError
 
 APP_NAME = "expertmesh-api"
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from expertmesh import envs
 from expertmesh.api import info
-from expertmesh.sdk import ClusterError
+from expertmesh.types import ClusterError
 
 if TYPE_CHECKING:
     from expertmesh.client import HttpCluster

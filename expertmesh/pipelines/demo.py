@@ -21,7 +21,7 @@ from expertmesh.platform.data import prepare
 from expertmesh.platform.tracking import Tracker
 from expertmesh.platform.training import train
 from expertmesh.runtime import free_port
-from expertmesh.sdk import Completion
+from expertmesh.types import Completion
 
 PROMPTS: dict[str, list[str]] = {
     "shakespeare": [

@@ -1,0 +1,93 @@
+"""Types shared by the SDK (:mod:`expertmesh.sdk`), the HTTP client and the HTTP API.
+
+They live apart from all three so that each can import them without importing the others:
+the Ray-side :class:`~expertmesh.sdk.Cluster` and the HTTP-side
+:class:`~expertmesh.client.HttpCluster` both raise :class:`ClusterError`, return
+:class:`Completion` and offer the :class:`ClusterHandle` surface. Nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from expertmesh.platform.errors import ExpertmeshError
+
+
+class ClusterError(ExpertmeshError):
+    """An operation on the cluster failed; the message says why."""
+
+
+@dataclass(kw_only=True, slots=True)
+class Completion:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    expert_counts: list[list[int]] | None = None  # (MoE layer, expert) tokens served
+    token_experts: list[list[list[int]]] | None = None  # per token, per MoE layer: experts
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Completion:
+        return cls(
+            text=d["text"],
+            finish_reason=d.get("finish_reason"),
+            prompt_tokens=d.get("prompt_tokens", 0),
+            completion_tokens=d.get("completion_tokens", 0),
+            token_ids=list(d.get("token_ids", [])),
+            expert_counts=d.get("expert_counts"),
+            token_experts=d.get("token_experts"),
+        )
+
+
+@runtime_checkable
+class ClusterHandle(Protocol):
+    """What a cluster handle offers however it reaches the cluster (Ray or HTTP).
+
+    :class:`~expertmesh.sdk.Cluster` (inside Ray) and :class:`~expertmesh.client.HttpCluster`
+    (over HTTP) both implement it; code that only generates, watches and scales (the CLI,
+    scripts) can take either.
+    """
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+        routing: bool = False,
+    ) -> Completion | list[Completion]:
+        """Complete one prompt (returns a Completion) or a list (all sent at once, batched)."""
+        ...
+
+    def stream(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are generated."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Model, shards, placement, nodes, load and router statistics."""
+        ...
+
+    def events(self, since: float = 0.0) -> list[dict[str, Any]]:
+        """The controller's events (failures, recoveries, scaling) after ``since``."""
+        ...
+
+    def scale(self, shards: int) -> dict[str, Any]:
+        """Grow or shrink the expert shard pool to ``shards`` actors, live."""
+        ...
