@@ -4,6 +4,12 @@ It starts expert shards (spread over nodes with Ray scheduling strategies) and t
 and runs a reconcile loop: compare desired with actual state, act in numbered steps, write its
 record down before acting, and rebuild from that record and the named actors after a restart.
 Placement decisions come from the pure functions in :mod:`expertmesh.platform.placement`.
+
+The controller composes its parts, each built here with what it needs (as Ray Serve's
+controller builds its state managers): the shared ``ControllerState`` (actors/state.py), a
+``ShardPool`` that starts shards and applies plans (actors/shard_pool.py), the ``SparePool`` of
+warm shards (actors/spares.py), ``Elasticity`` for scaling, spreading and autoscaling
+(actors/elastic.py) and ``Health`` for dead shards, healing, load and nodes (actors/health.py).
 """
 
 from __future__ import annotations
@@ -13,56 +19,35 @@ import json
 import logging
 import threading
 import time
-from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from expertmesh.actors import names, nodes
-from expertmesh.actors.elastic import ElasticOps
-from expertmesh.actors.expert_shard import ExpertShard, ShardResources
-from expertmesh.actors.health import HealthOps
+from expertmesh.actors.elastic import Elasticity
+from expertmesh.actors.health import Health
 from expertmesh.actors.metrics import ControllerMetrics
 from expertmesh.actors.router import RouterService
-from expertmesh.actors.spares import SpareOps
-from expertmesh.actors.state import StateStore
+from expertmesh.actors.shard_pool import ShardPool
+from expertmesh.actors.spares import SparePool
+from expertmesh.actors.state import (
+    ControllerState,
+    DeploymentSpec,
+    LoadStats,
+    ShardRecord,
+    StateStore,
+)
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
-from expertmesh.platform.autoscale import AutoscaleConfig, AutoscaleState
-from expertmesh.platform.placement import ExpertKey
+from expertmesh.platform.autoscale import AutoscaleConfig
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(kw_only=True, slots=True)
-class DeploymentSpec:
-    """What the user asked for; the reconcile loop works to keep the cluster like this."""
-
-    model: str  # name clients use
-    checkpoint_uri: str
-    shards: int = 4
-    min_replicas: int = 2
-    shard_resources: ShardResources = field(default_factory=ShardResources)
-    router_num_cpus: float = 0.25
-    router_threads: int = 1  # torch intra-op threads for the router's dense part
-    micro_batches: int = 1  # >1 splits a step's batch to overlap dense compute with shard calls
-    max_batch: int = 64
-    call_timeout_s: float = 2.0
-    transport: str = "direct"  # shard calls: "direct" channel (Ray for control only) or "ray"
-    warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
-
-
-@dataclass(kw_only=True, slots=True)
-class ShardRecord:
-    shard_id: str
-    node_id: str
-    draining: bool = False
-
-
-class Controller(HealthOps, ElasticOps, SpareOps):
-    """Wrapped with ``ray.remote`` (detached, named, restartable) by :func:`start_controller`."""
+class Controller:
+    """Wrapped with ``ray.remote`` (detached, named, restartable) by
+    :func:`expertmesh.actors.launch.get_controller`."""
 
     def __init__(
         self,
@@ -73,86 +58,93 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         heartbeat_timeout_s: float = 1.0,
     ) -> None:
         """``session`` identifies the Ray cluster: a record from another session is stale."""
-        self.store = StateStore(state_uri)
-        self.session = session
-        self.lock = threading.RLock()
-        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
-        self.spec: DeploymentSpec | None = None
-        self.shards: dict[str, ShardRecord] = {}
-        self.handles: dict[str, ray.actor.ActorHandle] = {}
-        self.table = pl.PlacementTable(version=0, replicas={})
-        self.router: ray.actor.ActorHandle | None = None
-        self.spares: dict[str, ray.actor.ActorHandle] = {}
-        self.refilling = False
-        self.generation = 0  # bumped by every teardown: stale spare refills are discarded
-        self.next_shard = 0
+        self.state = ControllerState(StateStore(state_uri), session)
         self.reconcile_s = reconcile_s
         self.heartbeat_timeout_s = heartbeat_timeout_s
-        self.missed: dict[str, int] = {}
-        self.load_ema: dict[ExpertKey, float] = {}
-        self.prev_tokens: dict[ExpertKey, float] = {}
-        self.prev_busy: dict[str, float] = {}
-        self.shard_busy: dict[str, float] = {}
-        self.load_sampled_at = 0.0
-        self.load_period_s = 1.0
-        self.known_nodes: set[str] = set()
-        self.autoscale_cfg: AutoscaleConfig | None = None
-        self.autoscale_state = AutoscaleState()
-        self.metrics = ControllerMetrics()
+        # routers refresh their table every reconcile_s; wait two of those (and some) before
+        # taking experts away from a shard
+        settle_s = 2 * reconcile_s + 0.5
+        load = LoadStats()
+        self.shard_pool = ShardPool(self.state, settle_s=settle_s)
+        self.spare_pool = SparePool(
+            self.state, self.shard_pool, heartbeat_timeout_s=heartbeat_timeout_s
+        )
+        self.elastic = Elasticity(
+            self.state,
+            self.shard_pool,
+            self.spare_pool,
+            load,
+            settle_s=settle_s,
+            heartbeat_timeout_s=heartbeat_timeout_s,
+        )
+        self.health = Health(
+            self.state,
+            self.shard_pool,
+            self.spare_pool,
+            load,
+            ControllerMetrics(),
+            heartbeat_timeout_s=heartbeat_timeout_s,
+        )
         self._stop = threading.Event()
         self._restore()
         self._loop = threading.Thread(target=self._reconcile_loop, daemon=True, name="reconcile")
         self._loop.start()
 
-    # ------------------------------------------------------------------ record
-    def _event(self, kind: str, message: str, **fields: Any) -> None:
-        ev = {"ts": time.time(), "kind": kind, "message": message, **fields}
-        self.events.append(ev)
-        log.info("%s: %s", kind, message)
+    # ------------------------------------------------------------------ reconcile loop
+    def _reconcile_loop(self) -> None:
+        while not self._stop.wait(self.reconcile_s):
+            try:
+                self.reconcile()
+            except Exception:  # the loop must survive anything
+                log.exception("reconcile failed")
 
-    def _save(self) -> None:
-        record = {
-            "session": self.session,
-            "spec": None if self.spec is None else asdict(self.spec),
-            "shards": [asdict(s) for s in list(self.shards.values())],
-            "spares": list(self.spares),
-            "table": json.loads(self.table.to_json()),
-            "next_shard": self.next_shard,
-            "events": list(self.events)[-200:],
-        }
-        self.store.write(record)
-
-    def _restore(self) -> None:
-        record = self.store.read()
-        if not record or not record.get("spec") or record.get("session") != self.session:
+    def reconcile(self) -> None:
+        """One pass: 1) dead shards, 2) load sample, 3) node changes, 4) autoscaling."""
+        if self.state.spec is None:
             return
-        spec = dict(record["spec"])
-        spec["shard_resources"] = ShardResources(**spec["shard_resources"])
-        self.spec = DeploymentSpec(**spec)
-        self.table = pl.PlacementTable.from_json(json.dumps(record["table"]))
-        self.next_shard = record["next_shard"]
-        self.events.extend(record.get("events", []))
+        dead = self.health.detect_dead()
+        if dead:
+            self.health.heal(dead)
+        now = time.time()
+        if self.health.sample_due(now):
+            self.health.sample_load(now)
+            self.spare_pool.check()
+            # a node that joined gets a shard, moved from the most crowded node
+            if self.health.watch_nodes() and self.state.spec is not None:
+                self.elastic.rebalance_shards()
+            self.elastic.autoscale_tick(now)
+
+    # ------------------------------------------------------------------ record
+    def _restore(self) -> None:
+        st = self.state
+        record = st.store.read()
+        if not record or not record.get("spec") or record.get("session") != st.session:
+            return
+        st.spec = DeploymentSpec.from_dict(record["spec"])
+        st.table = pl.PlacementTable.from_json(json.dumps(record["table"]))
+        st.next_shard = record["next_shard"]
+        st.events.extend(record.get("events", []))
         for s in record["shards"]:
             rec = ShardRecord(**s)
             try:
-                self.handles[rec.shard_id] = ray.get_actor(
+                st.handles[rec.shard_id] = ray.get_actor(
                     names.shard_name(rec.shard_id), namespace=names.NAMESPACE
                 )
-                self.shards[rec.shard_id] = rec
+                st.shards[rec.shard_id] = rec
             except ValueError:  # the shard died while we were down: the reconcile loop heals it
-                self.shards[rec.shard_id] = rec
-                self.missed[rec.shard_id] = 10**6
+                st.shards[rec.shard_id] = rec
+                self.health.mark_lost(rec.shard_id)
         for sid in record.get("spares", []):
             with contextlib.suppress(ValueError):  # a spare that died meanwhile is just gone
-                self.spares[sid] = ray.get_actor(names.shard_name(sid), namespace=names.NAMESPACE)
+                st.spares[sid] = ray.get_actor(names.shard_name(sid), namespace=names.NAMESPACE)
         self._stop_orphans()
         try:
-            self.router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
+            st.router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
         except ValueError:
-            self.router = None
-        self._event(
+            st.router = None
+        st.event(
             "controller_restarted",
-            f"rebuilt state: {len(self.shards)} shards, table v{self.table.version}",
+            f"rebuilt state: {len(st.shards)} shards, table v{st.table.version}",
         )
 
     def _stop_orphans(self) -> None:
@@ -162,140 +154,35 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         written; a controller that died in between left it running unrecorded, and its id,
         handed out again by the restored counter, failed the next start with
         ActorAlreadyExistsError."""
-        known = set(self.shards) | set(self.spares)
+        st = self.state
+        known = set(st.shards) | set(st.spares)
         for entry in ray.util.list_named_actors(all_namespaces=True):
             sid = (
                 names.shard_id_of(entry["name"]) if entry["namespace"] == names.NAMESPACE else None
             )
             if sid is None:
                 continue
-            self.next_shard = max(self.next_shard, int(sid[1:]) + 1)
+            st.next_shard = max(st.next_shard, int(sid[1:]) + 1)
             if sid in known:
                 continue
             with contextlib.suppress(ValueError):  # gone meanwhile
                 ray.kill(ray.get_actor(entry["name"], namespace=names.NAMESPACE), no_restart=True)
-            self._event(
+            st.event(
                 "orphan_shard_stopped", f"stopped shard {sid}: started, never recorded", shard=sid
             )
-
-    # ------------------------------------------------------------------ shard lifecycle
-    def _alive_nodes(self) -> list[str]:
-        return [
-            n["NodeID"]
-            for n in ray.nodes()
-            if n["Alive"] and n.get("Resources", {}).get("CPU", 0) > 0
-        ]
-
-    def _choose_nodes(self, count: int) -> list[str]:
-        """Nodes for ``count`` new shards: the ones holding fewest shards first (spread)."""
-        nodes = self._alive_nodes()
-        per_node = {n: 0 for n in nodes}
-        for s in list(self.shards.values()):
-            if s.node_id in per_node:
-                per_node[s.node_id] += 1
-        out = []
-        for _ in range(count):
-            node = min(nodes, key=lambda n: (per_node[n], nodes.index(n)))
-            per_node[node] += 1
-            out.append(node)
-        return out
-
-    def _spawn_shards(
-        self, count: int, nodes: list[str] | None
-    ) -> list[tuple[str, ray.actor.ActorHandle, str]]:
-        """Start ``count`` empty shard actors and wait until they answer: (id, handle, node)."""
-        assert self.spec is not None
-        res = self.spec.shard_resources
-        cls = ray.remote(ExpertShard)
-        started = []
-        with self.lock:
-            targets = nodes or self._choose_nodes(count)
-            ids = [f"s{self.next_shard + i}" for i in range(len(targets))]
-            self.next_shard += len(targets)
-        for sid, node in zip(ids, targets, strict=True):
-            handle = cls.options(
-                name=names.shard_name(sid),
-                namespace=names.NAMESPACE,
-                lifetime="detached",
-                num_cpus=res.num_cpus,
-                num_gpus=res.num_gpus,
-                resources=res.resources or {},
-                max_concurrency=4,
-                max_restarts=0,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
-            ).remote(
-                sid,
-                self.spec.checkpoint_uri,
-                [],
-                res.threads,
-                res.batch_scheduling,
-                "cuda" if res.num_gpus > 0 else "cpu",  # Ray shows the actor its GPU alone
-            )
-            started.append((sid, handle))
-        ready = ray.get([h.stats.remote() for _, h in started], timeout=120)
-        return [(sid, h, st["node_id"]) for (sid, h), st in zip(started, ready, strict=True)]
-
-    def _start_shards(self, count: int, nodes: list[str] | None = None) -> list[pl.ShardInfo]:
-        """Start ``count`` new shards and put them in service (prefer :meth:`_take_shards`)."""
-        infos = []
-        for sid, handle, node in self._spawn_shards(count, nodes):
-            self.handles[sid] = handle
-            self.shards[sid] = ShardRecord(shard_id=sid, node_id=node)
-            infos.append(pl.ShardInfo(shard_id=sid, node_id=node))
-            self._event("shard_started", f"shard {sid} started on node {node[:8]}", shard=sid)
-        return infos
-
-    def _infos(self, include_draining: bool = False) -> list[pl.ShardInfo]:
-        return [
-            pl.ShardInfo(shard_id=s.shard_id, node_id=s.node_id)
-            for s in list(self.shards.values())
-            if include_draining or not s.draining
-        ]
-
-    def _apply(self, plan: pl.PlacementPlan, reason: str) -> None:
-        """1) load every add, 2) publish the table, 3) drop what moved away (after routers refresh)."""
-        adds: dict[str, list[ExpertKey]] = {}
-        drops: dict[str, list[ExpertKey]] = {}
-        for m in plan.moves:
-            (adds if m.kind == "add" else drops).setdefault(m.shard_id, []).append(m.expert)
-        refs = [
-            self.handles[s].add_experts.remote(keys)
-            for s, keys in adds.items()
-            if s in self.handles
-        ]
-        ray.get(refs, timeout=120)
-        with self.lock:
-            self.table = pl.PlacementTable(
-                version=self.table.version + 1, replicas=plan.table.replicas
-            )
-            self._save()
-        n_add = sum(map(len, adds.values()))
-        self._event(
-            "placement",
-            f"table v{self.table.version}: +{n_add} replicas ({reason})",
-            version=self.table.version,
-        )
-        if drops:
-            time.sleep(2 * self.reconcile_s + 0.5)  # let routers pick up the new table first
-            for s, keys in drops.items():
-                if (
-                    s in self.handles
-                    and not self.shards.get(s, ShardRecord(shard_id=s, node_id="")).draining
-                ):
-                    with contextlib.suppress(Exception):
-                        self.handles[s].drop_experts.remote(keys)
 
     # ------------------------------------------------------------------ public API
     def deploy(self, spec: DeploymentSpec) -> dict[str, Any]:
         """Start shards and the router for ``spec`` (replacing any current deployment)."""
-        with self.lock:
-            if self.spec is not None:
+        st = self.state
+        with st.lock:
+            if st.spec is not None:
                 self._teardown()
             manifest = ckpt.read_manifest(spec.checkpoint_uri)
             cfg = manifest.config
-            self.spec = spec
-            self._save()  # write down what we are about to do before doing it
-            self.router = (
+            st.spec = spec
+            st.save()  # write down what we are about to do before doing it
+            router = (
                 ray.remote(RouterService)
                 .options(
                     name=names.ROUTER,
@@ -320,37 +207,53 @@ class Controller(HealthOps, ElasticOps, SpareOps):
                     transport=spec.transport,
                 )
             )
-            infos = self._start_shards(spec.shards)
+            st.router = router
+            infos = self.shard_pool.start(spec.shards)
             experts = cfg.expert_keys()
             plan = pl.place(experts, infos, min_replicas=spec.min_replicas)
             for w in plan.warnings:
-                self._event("warning", w)
-            self._apply(plan, "deploy")
+                st.event("warning", w)
+            self.shard_pool.apply(plan, "deploy")
             # the router started before the table existed: make it fetch the table now
-            ray.get(self.router.ready.remote(), timeout=120)
-            self._event(
+            ray.get(router.ready.remote(), timeout=120)
+            st.event(
                 "deployed",
                 f"{spec.model}: {spec.shards} shards, {spec.min_replicas} replicas per expert",
             )
-            self._save()
-            self._refill_spares_soon()
+            st.save()
+            self.spare_pool.refill_soon()
             return self.status()
+
+    def scale(self, shards: int) -> dict[str, Any]:
+        """Grow or shrink the shard pool to ``shards``, live (see :meth:`Elasticity.scale`)."""
+        self.elastic.scale(shards)
+        return self.status()
+
+    def rebalance(self) -> dict[str, Any]:
+        """Re-fit replica counts to the measured load (hot experts get more replicas)."""
+        return self.elastic.rebalance()
+
+    def set_autoscaling(self, config: AutoscaleConfig | None) -> None:
+        """Turn the autoscaling policy on (with ``config``) or off (None)."""
+        self.elastic.set_autoscaling(config)
 
     def get_placement(self, known_version: int = -1) -> dict[str, Any] | None:
         """The table and shard handles, or None if the caller already has ``known_version``."""
-        table = self.table
+        st = self.state
+        table = st.table
         if table.version == known_version:
             return None
-        live = {s: h for s, h in list(self.handles.items()) if s in self.shards}
+        live = {s: h for s, h in list(st.handles.items()) if s in st.shards}
         replicas = [(list(k), [s for s in v if s in live]) for k, v in table.replicas.items()]
         return {"version": table.version, "replicas": replicas, "handles": live}
 
     def get_events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        return [e for e in list(self.events) if e["ts"] > since]
+        return [e for e in list(self.state.events) if e["ts"] > since]
 
     def status(self) -> dict[str, Any]:
-        records = dict(self.shards)  # snapshot: the reconcile loop may change shards meanwhile
-        handles = dict(self.handles)
+        st = self.state
+        records = dict(st.shards)  # snapshot: the reconcile loop may change shards meanwhile
+        handles = dict(st.handles)
         refs = {s: handles[s].stats.remote() for s in records if s in handles}
         stats: dict[str, Any] = {}
         for s, ref in refs.items():
@@ -359,8 +262,8 @@ class Controller(HealthOps, ElasticOps, SpareOps):
             except Exception as exc:
                 stats[s] = {"shard_id": s, "error": type(exc).__name__}
         load: dict[str, int] = {}
-        for st in stats.values():
-            for k, v in st.get("tokens_served", {}).items():
+        for shard_stats in stats.values():
+            for k, v in shard_stats.get("tokens_served", {}).items():
                 load[k] = load.get(k, 0) + v
         node_rows = [
             {
@@ -373,22 +276,21 @@ class Controller(HealthOps, ElasticOps, SpareOps):
             for n in ray.nodes()
         ]
         router = None
-        if self.router is not None:
+        if st.router is not None:
             try:
-                router = ray.get(self.router.stats.remote(), timeout=2.0)
+                router = ray.get(st.router.stats.remote(), timeout=2.0)
             except Exception as exc:
                 router = {"error": type(exc).__name__}
+        spec = st.spec
         return {
-            "model": None if self.spec is None else self.spec.model,
-            "checkpoint_uri": None if self.spec is None else self.spec.checkpoint_uri,
-            "min_replicas": None if self.spec is None else self.spec.min_replicas,
-            "placement_version": self.table.version,
-            "placement": {
-                f"{k[0]}:{k[1]}": list(v) for k, v in sorted(self.table.replicas.items())
-            },
+            "model": None if spec is None else spec.model,
+            "checkpoint_uri": None if spec is None else spec.checkpoint_uri,
+            "min_replicas": None if spec is None else spec.min_replicas,
+            "placement_version": st.table.version,
+            "placement": {f"{k[0]}:{k[1]}": list(v) for k, v in sorted(st.table.replicas.items())},
             "shards": [{**asdict(rec), **stats.get(s, {})} for s, rec in records.items()],
-            "spares": sorted(self.spares),
-            "warm_shards": 0 if self.spec is None else self.spec.warm_shards,  # spares wanted
+            "spares": sorted(st.spares),
+            "warm_shards": 0 if spec is None else spec.warm_shards,  # spares wanted
             "nodes": node_rows,
             "controller_node_id": ray.get_runtime_context().get_node_id(),
             "expert_load": load,
@@ -396,25 +298,26 @@ class Controller(HealthOps, ElasticOps, SpareOps):
         }
 
     def shutdown(self) -> None:
-        with self.lock:
+        with self.state.lock:
             self._teardown()
-            self.spec = None
-            self._save()
+            self.state.spec = None
+            self.state.save()
         self._stop.set()
 
     def _teardown(self) -> None:
-        self.generation += 1
-        for h in [self.router, *self.handles.values(), *self.spares.values()]:
+        st = self.state
+        st.generation += 1
+        for h in [st.router, *st.handles.values(), *st.spares.values()]:
             if h is not None:
                 with contextlib.suppress(Exception):
                     ray.kill(h, no_restart=True)
-        self.router = None
-        self.handles.clear()
-        self.spares.clear()
+        st.router = None
+        st.handles.clear()
+        st.spares.clear()
         _wait_name_free(names.ROUTER)  # ray.kill is asynchronous; the next deploy reuses the name
-        self.shards.clear()
-        self.table = pl.PlacementTable(version=self.table.version + 1, replicas={})
-        self._event("teardown", "stopped router and shards")
+        st.shards.clear()
+        st.table = pl.PlacementTable(version=st.table.version + 1, replicas={})
+        st.event("teardown", "stopped router and shards")
 
 
 def _wait_name_free(name: str, timeout: float = 30.0) -> None:

@@ -1,145 +1,168 @@
-"""Health side of the controller's reconcile loop: detect deaths, heal, sample load, watch nodes.
-
-A mixin of :class:`expertmesh.actors.controller.Controller`.
-"""
+"""Health for the controller: detect dead shards, heal, sample load, watch nodes."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 
 import ray
 
+from expertmesh.actors.metrics import ControllerMetrics
+from expertmesh.actors.shard_pool import ShardPool
+from expertmesh.actors.spares import SparePool
+from expertmesh.actors.state import ControllerState, LoadStats
 from expertmesh.platform import placement as pl
 from expertmesh.platform.placement import ExpertKey
 
-log = logging.getLogger(__name__)
+LOST = 10**6  # missed heartbeats that mark a shard dead at once
 
 
-class HealthOps:
-    # ------------------------------------------------------------------ reconcile loop
-    def _reconcile_loop(self) -> None:
-        while not self._stop.wait(self.reconcile_s):
-            try:
-                self.reconcile()
-            except Exception:  # the loop must survive anything
-                log.exception("reconcile failed")
+class Health:
+    """Finds shards that died or hang and restores replication; measures load.
 
-    def reconcile(self) -> None:
-        """One pass: 1) dead shards, 2) load sample, 3) node changes, 4) autoscaling."""
-        if self.spec is None:
-            return
-        dead = self._detect_dead()
-        if dead:
-            self._heal(dead)
-        now = time.time()
-        if now - self.load_sampled_at >= self.load_period_s:
-            self._sample_load(now)
-            self._check_spares()
-            self._watch_nodes()
-            self._autoscale_tick(now)
+    Args:
+        state: the controller's shared state.
+        shard_pool: starts shards and applies placement plans.
+        spare_pool: warm shards that replace dead ones first.
+        load: where the measured load goes (elasticity reads it).
+        metrics: the controller's Prometheus metrics, recorded with each load sample.
+        heartbeat_timeout_s: a shard that misses three pings of this timeout is dead.
+        load_period_s: how often load is sampled (and nodes and spares are checked).
+    """
 
-    def _heal(self, dead: set[str]) -> None:
-        assert self.spec is not None
+    def __init__(
+        self,
+        state: ControllerState,
+        shard_pool: ShardPool,
+        spare_pool: SparePool,
+        load: LoadStats,
+        metrics: ControllerMetrics,
+        *,
+        heartbeat_timeout_s: float,
+        load_period_s: float = 1.0,
+    ) -> None:
+        self.state = state
+        self.shard_pool = shard_pool
+        self.spare_pool = spare_pool
+        self.load = load
+        self.metrics = metrics
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.load_period_s = load_period_s
+        self.missed: dict[str, int] = {}
+        self.prev_tokens: dict[ExpertKey, float] = {}
+        self.prev_busy: dict[str, float] = {}
+        self.load_sampled_at = 0.0
+        self.known_nodes: set[str] = set()
+
+    def mark_lost(self, sid: str) -> None:
+        """``sid`` is known to be gone (e.g. it died while the controller was down)."""
+        self.missed[sid] = LOST
+
+    def sample_due(self, now: float) -> bool:
+        return now - self.load_sampled_at >= self.load_period_s
+
+    def heal(self, dead: set[str]) -> None:
+        st = self.state
         t0 = time.time()
-        with self.lock:
-            dead = {s for s in dead if s in self.shards and not self.shards[s].draining}
+        with st.lock:
+            spec = st.require_spec()
+            dead = {s for s in dead if s in st.shards and not st.shards[s].draining}
             if not dead:  # stopped on purpose (scale-in) while the health check ran
                 return
             for sid in dead:
-                self._event(
-                    "shard_failed", f"shard {sid} is dead; dropping its replicas", shard=sid
-                )
-                handle = self.handles.pop(sid, None)
+                st.event("shard_failed", f"shard {sid} is dead; dropping its replicas", shard=sid)
+                handle = st.handles.pop(sid, None)
                 if handle is not None:  # fence it: a hung shard must not come back half-alive
                     with contextlib.suppress(Exception):
                         ray.kill(handle, no_restart=True)
-                self.shards.pop(sid, None)
+                st.shards.pop(sid, None)
                 self.missed.pop(sid, None)
             # 1) restore min_replicas on the live shards at once (loads a few experts each)
             plan = pl.heal(
-                self.table,
-                self._infos(),
+                st.table,
+                st.infos(),
                 dead,
-                load=self.load_ema,
-                min_replicas=self.spec.min_replicas,
+                load=self.load.expert_ema,
+                min_replicas=spec.min_replicas,
             )
-            self._apply(plan, f"heal after losing {sorted(dead)}")
-            short = [k for k, v in self.table.replicas.items() if len(v) < self.spec.min_replicas]
-            self._event(
+            self.shard_pool.apply(plan, f"heal after losing {sorted(dead)}")
+            short = [k for k, v in st.table.replicas.items() if len(v) < spec.min_replicas]
+            st.event(
                 "replication_restored",
-                f"{len(self.table.replicas) - len(short)}/{len(self.table.replicas)} experts at "
-                f"{self.spec.min_replicas}+ replicas, {time.time() - t0:.2f}s after detection",
+                f"{len(st.table.replicas) - len(short)}/{len(st.table.replicas)} experts at "
+                f"{spec.min_replicas}+ replicas, {time.time() - t0:.2f}s after detection",
                 seconds=time.time() - t0,
                 short=len(short),
             )
             # 2) bring the shard count back to what was asked for
-            missing = self.spec.shards - len(self._infos())
+            missing = spec.shards - len(st.infos())
             if missing > 0:
-                new = self._take_shards(missing)
+                new = self.spare_pool.take_shards(missing)
                 plan = pl.rebalance(
-                    self.table,
-                    self._infos(),
-                    self.load_ema,
-                    min_replicas=self.spec.min_replicas,
-                    num_slots=self.table.total_replicas(),
+                    st.table,
+                    st.infos(),
+                    self.load.expert_ema,
+                    min_replicas=spec.min_replicas,
+                    num_slots=st.table.total_replicas(),
                 )
-                self._apply(plan, f"replacement shards {[s.shard_id for s in new]}")
+                self.shard_pool.apply(plan, f"replacement shards {[s.shard_id for s in new]}")
 
-    def _sample_load(self, now: float) -> None:
+    def sample_load(self, now: float) -> None:
         """Per-expert tokens/s (EMA, for EPLB) and per-shard busy fraction (for autoscaling)."""
+        st = self.state
         # NOTE: snapshots (list(...)) of the dicts that scale() and deploy() change from other
         # threads of the actor: iterating them live raised "dictionary changed size"
-        refs = {s: h.stats.remote() for s, h in list(self.handles.items()) if s in self.shards}
+        refs = {s: h.stats.remote() for s, h in list(st.handles.items()) if s in st.shards}
         dt = max(1e-3, now - self.load_sampled_at) if self.load_sampled_at else None
         observed: dict[ExpertKey, float] = {}
         totals: dict[ExpertKey, float] = {}
         for sid, ref in refs.items():
             try:
-                st = ray.get(ref, timeout=self.heartbeat_timeout_s)
+                stats = ray.get(ref, timeout=self.heartbeat_timeout_s)
             except Exception:
                 continue
             prev_busy = self.prev_busy.get(sid)
             if dt and prev_busy is not None:
-                self.shard_busy[sid] = min(1.0, max(0.0, (st["busy_s"] - prev_busy) / dt))
-            self.prev_busy[sid] = st["busy_s"]
-            for k, v in st["tokens_served"].items():
+                busy = (stats["busy_s"] - prev_busy) / dt
+                self.load.shard_busy[sid] = min(1.0, max(0.0, busy))
+            self.prev_busy[sid] = stats["busy_s"]
+            for k, v in stats["tokens_served"].items():
                 layer, expert = map(int, k.split(":"))
                 totals[(layer, expert)] = totals.get((layer, expert), 0.0) + v
         if dt:
             for key, total in totals.items():
                 observed[key] = max(0.0, total - self.prev_tokens.get(key, 0.0)) / dt
-            self.load_ema = pl.update_load_ema(self.load_ema, observed, 0.3)
+            self.load.expert_ema = pl.update_load_ema(self.load.expert_ema, observed, 0.3)
         self.prev_tokens = totals
         self.load_sampled_at = now
-        self.metrics.record(self.table, self.shard_busy)
+        self.metrics.record(st.table, self.load.shard_busy)
 
-    def _watch_nodes(self) -> None:
-        """A node joining gets a shard (moved from the most crowded node); leaving is logged."""
-        alive = set(self._alive_nodes())
+    def watch_nodes(self) -> set[str]:
+        """Log nodes that joined or left since the last call; returns the ones that joined."""
+        alive = set(self.shard_pool.alive_nodes())
         if not self.known_nodes:
             self.known_nodes = alive
-            return
+            return set()
         joined, left = alive - self.known_nodes, self.known_nodes - alive
         self.known_nodes = alive
         for node in left:
-            self._event("node_left", f"node {node[:8]} left the cluster", node=node)
+            self.state.event("node_left", f"node {node[:8]} left the cluster", node=node)
         for node in joined:
-            self._event("node_joined", f"node {node[:8]} joined the cluster", node=node)
-        if joined and self.spec is not None:
-            self.rebalance_shards()
+            self.state.event("node_joined", f"node {node[:8]} joined the cluster", node=node)
+        return joined
 
-    def _detect_dead(self) -> set[str]:
+    def detect_dead(self) -> set[str]:
+        """Shards that failed a ping, missed three, or sit on a node that left."""
+        st = self.state
         live = {
             s: h
-            for s, h in list(self.handles.items())
-            if s in self.shards and not self.shards[s].draining
+            for s, h in list(st.handles.items())
+            if s in st.shards and not st.shards[s].draining
         }
         refs = {s: h.ping.remote() for s, h in live.items()}
-        dead = {s for s, n in self.missed.items() if n >= 10**6}
-        alive_nodes = set(self._alive_nodes())
-        dead |= {s for s, rec in list(self.shards.items()) if rec.node_id not in alive_nodes}
+        dead = {s for s, n in self.missed.items() if n >= LOST}
+        alive_nodes = set(self.shard_pool.alive_nodes())
+        dead |= {s for s, rec in list(st.shards.items()) if rec.node_id not in alive_nodes}
         if refs:
             ready, _ = ray.wait(
                 list(refs.values()), num_returns=len(refs), timeout=self.heartbeat_timeout_s

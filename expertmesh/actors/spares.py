@@ -4,8 +4,6 @@ Starting a shard actor means a new Ray worker process importing torch: seconds. 
 process already running; scale-out and healing take spares first, so the new shard only has to
 load its experts from the checkpoint store (milliseconds to a second), then refill the pool in
 the background. ``DeploymentSpec.warm_shards`` sets the pool size (0 turns it off).
-
-A mixin of :class:`expertmesh.actors.controller.Controller`.
 """
 
 from __future__ import annotations
@@ -16,64 +14,82 @@ import threading
 
 import ray
 
+from expertmesh.actors.shard_pool import ShardPool
+from expertmesh.actors.state import ControllerState, ShardRecord
 from expertmesh.platform import placement as pl
 
 log = logging.getLogger(__name__)
 
 
-class SpareOps:
-    def _take_shards(self, count: int, nodes: list[str] | None = None) -> list[pl.ShardInfo]:
+class SparePool:
+    """Keeps ``spec.warm_shards`` spare shard actors started and hands them out first.
+
+    Args:
+        state: the controller's shared state (its ``spares`` are this pool's members).
+        shard_pool: starts the shard actors.
+        heartbeat_timeout_s: a spare that does not answer within it is not taken.
+    """
+
+    def __init__(
+        self, state: ControllerState, shard_pool: ShardPool, *, heartbeat_timeout_s: float
+    ) -> None:
+        self.state = state
+        self.shard_pool = shard_pool
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.refilling = False
+
+    def take_shards(self, count: int, nodes: list[str] | None = None) -> list[pl.ShardInfo]:
         """``count`` shards in service: spares first (on ``nodes`` where given), then new ones."""
         wanted = list(nodes) if nodes else None
-        taken = self._take_spares(count, wanted)
+        taken = self.take_spares(count, wanted)
         if len(taken) < count:
-            taken += self._start_shards(count - len(taken), wanted)
-            self._save()
+            taken += self.shard_pool.start(count - len(taken), wanted)
+            self.state.save()
         return taken
 
-    def _take_spares(self, count: int, wanted: list[str] | None = None) -> list[pl.ShardInfo]:
+    def take_spares(self, count: int, wanted: list[str] | None = None) -> list[pl.ShardInfo]:
         """Up to ``count`` spares put in service (only ones on ``wanted`` nodes, which it
         updates, where given); starts replacements for them in the background."""
-        from expertmesh.actors.controller import ShardRecord
-
+        st = self.state
         taken: list[pl.ShardInfo] = []
-        for sid in list(self.spares):
+        for sid in list(st.spares):
             if len(taken) == count:
                 break
-            handle = self.spares[sid]
+            handle = st.spares[sid]
             try:
-                st = ray.get(handle.stats.remote(), timeout=self.heartbeat_timeout_s)
+                stats = ray.get(handle.stats.remote(), timeout=self.heartbeat_timeout_s)
             except Exception:  # a dead or hung spare is no use: fence it
-                self._drop_spare(sid)
+                self.drop(sid)
                 continue
+            node = stats["node_id"]
             if wanted is not None:
-                if st["node_id"] not in wanted:
+                if node not in wanted:
                     continue
-                wanted.remove(st["node_id"])
-            del self.spares[sid]
-            self.handles[sid] = handle
-            self.shards[sid] = ShardRecord(shard_id=sid, node_id=st["node_id"])
-            taken.append(pl.ShardInfo(shard_id=sid, node_id=st["node_id"]))
-            self._event(
+                wanted.remove(node)
+            del st.spares[sid]
+            st.handles[sid] = handle
+            st.shards[sid] = ShardRecord(shard_id=sid, node_id=node)
+            taken.append(pl.ShardInfo(shard_id=sid, node_id=node))
+            st.event(
                 "shard_started",
-                f"spare shard {sid} on node {st['node_id'][:8]} taken into service",
+                f"spare shard {sid} on node {node[:8]} taken into service",
                 shard=sid,
                 spare=True,
             )
         if taken:
-            self._save()
-        self._refill_spares_soon()
+            st.save()
+        self.refill_soon()
         return taken
 
-    def _drop_spare(self, sid: str) -> None:
-        handle = self.spares.pop(sid, None)
+    def drop(self, sid: str) -> None:
+        handle = self.state.spares.pop(sid, None)
         if handle is not None:
             with contextlib.suppress(Exception):
                 ray.kill(handle, no_restart=True)
 
-    def _check_spares(self) -> None:
+    def check(self) -> None:
         """Drop spares that died (e.g. with their node); then top the pool up."""
-        refs = {sid: h.ping.remote() for sid, h in list(self.spares.items())}
+        refs = {sid: h.ping.remote() for sid, h in list(self.state.spares.items())}
         if refs:
             ray.wait(list(refs.values()), num_returns=len(refs), timeout=self.heartbeat_timeout_s)
             for sid, ref in refs.items():
@@ -82,37 +98,39 @@ class SpareOps:
                 except ray.exceptions.GetTimeoutError:
                     pass  # slow, not dead: checked again when taken
                 except Exception:
-                    with self.lock:
-                        self._drop_spare(sid)
-        self._refill_spares_soon()
+                    with self.state.lock:
+                        self.drop(sid)
+        self.refill_soon()
 
-    def _refill_spares_soon(self) -> None:
+    def refill_soon(self) -> None:
         """Start the missing spares in a background thread (never blocks the caller)."""
-        with self.lock:
-            if self.spec is None or self.refilling:
+        st = self.state
+        with st.lock:
+            if st.spec is None or self.refilling:
                 return
-            want = self.spec.warm_shards - len(self.spares)
+            want = st.spec.warm_shards - len(st.spares)
             if want <= 0:
                 return
             self.refilling = True
-            generation = self.generation
+            generation = st.generation
         threading.Thread(
             target=self._refill, args=(want, generation), daemon=True, name="spares"
         ).start()
 
     def _refill(self, want: int, generation: int) -> None:
+        st = self.state
         try:
-            spawned = self._spawn_shards(want, None)
-            with self.lock:
-                if generation != self.generation:  # torn down or redeployed meanwhile
+            spawned = self.shard_pool.spawn(want, None)
+            with st.lock:
+                if generation != st.generation:  # torn down or redeployed meanwhile
                     for _, handle, _ in spawned:
                         with contextlib.suppress(Exception):
                             ray.kill(handle, no_restart=True)
                     return
                 for sid, handle, node in spawned:
-                    self.spares[sid] = handle
-                    self._event("spare_ready", f"spare shard {sid} warm on node {node[:8]}")
-                self._save()
+                    st.spares[sid] = handle
+                    st.event("spare_ready", f"spare shard {sid} warm on node {node[:8]}")
+                st.save()
         except Exception:
             log.exception("starting spare shards failed; retried on the next load sample")
         finally:

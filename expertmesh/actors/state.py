@@ -1,13 +1,31 @@
-"""The controller's persisted record: one JSON document written atomically via pyarrow.fs."""
+"""The controller's state: what it and its parts share, and the record it writes down.
+
+:class:`ControllerState` is the one object the controller's parts (shard pool, spares,
+elasticity, health) receive to read and change the deployment; :class:`LoadStats` is the load
+the health part measures and elasticity follows. The record is one JSON document written
+atomically via pyarrow.fs (:class:`StateStore`).
+"""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
+import time
 import uuid
+from collections import deque
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import ray
 from pyarrow import fs
+
+from expertmesh.actors.expert_shard import ShardResources
+from expertmesh.platform import placement as pl
+from expertmesh.platform.placement import ExpertKey
+
+log = logging.getLogger(__name__)
 
 
 class StateStore:
@@ -29,3 +47,97 @@ class StateStore:
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(record, default=str).encode())
         self.fs.move(tmp, self.path)  # atomic rename on local file systems
+
+
+@dataclass(kw_only=True, slots=True)
+class DeploymentSpec:
+    """What the user asked for; the reconcile loop works to keep the cluster like this."""
+
+    model: str  # name clients use
+    checkpoint_uri: str
+    shards: int = 4
+    min_replicas: int = 2
+    shard_resources: ShardResources = field(default_factory=ShardResources)
+    router_num_cpus: float = 0.25
+    router_threads: int = 1  # torch intra-op threads for the router's dense part
+    micro_batches: int = 1  # >1 splits a step's batch to overlap dense compute with shard calls
+    max_batch: int = 64
+    call_timeout_s: float = 2.0
+    transport: str = "direct"  # shard calls: "direct" channel (Ray for control only) or "ray"
+    warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeploymentSpec:
+        """The inverse of ``dataclasses.asdict`` (as the record stores it)."""
+        return cls(**{**d, "shard_resources": ShardResources(**d["shard_resources"])})
+
+
+@dataclass(kw_only=True, slots=True)
+class ShardRecord:
+    """A shard in service (spares have none): where it runs and whether it is being drained."""
+
+    shard_id: str
+    node_id: str
+    draining: bool = False
+
+
+class ControllerState:
+    """The deployment as the controller knows it, shared by the controller's parts.
+
+    Every change happens under ``lock``; :meth:`save` writes the record down (call it before
+    acting on a change, so that a restarted controller finds it).
+    """
+
+    def __init__(self, store: StateStore, session: str) -> None:
+        """``session`` identifies the Ray cluster: a record from another session is stale."""
+        self.store = store
+        self.session = session
+        self.lock = threading.RLock()
+        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
+        self.spec: DeploymentSpec | None = None
+        self.shards: dict[str, ShardRecord] = {}  # in service
+        self.handles: dict[str, ray.actor.ActorHandle] = {}  # of the shards in service
+        self.spares: dict[str, ray.actor.ActorHandle] = {}  # started, holding no experts
+        self.table = pl.PlacementTable(version=0, replicas={})
+        self.router: ray.actor.ActorHandle | None = None
+        self.next_shard = 0  # the next shard id's number: ids are never reused
+        self.generation = 0  # bumped by every teardown: stale spare refills are discarded
+
+    def event(self, kind: str, message: str, **fields: Any) -> None:
+        ev = {"ts": time.time(), "kind": kind, "message": message, **fields}
+        self.events.append(ev)
+        log.info("%s: %s", kind, message)
+
+    def save(self) -> None:
+        record = {
+            "session": self.session,
+            "spec": None if self.spec is None else asdict(self.spec),
+            "shards": [asdict(s) for s in list(self.shards.values())],
+            "spares": list(self.spares),
+            "table": json.loads(self.table.to_json()),
+            "next_shard": self.next_shard,
+            "events": list(self.events)[-200:],
+        }
+        self.store.write(record)
+
+    def infos(self, include_draining: bool = False) -> list[pl.ShardInfo]:
+        """The shards in service (and those being drained, if asked) for the placement policies."""
+        return [
+            pl.ShardInfo(shard_id=s.shard_id, node_id=s.node_id)
+            for s in list(self.shards.values())
+            if include_draining or not s.draining
+        ]
+
+    def require_spec(self) -> DeploymentSpec:
+        """The current deployment; a part that acts on one is only called while one exists."""
+        if self.spec is None:
+            raise RuntimeError("nothing is deployed; deploy a model first")
+        return self.spec
+
+
+@dataclass(slots=True)
+class LoadStats:
+    """Load the health part measures (each load sample) and elasticity follows."""
+
+    expert_ema: dict[ExpertKey, float] = field(default_factory=dict)  # tokens/s, for EPLB
+    shard_busy: dict[str, float] = field(default_factory=dict)  # busy fraction, for autoscaling
