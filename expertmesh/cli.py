@@ -19,7 +19,7 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from expertmesh.api.local import UpOptions
+    from expertmesh.service import UpOptions
 
 
 def _data_prepare(args: argparse.Namespace) -> int:
@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------- serving commands
 def _up_options(args: argparse.Namespace) -> UpOptions:
-    from expertmesh.api.local import UpOptions
+    from expertmesh.service import UpOptions
 
     return UpOptions(
         model=args.model,
@@ -57,29 +57,29 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from expertmesh.api import local
+    from expertmesh import service
 
     if args.foreground:
-        return local.run_foreground(_up_options(args))
-    rec = local.start_background(_up_options(args))
-    print(f"expertmesh is up: API {rec.url} (pid {rec.pid}, log {local.log_file()})")
+        return service.run_foreground(_up_options(args))
+    rec = service.start_background(_up_options(args))
+    print(f"expertmesh is up: API {rec.url} (pid {rec.pid}, log {service.log_file()})")
     print(f"token: {rec.token}")
     print(f"try:   curl -H 'Authorization: Bearer <token>' {rec.url}/v1/models")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    from expertmesh.api import local
+    from expertmesh import service
 
-    status = local.attach().status()
+    status = service.attach().status()
     print(json.dumps(status, indent=2) if args.json else format_status(status))
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from expertmesh.api import local
+    from expertmesh import service
 
-    cluster = local.attach()
+    cluster = service.attach()
     params: dict[str, Any] = {
         "max_tokens": args.max_tokens,
         "temperature": args.temperature,
@@ -99,16 +99,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _scale(args: argparse.Namespace) -> int:
-    from expertmesh.api import local
+    from expertmesh import service
 
-    print(format_status(local.attach().scale(args.shards)))
+    print(format_status(service.attach().scale(args.shards)))
     return 0
 
 
 def _down(args: argparse.Namespace) -> int:
-    from expertmesh.api import local
+    from expertmesh import service
 
-    pid = local.stop_background(timeout_s=args.timeout)
+    pid = service.stop_background(timeout_s=args.timeout)
     print(f"expertmesh is down (pid {pid} exited)")
     return 0
 

@@ -87,8 +87,8 @@ class Cluster:
             cluster.deploy("expertmesh-tiny", shards=4, replicas=2)
             print(cluster.generate("ROMEO.", max_tokens=32).text)
         """
-        from expertmesh.actors.dispatch import TRANSPORTS
         from expertmesh.actors.expert_shard import ShardResources
+        from expertmesh.actors.remote_dispatch import TRANSPORTS
         from expertmesh.actors.state import DeploymentSpec
         from expertmesh.platform.loader import resolve_model
 

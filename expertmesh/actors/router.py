@@ -19,7 +19,7 @@ from typing import Any
 import ray
 import torch
 
-from expertmesh.actors.dispatch import PlacementView, RayDispatcher, Transport
+from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher, Transport
 from expertmesh.platform.engine import Engine, Sequence, StepOutput
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams

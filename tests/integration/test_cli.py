@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from expertmesh.api.local import is_running
 from expertmesh.cli import format_status
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
+from expertmesh.service import is_running
 from tests.integration.helpers import PROMPTS, tiny_checkpoint
 
 pytestmark = pytest.mark.integration

@@ -16,8 +16,8 @@ import ray
 import torch
 
 from expertmesh.actors.channel import Endpoint
-from expertmesh.actors.dispatch import PlacementView, RayDispatcher
 from expertmesh.actors.expert_shard import ExpertShard
+from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.runtime import LocalRayOptions, free_port, init_ray
 from tests.integration.helpers import tiny_checkpoint

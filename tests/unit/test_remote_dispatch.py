@@ -11,7 +11,7 @@ import pytest
 
 from expertmesh.actors.breaker import Breakers
 from expertmesh.actors.channel import ChannelError, ChannelTimeout
-from expertmesh.actors.dispatch import (
+from expertmesh.actors.remote_dispatch import (
     AdaptiveDeadline,
     NoReplicaError,
     PlacementView,
@@ -148,7 +148,7 @@ def test_a_shard_that_timed_out_is_probed_soon_and_serves_once_it_answers(caplog
     d = RayDispatcher(view, transport="ray", probe_s=0.05, suspect_s=30.0)
     d.calls_by_shard = Counter(b=10)  # "a" lags behind: the cover picks it first when it may
     rows = dict.fromkeys(range(4), 1)
-    with caplog.at_level(logging.WARNING, logger="expertmesh.actors.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="expertmesh.actors.remote_dispatch"):
         answer_from(d, "a", ChannelTimeout("no answer within 2.00s"))
     assert "shard a timed out on layer 0" in caplog.text
     assert set(d._assign(0, rows, set()).values()) == {"b"}  # open
@@ -167,7 +167,7 @@ def test_a_shard_that_failed_with_an_error_is_not_probed_soon(caplog) -> None:
     view = PlacementView(version=1, replicas=replicas, handles={"a": object(), "b": object()})
     d = RayDispatcher(view, transport="ray", probe_s=0.01, suspect_s=30.0)
     d.calls_by_shard = Counter(b=10)
-    with caplog.at_level(logging.WARNING, logger="expertmesh.actors.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="expertmesh.actors.remote_dispatch"):
         answer_from(d, "a", ChannelError("receive failed: connection reset by peer"))
     assert "shard a failed layer 0" in caplog.text and "for 30.0s" in caplog.text
     time.sleep(0.03)
