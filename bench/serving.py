@@ -192,9 +192,11 @@ class Distributed:
             self.uri,
             shards=self.shards,
             replicas=2,
-            router_threads=self.router_threads,
-            micro_batches=self.micro_batches,
-            transport=self.transport,
+            advanced=expertmesh.RouterTuning(
+                threads=self.router_threads,
+                micro_batches=self.micro_batches,
+                transport=self.transport,
+            ),
         )
         wait_for_spares(self.cluster)
         self.router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)

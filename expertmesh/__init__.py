@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str] = {
     "ClusterError": "expertmesh.types",
     "ClusterHandle": "expertmesh.types",
     "Completion": "expertmesh.types",
+    "RouterTuning": "expertmesh.types",
     "HttpCluster": "expertmesh.client",
     "SamplingParams": "expertmesh.platform.sampling",
     "ModelConfig": "expertmesh.platform.config",
@@ -44,6 +45,7 @@ __all__ = [
     "HttpCluster",
     "LocalRayOptions",
     "ModelConfig",
+    "RouterTuning",
     "SamplingParams",
     "TrainConfig",
     "__version__",
@@ -56,7 +58,7 @@ if TYPE_CHECKING:
     from expertmesh.platform.sampling import SamplingParams
     from expertmesh.runtime import LocalRayOptions
     from expertmesh.sdk import Cluster, connect
-    from expertmesh.types import ClusterError, ClusterHandle, Completion
+    from expertmesh.types import ClusterError, ClusterHandle, Completion, RouterTuning
 
 
 def __getattr__(name: str) -> Any:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import LocalRayOptions
-from expertmesh.types import ClusterError, Completion
+from expertmesh.types import ClusterError, Completion, RouterTuning
 
 if TYPE_CHECKING:
     from expertmesh.client import HttpCluster
@@ -65,21 +65,22 @@ class Cluster:
         resources: dict[str, float] | None = None,
         max_batch: int = 64,
         warm_shards: int = 1,
-        router_threads: int = 1,
-        micro_batches: int = 1,
-        transport: str = "direct",
+        advanced: RouterTuning | None = None,
     ) -> dict[str, Any]:
         """Serve ``model`` (a checkpoint URI, or an MLflow registry ``name[/version]``).
 
-        Experts are spread over ``shards`` actors with ``replicas`` copies of each expert;
-        ``warm_shards`` more actors are kept started (holding no experts) so that scaling out
-        and replacing a failed shard take an already running process. ``router_threads`` is
-        the number of torch threads the router's dense part (attention, gates) runs on;
-        ``micro_batches`` splits each step's batch into parts that take turns on the router:
-        one part's dense layers run while another's tokens are with the expert shards (worth
-        it where the router has cores of its own; even on a 2-core machine). ``transport`` is how tokens reach the
-        shards: ``"direct"`` (a TCP channel per shard; Ray only finds and manages the shards)
-        or ``"ray"`` (every shard call is a Ray actor call: slower, for comparison).
+        Args:
+            model: a checkpoint URI, or a registered model ``name[/version]``.
+            shards: expert shard actors the experts are spread over.
+            replicas: copies of each expert, on different shards (nodes where possible).
+            num_cpus: logical CPUs each shard asks Ray for (fractions allowed).
+            num_gpus: GPUs each shard asks Ray for; > 0 runs its experts on the GPU.
+            resources: custom Ray resources each shard asks for.
+            max_batch: most sequences the router runs in one step.
+            warm_shards: more shard actors kept started (holding no experts), so that scaling
+                out and replacing a failed shard take an already running process.
+            advanced: how the router runs (threads, micro-batches, transport to the shards);
+                see :class:`~expertmesh.types.RouterTuning`. The defaults suit most machines.
 
         Example::
 
@@ -88,7 +89,6 @@ class Cluster:
             print(cluster.generate("ROMEO.", max_tokens=32).text)
         """
         from expertmesh.actors.expert_shard import ShardResources
-        from expertmesh.actors.remote_dispatch import TRANSPORTS
         from expertmesh.actors.state import DeploymentSpec
         from expertmesh.platform.loader import resolve_model
 
@@ -96,14 +96,14 @@ class Cluster:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         if replicas < 1:
             raise ClusterError(f"replicas must be >= 1, got {replicas}")
-        if micro_batches < 1:
-            raise ClusterError(f"micro_batches must be >= 1, got {micro_batches}")
-        if router_threads < 1:
-            raise ClusterError(f"router_threads must be >= 1, got {router_threads}")
         if warm_shards < 0:
             raise ClusterError(f"warm_shards must be >= 0, got {warm_shards}")
-        if transport not in TRANSPORTS:
-            raise ClusterError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        if advanced is None:
+            advanced = RouterTuning()
+        elif not isinstance(advanced, RouterTuning):
+            raise TypeError(
+                f"advanced must be an expertmesh.RouterTuning, got {type(advanced).__name__}"
+            )
         resolved = resolve_model(model)
         spec = DeploymentSpec(
             model=resolved.name,
@@ -115,9 +115,7 @@ class Cluster:
             ),
             max_batch=max_batch,
             warm_shards=warm_shards,
-            router_threads=router_threads,
-            micro_batches=micro_batches,
-            transport=transport,
+            router=advanced,
         )
         out = self._call("deploy", spec)
         if resolved.version is not None:  # MLflow's alias says which version this cluster serves

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
-from expertmesh.platform.errors import ExpertmeshError
+from expertmesh.platform.errors import ConfigError, ExpertmeshError
+
+Transport = Literal["direct", "ray"]
+TRANSPORTS: tuple[str, ...] = ("direct", "ray")
 
 
 class ClusterError(ExpertmeshError):
@@ -40,6 +43,39 @@ class Completion:
             expert_counts=d.get("expert_counts"),
             token_experts=d.get("token_experts"),
         )
+
+
+@dataclass(kw_only=True, slots=True, frozen=True)
+class RouterTuning:
+    """How the router runs; the defaults suit a small CPU machine.
+
+    Passed as ``Cluster.deploy(..., advanced=RouterTuning(...))``. Every field is checked when
+    the object is built; a bad value raises a :class:`ValueError` that names the field.
+
+    Args:
+        threads: torch intra-op threads for the router's dense part (attention, gates).
+        micro_batches: >1 splits each step's batch into parts that take turns on the router:
+            one part's dense layers run while another's tokens are with the expert shards.
+        transport: how tokens reach the shards: ``"direct"`` (a TCP channel per shard; Ray only
+            finds and manages the shards) or ``"ray"`` (every shard call a Ray actor call:
+            slower, for comparison).
+
+    Example::
+
+        cluster.deploy("expertmesh-tiny", advanced=RouterTuning(micro_batches=2))
+    """
+
+    threads: int = 1
+    micro_batches: int = 1
+    transport: Transport = "direct"
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "micro_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(name, f"must be an integer >= 1, got {value!r}")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError("transport", f"must be one of {TRANSPORTS}, got {self.transport!r}")
 
 
 @runtime_checkable

@@ -201,10 +201,10 @@ class Controller:
                     spec.checkpoint_uri,
                     ray.get_runtime_context().current_actor,
                     max_batch=spec.max_batch,
-                    threads=spec.router_threads,
-                    micro_batches=spec.micro_batches,
+                    threads=spec.router.threads,
+                    micro_batches=spec.router.micro_batches,
                     call_timeout_s=spec.call_timeout_s,
-                    transport=spec.transport,
+                    transport=spec.router.transport,
                 )
             )
             st.router = router

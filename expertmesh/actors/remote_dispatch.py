@@ -17,7 +17,6 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Mapping, Set
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import ray
@@ -34,10 +33,9 @@ from expertmesh.actors.channel import (
 )
 from expertmesh.platform.model import Routing, combine, permute
 from expertmesh.platform.placement import ExpertKey
+from expertmesh.types import TRANSPORTS, Transport
 
 log = logging.getLogger(__name__)
-Transport = Literal["direct", "ray"]
-TRANSPORTS: tuple[str, ...] = ("direct", "ray")
 
 
 class NoReplicaError(RuntimeError):

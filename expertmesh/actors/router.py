@@ -19,10 +19,11 @@ from typing import Any
 import ray
 import torch
 
-from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher, Transport
+from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher
 from expertmesh.platform.engine import Engine, Sequence, StepOutput
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
+from expertmesh.types import Transport
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ from pyarrow import fs
 from expertmesh.actors.expert_shard import ShardResources
 from expertmesh.platform import placement as pl
 from expertmesh.platform.placement import ExpertKey
+from expertmesh.types import RouterTuning
 
 log = logging.getLogger(__name__)
 
@@ -59,17 +60,21 @@ class DeploymentSpec:
     min_replicas: int = 2
     shard_resources: ShardResources = field(default_factory=ShardResources)
     router_num_cpus: float = 0.25
-    router_threads: int = 1  # torch intra-op threads for the router's dense part
-    micro_batches: int = 1  # >1 splits a step's batch to overlap dense compute with shard calls
+    router: RouterTuning = field(default_factory=RouterTuning)  # threads, micro-batches, transport
     max_batch: int = 64
     call_timeout_s: float = 2.0
-    transport: str = "direct"  # shard calls: "direct" channel (Ray for control only) or "ray"
     warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeploymentSpec:
         """The inverse of ``dataclasses.asdict`` (as the record stores it)."""
-        return cls(**{**d, "shard_resources": ShardResources(**d["shard_resources"])})
+        return cls(
+            **{
+                **d,
+                "shard_resources": ShardResources(**d["shard_resources"]),
+                "router": RouterTuning(**d["router"]),
+            }
+        )
 
 
 @dataclass(kw_only=True, slots=True)

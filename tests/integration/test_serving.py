@@ -29,7 +29,7 @@ def checkpoint(state_home, tmp_path_factory) -> str:
 def cluster(checkpoint):
     # the dashboard is on here only because Ray's state API (used below) is served by it
     c = expertmesh.connect(local=LocalRayOptions(dashboard=True))
-    c.deploy(checkpoint, shards=4, replicas=2, micro_batches=2)  # overlap path on
+    c.deploy(checkpoint, shards=4, replicas=2, advanced=expertmesh.RouterTuning(micro_batches=2))
     yield c
     c.shutdown()
 
@@ -117,8 +117,10 @@ def test_sampling_options(cluster) -> None:
 
 
 def test_bad_request_names_the_problem(cluster, checkpoint) -> None:
-    with pytest.raises(expertmesh.ClusterError, match=r"transport must be one of .* 'tcp'"):
-        cluster.deploy(checkpoint, transport="tcp")
+    with pytest.raises(ValueError, match=r"transport: must be one of .* 'tcp'"):
+        expertmesh.RouterTuning(transport="tcp")
+    with pytest.raises(TypeError, match=r"advanced must be an expertmesh\.RouterTuning"):
+        cluster.deploy(checkpoint, advanced={"transport": "ray"})
     with pytest.raises(expertmesh.platform.errors.ConfigError, match="temperature"):
         cluster.generate("x", temperature=-1)
     with pytest.raises(Exception, match="exceeds the model's context"):
@@ -130,7 +132,9 @@ def test_ray_call_transport_gives_the_same_tokens(cluster, checkpoint) -> None:
     """``transport="ray"`` (every shard call a Ray actor call) computes the same generations."""
     params = SamplingParams(max_tokens=12, ignore_eos=True)
     expected = in_process(checkpoint, PROMPTS, params)
-    cluster.deploy(checkpoint, shards=4, replicas=2, transport="ray")
+    cluster.deploy(
+        checkpoint, shards=4, replicas=2, advanced=expertmesh.RouterTuning(transport="ray")
+    )
     got = [c.token_ids for c in cluster.generate(PROMPTS, max_tokens=12, ignore_eos=True)]
     assert got == expected
     router = cluster.status()["router"]

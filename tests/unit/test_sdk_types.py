@@ -1,15 +1,17 @@
-"""The Ray-side and the HTTP-side cluster handles offer one surface (no Ray needed)."""
+"""The SDK surface shared by the Ray-side and HTTP-side handles, and its tuning (no Ray)."""
 
 from __future__ import annotations
 
 import inspect
+import json
+from dataclasses import asdict
 
 import pytest
 
 import expertmesh
 from expertmesh.client import HttpCluster
 from expertmesh.sdk import Cluster
-from expertmesh.types import ClusterError, ClusterHandle, Completion
+from expertmesh.types import ClusterError, ClusterHandle, Completion, RouterTuning
 
 SURFACE = ("generate", "stream", "status", "events", "scale")
 
@@ -48,3 +50,29 @@ def test_shared_types_are_one_object_everywhere() -> None:
     assert expertmesh.ClusterHandle is ClusterHandle
     done = Completion.from_dict({"text": "hi", "token_ids": [1, 2]})
     assert done.token_ids == [1, 2] and done.finish_reason is None and done.prompt_tokens == 0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threads", 0),
+        ("threads", -1),
+        ("micro_batches", 1.5),
+        ("micro_batches", True),
+        ("transport", "tcp"),
+    ],
+)
+def test_router_tuning_names_the_bad_field(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=rf"^{field}: must be .*{value!r}"):
+        RouterTuning(**{field: value})  # type: ignore[arg-type]
+
+
+def test_router_tuning_travels_in_the_controller_record() -> None:
+    """The spec the controller writes down comes back with the same tuning after a restart."""
+    from expertmesh.actors.state import DeploymentSpec
+
+    spec = DeploymentSpec(
+        model="m", checkpoint_uri="/x", router=RouterTuning(micro_batches=2, transport="ray")
+    )
+    again = DeploymentSpec.from_dict(json.loads(json.dumps(asdict(spec))))
+    assert again == spec and again.router.transport == "ray"
