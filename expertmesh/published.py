@@ -14,21 +14,12 @@ from __future__ import annotations
 
 import sys
 
-from expertmesh import envs
+from expertmesh import cluster_kv, envs
 from expertmesh.platform import storage
 from expertmesh.platform.storage import ClusterSettings
 
-KV_NAMESPACE = "expertmesh"
-KV_KEY = "cluster-settings"
-
-
-def _join() -> None:
-    import ray
-
-    if not ray.is_initialized():
-        from expertmesh.runtime import init_ray
-
-        init_ray(envs.ray_address() or "auto")
+KV_NAMESPACE = cluster_kv.NAMESPACE
+KV_KEY = cluster_kv.SETTINGS_KEY
 
 
 def hosts() -> int:
@@ -36,16 +27,13 @@ def hosts() -> int:
     ``ray.cluster_utils.Cluster``'s do)."""
     import ray
 
-    _join()
+    cluster_kv.join()
     return len({n.get("NodeManagerAddress") for n in ray.nodes() if n.get("Alive")})
 
 
 def read() -> ClusterSettings | None:
     """The settings the cluster publishes (joining it first if needed); None if it has none."""
-    from ray.experimental import internal_kv
-
-    _join()
-    raw = internal_kv._internal_kv_get(KV_KEY, namespace=KV_NAMESPACE)
+    raw = cluster_kv.get(KV_KEY)
     return None if raw is None else ClusterSettings.from_json(raw)
 
 
@@ -55,10 +43,8 @@ def publish(settings: ClusterSettings) -> ClusterSettings:
     Raises:
         ConfigError: a node-local path on a cluster spanning machines, not marked shared.
     """
-    from ray.experimental import internal_kv
-
     storage.check_shared(settings, nodes=hosts())
-    internal_kv._internal_kv_put(KV_KEY, settings.to_json(), overwrite=True, namespace=KV_NAMESPACE)
+    cluster_kv.put(KV_KEY, settings.to_json())
     return settings
 
 

@@ -78,10 +78,10 @@ def published_settings() -> ClusterSettings | None:
     """
     if not on_cluster():
         return None
-    from expertmesh import published  # NOTE: Ray lives there, not in the cluster-free core
+    from expertmesh import cluster_kv  # NOTE: Ray lives there, not in the cluster-free core
 
-    settings = published.read()
-    if settings is None:
+    raw = cluster_kv.get(cluster_kv.SETTINGS_KEY)
+    if raw is None:
         raise ConfigError(
             "cluster_settings",
             "this process runs on a Ray cluster that publishes no MLflow tracking URI or "
@@ -89,7 +89,7 @@ def published_settings() -> ClusterSettings | None:
             "publish them), or set MLFLOW_TRACKING_URI and EXPERTMESH_CHECKPOINT_ROOT "
             "(--tracking-uri, --checkpoint-root)",
         )
-    return settings
+    return ClusterSettings.from_json(raw)
 
 
 def default_settings() -> ClusterSettings:
