@@ -1,7 +1,8 @@
 """The Python SDK: ``expertmesh.connect()`` returns a :class:`Cluster`.
 
 Two transports, one surface: a driver inside the Ray cluster talks to the controller and router
-actors directly; ``connect("http://...")`` talks to the HTTP API. Both offer the same operations.
+actors directly; ``connect("http://...")`` talks to the HTTP API. Both offer the operations of
+:class:`expertmesh.types.ClusterHandle`; deploying and serving need the Ray side.
 """
 
 from __future__ import annotations
