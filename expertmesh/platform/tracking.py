@@ -182,6 +182,10 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(self._active(), k, str(v))
 
+    def log_dict(self, value: Mapping[str, Any], artifact_file: str) -> None:
+        """Write ``value`` as a JSON (or YAML, by the file's extension) artifact of the run."""
+        self.client.log_dict(self._active(), dict(value), artifact_file)
+
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> str:
         """Copy a folder into the run's artifacts; returns the artifact URI of that folder."""
         run_id = self._active()
