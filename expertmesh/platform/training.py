@@ -1,7 +1,10 @@
-"""Single-process MoE LM training: the step function, the loop, checkpoints and MLflow logging.
+"""MoE LM training: the step function, the single-process loop, checkpoints and MLflow logging.
 
-``train_step`` is the unit Ray Train workers call; :func:`train` is the loop the
-``expertmesh.pipelines.train`` job runs on one worker.
+:func:`train_step` is the one step both loops call: :func:`train` here (one process) and the
+Ray Train workers of :mod:`expertmesh.pipelines.train_ray`, which pass their
+``DistributedDataParallel`` wrapper as ``forward``. The bookkeeping both share (what a
+checkpoint's train state holds, how a loop resumes, the MLflow params, the registry version)
+lives here too, so the two loops differ only in where batches and checkpoints go.
 """
 
 from __future__ import annotations
@@ -71,9 +74,15 @@ def train_step(
     batch_BT1: torch.Tensor,
     step: int,
     cfg: TrainConfig,
+    *,
+    forward: torch.nn.Module | None = None,
 ) -> tuple[dict[str, float], list[LayerStats]]:
     """One optimisation step on a (B, T+1) token batch; returns scalar metrics and layer stats.
-    The batch moves to the model's device."""
+
+    The batch moves to the model's device. ``forward`` is the module to call instead of
+    ``model`` itself: a ``DistributedDataParallel`` wrapper of it, whose backward averages the
+    gradients over the ranks (the metrics stay this rank's own).
+    """
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, cfg)
     device = _device_of(model)
@@ -81,7 +90,7 @@ def train_step(
     inputs_BT, targets_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
     model.train()
     with _autocast(cfg, device):
-        out = model(inputs_BT)
+        out = (forward or model)(inputs_BT)
         loss, ce = model.loss(out, targets_BT)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -168,9 +177,11 @@ class TrainResult:
     model_version: ModelVersionInfo | None = None
 
 
-def _train_state(
+def pack_train_state(
     optimizer: torch.optim.Optimizer, step: int, gen: torch.Generator, run_id: str
 ) -> bytes:
+    """What a checkpoint needs besides the weights to resume exactly: optimizer state, the step,
+    the data sampler's and torch's RNG states and the MLflow run."""
     buf = io.BytesIO()
     state = {
         "optimizer": optimizer.state_dict(),
@@ -184,12 +195,61 @@ def _train_state(
     return buf.getvalue()
 
 
+def restore(
+    uri: str,
+    model: MoETransformer,
+    optimizer: torch.optim.Optimizer,
+    gen: torch.Generator,
+) -> tuple[int, str | None]:
+    """Load checkpoint ``uri``'s weights, optimizer state and RNG states into the given objects;
+    returns the step it was saved at and its MLflow run id."""
+    loaded, _ = ckpt.load_model(uri)
+    model.load_state_dict(loaded.state_dict())
+    state = torch.load(
+        io.BytesIO(ckpt.load_train_state(uri) or b""),
+        weights_only=False,
+        map_location="cpu",  # the optimizer moves its state to the parameters' device
+    )
+    optimizer.load_state_dict(state["optimizer"])
+    gen.set_state(state["data_rng"])
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and _device_of(model).type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["run_id"]
+
+
+def checkpoint_version(cfg: ExperimentConfig, step: int, run_id: str) -> dict[str, object]:
+    """The version record a training checkpoint's manifest carries."""
+    return {"step": step, "run_id": run_id, "domains": list(cfg.data.train_domains)}
+
+
+def run_params(
+    cfg: ExperimentConfig, model: MoETransformer, device: torch.device
+) -> dict[str, object]:
+    """The MLflow params of a training run."""
+    params: dict[str, object] = {f"model.{k}": v for k, v in to_dict(cfg.model).items()}
+    params |= {f"train.{k}": v for k, v in to_dict(cfg.train).items()}
+    params |= {"data.train_domains": ",".join(cfg.data.train_domains)}
+    params |= {"train.resolved_device": str(device)}
+    params |= {
+        "n_params": model.num_parameters(),
+        "n_active_params": model.num_parameters(active=True),
+    }
+    return params
+
+
+def is_due(done: int, every: int, end: int) -> bool:
+    """Whether step ``done`` (1-based) logs, evaluates or checkpoints on an ``every`` schedule."""
+    return done % every == 0 or done == end
+
+
 def _log_checkpoint(
     tracker: Tracker,
     model: MoETransformer,
     tokenizer_path: str,
-    result: TrainResult,
     cfg: ExperimentConfig,
+    step: int,
+    run_id: str,
 ) -> str:
     """Log the weights (without optimizer state) as run artifacts; returns their artifact URI."""
     with tempfile.TemporaryDirectory(prefix="expertmesh-ckpt-") as tmp:
@@ -198,13 +258,36 @@ def _log_checkpoint(
             "model",
             model,
             tokenizer_path=tokenizer_path,
-            version={
-                "step": result.steps,
-                "run_id": result.run_id,
-                "domains": list(cfg.data.train_domains),
-            },
+            version=checkpoint_version(cfg, step, run_id),
         )
         return tracker.log_artifacts(local, CHECKPOINT_ARTIFACT)
+
+
+def register_model(
+    tracker: Tracker,
+    model: MoETransformer,
+    cfg: ExperimentConfig,
+    *,
+    tokenizer_path: str,
+    step: int,
+    run_id: str,
+    version_tags: dict[str, str] | None = None,
+) -> ModelVersionInfo:
+    """Log ``model`` into the active run's artifacts and register it as a new version of
+    ``cfg.train.registered_model`` (``version_tags`` over the train pipeline's own); tags the
+    run with the version."""
+    artifact_uri = _log_checkpoint(tracker, model, tokenizer_path, cfg, step, run_id)
+    tags = {
+        "domains": ",".join(cfg.data.train_domains),
+        "n_experts": str(cfg.model.n_experts),
+        "parent_version": "",
+        "pipeline": "train",
+    } | (version_tags or {})
+    mv = tracker.register_version(
+        cfg.train.registered_model, source=artifact_uri, run_id=run_id, tags=tags
+    )
+    tracker.set_tags({"registered_version": mv.version})
+    return mv
 
 
 def _find_resume(output_dir: str) -> str | None:
@@ -259,33 +342,13 @@ def train(
     start, run_id = 0, None
     resume_uri = _find_resume(output_dir) if resume else None
     if resume_uri:
-        loaded, _ = ckpt.load_model(resume_uri)
-        model.load_state_dict(loaded.state_dict())
-        state = torch.load(
-            io.BytesIO(ckpt.load_train_state(resume_uri) or b""),
-            weights_only=False,
-            map_location="cpu",  # the optimizer moves its state to the parameters' device
-        )
-        optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if state.get("cuda_rng") and device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start, run_id = state["step"], state["run_id"]
+        start, run_id = restore(resume_uri, model, optimizer, gen)
         log.info("resuming from %s at step %d", resume_uri, start)
 
     end = min(tc.steps, stop_after) if stop_after else tc.steps
     with tracker.run(tc.experiment, run_name="train", run_id=run_id) as run_id:
         if start == 0:
-            params = {f"model.{k}": v for k, v in to_dict(cfg.model).items()}
-            params |= {f"train.{k}": v for k, v in to_dict(tc).items()}
-            params |= {"data.train_domains": ",".join(cfg.data.train_domains)}
-            params |= {"train.resolved_device": str(device)}
-            params |= {
-                "n_params": model.num_parameters(),
-                "n_active_params": model.num_parameters(active=True),
-            }
-            tracker.log_params(params)
+            tracker.log_params(run_params(cfg, model, device))
             if lineage is not None:
                 tracker.log_dataset(
                     name=",".join(lineage.domains),
@@ -308,7 +371,7 @@ def train(
                 freeze.after_step()
             steps_since += 1
             done = step + 1
-            if done % tc.log_every == 0 or done == end:
+            if is_due(done, tc.log_every, end):
                 now = time.perf_counter()
                 metrics["tokens_per_s"] = steps_since * tokens_per_step / (now - t_last)
                 t_last, steps_since = now, 0
@@ -316,39 +379,29 @@ def train(
                 bar.set_postfix(
                     loss=f"{metrics['ce_loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:.0f}"
                 )
-            if done % tc.eval_every == 0 or done == end:
+            if is_due(done, tc.eval_every, end):
                 val = evaluate(model, val_data, tc)
                 metrics |= val
                 tracker.log_metrics(val, done)
-            if done % tc.checkpoint_every == 0 or done == end:
+            if is_due(done, tc.checkpoint_every, end):
                 uri = ckpt.save_checkpoint(
                     output_dir,
                     f"step-{done:06d}",
                     model,
                     tokenizer_path=tokenizer_path,
-                    version={
-                        "step": done,
-                        "run_id": run_id,
-                        "domains": list(cfg.data.train_domains),
-                    },
-                    train_state=_train_state(optimizer, done, gen, run_id),
+                    version=checkpoint_version(cfg, done, run_id),
+                    train_state=pack_train_state(optimizer, done, gen, run_id),
                     parent=parent_checkpoint,
                 )
         result = TrainResult(checkpoint_uri=uri, run_id=run_id, steps=end, metrics=metrics)
         if register and end == tc.steps:
-            artifact_uri = _log_checkpoint(tracker, model, tokenizer_path, result, cfg)
-            tags = (
-                {
-                    "domains": ",".join(cfg.data.train_domains),
-                    "n_experts": str(cfg.model.n_experts),
-                    "parent_version": "",
-                    "pipeline": "train",
-                }
-                | (lineage.tags() if lineage else {})
-                | (version_tags or {})
+            result.model_version = register_model(
+                tracker,
+                model,
+                cfg,
+                tokenizer_path=tokenizer_path,
+                step=end,
+                run_id=run_id,
+                version_tags=(lineage.tags() if lineage else {}) | (version_tags or {}),
             )
-            result.model_version = tracker.register_version(
-                tc.registered_model, source=artifact_uri, run_id=run_id, tags=tags
-            )
-            tracker.set_tags({"registered_version": result.model_version.version})
     return result
