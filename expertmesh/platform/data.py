@@ -24,6 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -342,8 +343,14 @@ def _read_stream(path: Path) -> np.ndarray:
     except (OSError, pa.ArrowException) as exc:
         msg = f"token shard {path} is missing or corrupt ({exc}); {_NOT_PREPARED}"
         raise DataError(msg) from None
-    lengths = docs.value_lengths().to_numpy(zero_copy_only=False)
-    flat = docs.flatten().to_numpy(zero_copy_only=False)
+    return document_stream(docs)
+
+
+def document_stream(docs: pa.Array) -> np.ndarray:
+    """Documents (a list-of-integers array, one row per document) as one int32 stream with
+    ``EOS_ID`` after each document."""
+    lengths = pc.list_value_length(docs).to_numpy(zero_copy_only=False)
+    flat = pc.list_flatten(docs).to_numpy(zero_copy_only=False)
     out = np.full(len(flat) + len(lengths), EOS_ID, dtype=np.int32)
     out[np.arange(len(flat)) + np.repeat(np.arange(len(lengths)), lengths)] = flat
     return out
@@ -382,6 +389,37 @@ class TokenData:
             chunks = [_read_stream(Path(data_dir) / split / name) for name in entry["shards"]]
             streams[domain] = np.concatenate([np.zeros(0, np.int32), *chunks])
         return cls(streams, int(manifest["tokenizer_vocab_size"]))
+
+    @classmethod
+    def from_tables(
+        cls, tables: Iterable[pa.Table], domains: Sequence[str], vocab_size: int
+    ) -> TokenData:
+        """Build from shard rows (``domain`` and ``tokens`` columns) as they come, e.g. the
+        batches Ray Data reads from the Parquet shards; a domain's documents keep their order.
+
+        Given the rows of :meth:`load`'s shards in file order, the result equals :meth:`load`'s.
+        """
+        if isinstance(domains, str) or not domains:
+            raise DataError(f"domains must be a non-empty list of domain names, got {domains!r}")
+        parts: dict[str, list[np.ndarray]] = {d: [] for d in dict.fromkeys(domains)}
+        for table in tables:
+            missing = {"domain", "tokens"} - set(table.column_names)
+            if missing:
+                raise DataError(f"token rows lack column(s) {sorted(missing)}")
+            tokens = table.column("tokens").combine_chunks()
+            if not pa.types.is_list(tokens.type) and not pa.types.is_large_list(tokens.type):
+                raise DataError(f"column tokens must hold lists of token ids, got {tokens.type}")
+            domain_col = table.column("domain").combine_chunks()
+            for domain in pc.unique(domain_col).to_pylist():
+                if domain not in parts:
+                    raise DataError(f"token rows hold domain {domain!r}, not one of {domains}")
+                rows = tokens.filter(pc.equal(domain_col, domain))
+                parts[domain].append(document_stream(rows))
+        empty = [d for d, chunks in parts.items() if not chunks]
+        if empty:
+            raise DataError(f"no token rows for domain(s) {empty}; {_NOT_PREPARED}")
+        streams = {d: np.concatenate(chunks) for d, chunks in parts.items()}
+        return cls(streams, vocab_size)
 
     def _span(self, domain: str | None) -> tuple[int, int]:
         if domain is None:

@@ -136,6 +136,33 @@ def test_token_data_stream_has_eos_between_documents(prepared: tuple[Path, dict]
     assert td.stream.dtype == torch.int32
 
 
+def test_token_data_from_rows_equals_load(prepared: tuple[Path, dict]) -> None:
+    """Rows as a reader hands them over (in file order, cut into arbitrary batches, the
+    domains' files interleaved) rebuild exactly the stream :meth:`TokenData.load` reads."""
+    data_dir, manifest = prepared
+    domains = ["shakespeare", "python"]
+    want = TokenData.load(data_dir, domains, "train")
+    per_domain = [
+        [
+            b
+            for name in manifest["splits"]["train"][d]["shards"]
+            for b in pq.read_table(data_dir / "train" / name).to_batches(max_chunksize=3)
+        ]
+        for d in reversed(domains)
+    ]
+    interleaved = [b for pair in itertools.zip_longest(*per_domain) for b in pair if b]
+    tables = [pa.Table.from_batches([b]) for b in interleaved]
+    got = TokenData.from_tables(tables, domains, want.vocab_size)
+    assert got.domains == domains and got.spans == want.spans
+    assert torch.equal(got.stream, want.stream)
+    with pytest.raises(DataError, match="domain 'python', not one of"):
+        TokenData.from_tables(tables, ["shakespeare"], want.vocab_size)
+    with pytest.raises(DataError, match=r"no token rows for domain\(s\) \['legal'\]"):
+        TokenData.from_tables(tables, [*domains, "legal"], want.vocab_size)
+    with pytest.raises(DataError, match="lack column"):
+        TokenData.from_tables([tables[0].drop_columns(["domain"])], domains, want.vocab_size)
+
+
 def test_sample_shape_and_determinism(prepared: tuple[Path, dict]) -> None:
     td = TokenData.load(prepared[0], ["shakespeare", "python"], "train")
     batch = td.sample(4, 16, torch.Generator().manual_seed(0))
