@@ -5,7 +5,7 @@ expertmesh status [--json]
 expertmesh generate "prompt" [--max-tokens N] [--temperature T] [--stream] [--json]
 expertmesh scale N
 expertmesh down
-expertmesh data prepare | train
+expertmesh data prepare | train [--workers N]
 expertmesh submit PIPELINE [ARGS] | jobs | job status|logs|stop ID | lineage NAME
 """
 
@@ -36,7 +36,10 @@ def _train(args: argparse.Namespace) -> int:
     from expertmesh.pipelines import train
 
     overrides = [arg for item in args.set for arg in ("--set", item)]
-    return train.main(["--config", args.config, *overrides])
+    on_ray = [] if args.workers is None else ["--workers", str(args.workers)]
+    if args.gpus_per_worker is not None:
+        on_ray += ["--gpus-per-worker", str(args.gpus_per_worker)]
+    return train.main(["--config", args.config, *overrides, *on_ray])
 
 
 # ---------------------------------------------------------------------- serving commands
@@ -170,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train a model (runs expertmesh.pipelines.train)")
     with_config(tr)
+    tr.add_argument("--workers", type=int, help="train on Ray Train with N DDP workers")
+    tr.add_argument("--gpus-per-worker", type=float, help="GPUs per Ray Train worker")
     tr.set_defaults(func=_train)
 
     up = sub.add_parser("up", help="start local Ray, deploy a model and serve the HTTP API")

@@ -2,7 +2,10 @@
 
 Prepares the data if needed, trains with checkpoints and exact resume, logs to MLflow and
 registers the result as a new model version with its lineage. Checkpoints and the MLflow store
-are the cluster's when it runs on one (see :mod:`expertmesh.platform.storage`).
+are the cluster's when it runs on one (see :mod:`expertmesh.platform.storage`). Without
+``--workers`` it trains in this process; with ``--workers N`` on Ray Train
+(:mod:`expertmesh.pipelines.train_ray`), joining the cluster at ``RAY_ADDRESS`` (as a Ray job
+does) or starting a local one.
 """
 
 from __future__ import annotations
@@ -11,9 +14,11 @@ import argparse
 import os
 import sys
 
+from expertmesh.pipelines.train_ray import RayTrainOptions, train_on_ray
 from expertmesh.platform import lineage, storage
 from expertmesh.platform.config import load_config, to_dict
 from expertmesh.platform.data import prepare
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.tracking import Tracker
 from expertmesh.platform.training import train
 
@@ -28,18 +33,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set train.steps=100 (repeatable)",
     )
-    p.add_argument("--no-resume", action="store_true", help="start over even if checkpoints exist")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start over even if checkpoints exist (a Ray Train run always starts in a new folder)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (default: the cluster's)")
     p.add_argument(
         "--checkpoint-root", default=None, help="pyarrow.fs URI (default: the cluster's)"
     )
+    ray = p.add_argument_group("Ray Train (given --workers)")
+    ray.add_argument("--workers", type=int, help="train on Ray Train with N DDP workers")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs per worker")
+    ray.add_argument(
+        "--max-failures", type=int, default=2, help="restarts from the last checkpoint (-1: any)"
+    )
     return p
+
+
+def ray_options(args: argparse.Namespace) -> RayTrainOptions | None:
+    """The Ray Train options the flags ask for; None (train in this process) without --workers."""
+    if args.workers is None:
+        for flag in ("gpus_per_worker", "cpus_per_worker", "max_failures"):
+            if getattr(args, flag) != build_parser().get_default(flag):
+                raise ConfigError(flag, "applies to Ray Train only; add --workers N")
+        return None
+    return RayTrainOptions(
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        max_failures=args.max_failures,
+        checkpoint_root=args.checkpoint_root,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = load_config(args.config, args.set)
+    opts = ray_options(args)
     tracker = Tracker(args.tracking_uri)
     tracker.check_reachable()  # before hours of data preparation and training
     if cfg.train.output_dir is None:
@@ -58,13 +91,16 @@ def main(argv: list[str] | None = None) -> int:
         git_revision=lineage.git_revision(),
         data_uri=os.path.abspath(cfg.data.data_dir),
     )
-    result = train(
-        cfg,
-        tracker=tracker,
-        resume=not args.no_resume,
-        progress=not args.no_progress,
-        lineage=record,
-    )
+    if opts is None:
+        result = train(
+            cfg,
+            tracker=tracker,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+            lineage=record,
+        )
+    else:
+        result = train_on_ray(cfg, opts, tracker=tracker, version_tags=record.tags())
     mv = result.model_version
     print(f"checkpoint: {result.checkpoint_uri}")
     print(f"mlflow run: {result.run_id}")
