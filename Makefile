@@ -59,3 +59,4 @@ bench: $(STAMP)
 	$(PY) bench/staggered_arrivals.py
 	$(PY) bench/chaos.py
 	$(PY) bench/ray_rpc.py
+	$(PY) bench/train_throughput.py
