@@ -123,7 +123,8 @@ def test_run_is_logged_checkpointed_and_registered(two_workers, state_home) -> N
     loads = [run.data.metrics[f"load/L0/E{e}"] for e in range(8)]
     torch.testing.assert_close(sum(loads), 1.0, rtol=0, atol=1e-9)  # float64 mean of fractions
 
-    # Ray Train's run folder sits under <home>/checkpoints and holds the project's format
+    # Ray Train's run folder sits under the checkpoint root the local cluster publishes
+    # (<home>/checkpoints) and holds the project's format
     run_dir = state_home / "checkpoints" / f"train-{two_workers.run_id}"
     assert two_workers.checkpoint_uri == str(run_dir / "step-000008")
     for step in (3, 6, 8):
@@ -132,7 +133,7 @@ def test_run_is_logged_checkpointed_and_registered(two_workers, state_home) -> N
 
     mv = client.get_model_version("test-ray", two_workers.model_version.version)
     assert mv.run_id == two_workers.run_id
-    assert mv.tags["pipeline"] == "train" and mv.tags["ray_job_id"]
+    assert mv.tags["pipeline"] == "train" and mv.tags["ray_train.workers"] == "2"
     registered, _ = ckpt.load_model(Tracker().get_version("test-ray", mv.version).source)
     final, _ = ckpt.load_model(two_workers.checkpoint_uri)
     for (name, a), b in zip(

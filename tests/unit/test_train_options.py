@@ -1,15 +1,12 @@
-"""The train pipeline's flags, Ray Train options and the checkpoint root (no Ray needed)."""
+"""The train pipeline's flags and Ray Train options (no Ray needed)."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from expertmesh.pipelines.train import build_parser, ray_options
 from expertmesh.pipelines.train_ray import RayTrainOptions
 from expertmesh.platform.errors import ConfigError
-from expertmesh.platform.storage import checkpoint_root
 
 
 def parse(*argv: str) -> RayTrainOptions | None:
@@ -30,8 +27,8 @@ def test_ray_flags_without_workers_are_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="gpus_per_worker: applies to Ray Train only"):
         parse("--gpus-per-worker", "1")
     with pytest.raises(ConfigError) as exc:
-        parse("--checkpoint-root", "/tmp/x")
-    assert exc.value.field == "checkpoint_root"
+        parse("--max-failures", "5")
+    assert exc.value.field == "max_failures"
 
 
 @pytest.mark.parametrize(
@@ -48,13 +45,3 @@ def test_bad_options_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError) as exc:
         RayTrainOptions(**{field: value})
     assert exc.value.field == field
-
-
-def test_checkpoint_root_defaults_under_home_and_never_relative(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.setenv("EXPERTMESH_HOME", str(tmp_path / "home"))
-    assert checkpoint_root() == str(tmp_path / "home" / "checkpoints")
-    monkeypatch.chdir(tmp_path)
-    assert checkpoint_root("runs/ckpt") == str(tmp_path / "runs" / "ckpt")
-    assert checkpoint_root("s3://bucket/ckpt") == "s3://bucket/ckpt"
