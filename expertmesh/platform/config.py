@@ -295,11 +295,44 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return fix(out)
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    """Load an :class:`ExperimentConfig` from YAML, applying ``section.key=value`` overrides."""
+SHIPPED_CONFIGS = "configs"  # the package folder of ready configs (expertmesh/configs)
+
+
+def shipped_config(name: str) -> Path:
+    """The path of a config that ships with the package, e.g. ``shipped_config("tiny.yaml")``."""
+    return Path(__file__).resolve().parents[1] / SHIPPED_CONFIGS / name
+
+
+def find_config(path: str | Path) -> Path:
+    """``path`` if it exists, else the shipped config a relative ``configs/NAME`` names.
+
+    NOTE: jobs run in whatever folder Ray or a container gives them (a KubeRay head has no
+    checkout), so ``--config configs/tiny.yaml`` must mean the packaged file everywhere; a file
+    of that name in the working folder still wins, so users can edit a copy.
+    """
     path = Path(path)
-    if not path.exists():
-        raise ConfigError("config", f"config file {path} does not exist")
+    if path.exists():
+        return path
+    parts = path.parts
+    if not path.is_absolute() and len(parts) == 2 and parts[0] == SHIPPED_CONFIGS:
+        shipped = shipped_config(parts[1])
+        if shipped.exists():
+            return shipped
+    available = sorted(p.name for p in shipped_config("").glob("*.yaml"))
+    raise ConfigError(
+        "config",
+        f"config file {path} does not exist (shipped configs: "
+        f"{', '.join(f'{SHIPPED_CONFIGS}/{n}' for n in available)})",
+    )
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load an :class:`ExperimentConfig` from YAML, applying ``section.key=value`` overrides.
+
+    ``configs/NAME.yaml`` names a shipped config from any working folder (see
+    :func:`find_config`).
+    """
+    path = find_config(path)
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ConfigError("config", f"{path} must hold a mapping at the top level")

@@ -81,10 +81,26 @@ def test_training_device_resolves_to_what_this_machine_has() -> None:
         assert field_of(err) == "device" and "no CUDA GPU" in str(err.value)
 
 
-def test_shipped_tiny_config_loads() -> None:
-    cfg = load_config(REPO / "configs/tiny.yaml")
+def test_shipped_tiny_config_loads_from_any_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a container or Ray job runs in a folder with no checkout: configs/ is package data
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("configs/tiny.yaml")
     assert cfg.model.n_experts == 8 and cfg.model.top_k == 2 and cfg.model.router == "topk"
     assert cfg.model.moe_layers == [0, 1, 2, 3]
+    # a file of that name in the working folder wins (a user's edited copy)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("model:\n  n_experts: 4\n")
+    assert load_config("configs/tiny.yaml").model.n_experts == 4
+    with pytest.raises(ConfigError, match=r"does not exist \(shipped configs: configs/tiny.yaml"):
+        load_config("configs/nope.yaml")
+
+
+def test_no_top_level_configs_that_would_not_ship() -> None:
+    # configs live in expertmesh/configs so wheels and images carry them
+    stray = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    assert not stray, f"move {stray} to expertmesh/configs/ (package data)"
 
 
 def test_yaml_with_overrides(tmp_path: Path) -> None:
