@@ -114,11 +114,21 @@ class Manifest:
 
 
 def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    from expertmesh.platform import tracking
+
+    if tracking.is_mlflow_artifact_uri(uri):
+        # NOTE: a version registered on an MLflow server points at the server's proxied store,
+        # which pyarrow cannot open: every node reads a local copy (read-only use only)
+        return pafs.LocalFileSystem(), str(tracking.local_artifact_copy(uri))
     return pafs.FileSystem.from_uri(uri)
 
 
 def _normalize(uri: str) -> str:
-    return uri.rstrip("/") if "://" in uri else os.path.abspath(uri)
+    from expertmesh.platform import tracking
+
+    if "://" in uri or tracking.is_mlflow_artifact_uri(uri):
+        return uri.rstrip("/")
+    return os.path.abspath(uri)
 
 
 class _Dir:

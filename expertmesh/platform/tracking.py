@@ -28,6 +28,48 @@ TAG_CHECKPOINT = "expertmesh.checkpoint_uri"
 SERVING_ALIAS = "serving"  # the model-version alias of what a cluster serves
 
 
+# Artifact URIs only an MLflow client can read: a tracking server's proxied artifact store
+# (``mlflow server --serve-artifacts``) hands out ``mlflow-artifacts:/...`` for every run.
+MLFLOW_ARTIFACT_SCHEMES = ("mlflow-artifacts:", "runs:/")
+
+
+def is_mlflow_artifact_uri(uri: str) -> bool:
+    return uri.startswith(MLFLOW_ARTIFACT_SCHEMES)
+
+
+def local_artifact_copy(uri: str) -> Path:
+    """A local copy of the artifact folder ``uri``, downloaded once per node and state folder.
+
+    The copy is keyed by the URI: a run's artifacts never change once logged. Concurrent
+    callers (several shards on one node) each download to a folder of their own and the first
+    rename wins, so nobody reads a half-written copy.
+    """
+    import hashlib
+    import shutil
+    import tempfile
+
+    import mlflow
+
+    root = envs.home() / "artifact-cache"
+    final = root / hashlib.sha256(uri.encode()).hexdigest()[:24]
+    if final.exists():
+        return final
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=root))
+    try:
+        got = mlflow.artifacts.download_artifacts(
+            artifact_uri=uri, dst_path=str(tmp), tracking_uri=default_tracking_uri()
+        )
+        try:
+            Path(got).rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def default_tracking_uri() -> str:
     return storage.tracking_uri()
 
