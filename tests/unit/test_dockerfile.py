@@ -92,3 +92,33 @@ def test_bases_are_ray_images_of_the_pinned_version() -> None:
     for base in ray_bases:
         assert base.startswith("rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-"), base
     assert bases[-1] == "base-${FLAVOR}" and args["FLAVOR"] == "cpu"
+
+
+def test_the_wheel_the_image_installs_carries_the_configs(tmp_path: Path) -> None:
+    """Build the wheel from what the Dockerfile copies (setuptools' own backend, no network)."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "constraints.txt"):
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(
+        REPO / "expertmesh", src / "expertmesh", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    build = "import sys, setuptools.build_meta as b; print(b.build_wheel(sys.argv[1]))"
+    out = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path)],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    wheel = tmp_path / out.stdout.strip().splitlines()[-1]
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {p.name for p in (REPO / "expertmesh" / "configs").glob("*.yaml")}
+    assert {f"expertmesh/configs/{n}" for n in shipped} <= set(names)
+    assert "expertmesh/api/serve_app.py" in names
