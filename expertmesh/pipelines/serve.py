@@ -1,7 +1,9 @@
 """Serve a registered model on the current Ray cluster until stopped.
 
 ``python -m expertmesh.pipelines.serve --model expertmesh-tiny --shards 4`` — submittable with
-``ray job submit`` (it joins the job's cluster) or run on a KubeRay head (k8s/rayjob-serve.yaml).
+``ray job submit`` (it joins the job's cluster). On KubeRay, serving is a RayService instead
+(k8s/base/rayservice.yaml, expertmesh.api.serve_app): a job's driver is not redeployed when it
+or the head dies.
 It deploys the model (router + shard actors + controller), starts the HTTP API and keeps the job
 alive; SIGTERM (``ray job stop``) tears the deployment down.
 """
