@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import expertmesh
-from expertmesh.runtime import LocalRayOptions, free_port, init_ray
+from expertmesh.runtime import free_port
 from tests.integration.tracking_server import mlflow_server, pg_bin, postgres
 
 pytestmark = [
@@ -108,14 +108,29 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
         tempfile.TemporaryDirectory(prefix="emk8s-") as ray_tmp,
         pytest.MonkeyPatch.context() as mp,
     ):
-        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)
         # what the pods get from the manifests: the tracking server and the API token
         mp.setenv("MLFLOW_TRACKING_URI", tracking)
         mp.setenv("EXPERTMESH_TOKEN", TOKEN)
         import ray
+        from ray.cluster_utils import Cluster as RayTestCluster
 
-        assert init_ray(local=LocalRayOptions(num_cpus=4, dashboard=True, dashboard_port=dash_port))
+        # NOTE: a head of our own through ray.cluster_utils, not ray.init: only it takes the
+        # dashboard agent's port, whose default (52365) another Ray on a shared machine may hold;
+        # then no agent can run jobs ("No available agent to submit job")
+        head = RayTestCluster(
+            initialize_head=True,
+            head_node_args={
+                "node_ip_address": "127.0.0.1",
+                "temp_dir": ray_tmp,
+                "num_cpus": 4,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dash_port,
+                "dashboard_agent_listen_port": free_port(),
+            },
+        )
         try:
+            ray.init(address=head.address, _node_ip_address="127.0.0.1", namespace="expertmesh")
             dashboard = f"http://127.0.0.1:{dash_port}"
             jobs = JobSubmissionClient(dashboard)
 
@@ -130,11 +145,13 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
                         raise
                     return None
 
-            job = _wait("the job server to take a job", submit, timeout_s=60)
+            # NOTE: generous bounds: ~65 s in all on a quiet 2-core machine, several times that
+            # when other sessions share it
+            job = _wait("the job server to take a job", submit, timeout_s=180)
             status = _wait(
                 "the training job to finish",
                 lambda: (s := jobs.get_job_status(job)).is_terminal() and s,
-                timeout_s=150,
+                timeout_s=300,
             )
             assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
 
@@ -171,7 +188,7 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
                     raise AssertionError(apps[app["name"]].get("message"))
                 return status == "RUNNING" and status
 
-            _wait("the serve application to run", app_status, timeout_s=120)
+            _wait("the serve application to run", app_status, timeout_s=240)
             url = f"http://127.0.0.1:{api_port}"
             with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
                 assert http.get("/api/health").json()["model_ready"] is True
@@ -194,3 +211,4 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
 
             serve.shutdown()
             ray.shutdown()
+            head.shutdown()
