@@ -50,6 +50,8 @@ def local_artifact_copy(uri: str) -> Path:
 
     import mlflow
 
+    from expertmesh import envs
+
     root = envs.home() / "artifact-cache"
     final = root / hashlib.sha256(uri.encode()).hexdigest()[:24]
     if final.exists():
