@@ -111,6 +111,7 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
         # what the pods get from the manifests: the tracking server and the API token
         mp.setenv("MLFLOW_TRACKING_URI", tracking)
         mp.setenv("EXPERTMESH_TOKEN", TOKEN)
+        mp.setenv("EXPERTMESH_CHECKPOINT_ROOT", str(tmp_path / "checkpoints"))
         import ray
         from ray.cluster_utils import Cluster as RayTestCluster
 
@@ -138,7 +139,12 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
                 try:
                     return jobs.submit_job(
                         entrypoint=_train_entrypoint(tmp_path / "ckpt", prepared_data),
-                        runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking}},
+                        runtime_env={
+                            "env_vars": {
+                                "MLFLOW_TRACKING_URI": tracking,
+                                "EXPERTMESH_CHECKPOINT_ROOT": str(tmp_path / "checkpoints"),
+                            }
+                        },
                     )
                 except RuntimeError as exc:  # the head's agent starts after the dashboard
                     if "No available agent" not in str(exc):

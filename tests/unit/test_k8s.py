@@ -236,10 +236,14 @@ def test_tracking_uri_reaches_the_mlflow_server(target: str) -> None:
         assert m and m[1] in services, uri
         assert int(m[2]) in {p["port"] for p in services[m[1]]["spec"]["ports"]}
         assert f"{m[1]}:{m[2]}" in allowed, f"mlflow --allowed-hosts lacks {m[1]}:{m[2]}"
-    for o in objs:  # every Ray pod is told where to track
+    for o in objs:  # every Ray pod is told where to track and to keep checkpoints
         for where, c in containers(o):
             if o["kind"] in KUBERAY_KINDS:
-                assert "MLFLOW_TRACKING_URI" in {e["name"] for e in c.get("env", [])}, where
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                assert "MLFLOW_TRACKING_URI" in env, where
+                assert env.get("EXPERTMESH_CHECKPOINT_ROOT", "").startswith("s3://"), where
+                # pyarrow reads the store's AWS_* credentials from the environment
+                assert {"secretRef": {"name": "expertmesh-object-store"}} in c["envFrom"], where
 
 
 @pytest.mark.parametrize("target", TARGETS)
