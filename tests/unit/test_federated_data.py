@@ -28,7 +28,7 @@ def test_the_shipped_config_splits_legal_over_six_unequal_clients() -> None:
 def test_the_clients_file_is_found_from_anywhere(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # a Ray job's working directory, say
     assert len(load_federation("configs/federated.yaml").clients) >= 6
-    assert load_federation(REPO / "configs" / "federated.yaml").strategy == "flame"
+    assert load_federation(REPO / "expertmesh" / "configs" / "federated.yaml").strategy == "flame"
     with pytest.raises(ConfigError, match=r"^clients: clients file nowhere.yaml does not exist"):
         load_federation("nowhere.yaml")
 
@@ -67,7 +67,7 @@ def test_legal_categories_come_from_the_front_matter(prepared_data) -> None:
 def test_partitions_are_non_iid_unequal_and_hold_no_validation_text(
     prepared_data, tmp_path: Path
 ) -> None:
-    shipped = load_federation(REPO / "configs" / "federated.yaml")
+    shipped = load_federation(REPO / "expertmesh" / "configs" / "federated.yaml")
     # NOTE: the three smallest clients keep the test fast (tokenizing Permissive alone takes
     # seconds); the integration test partitions the large categories
     fed = dataclasses.replace(shipped, clients=shipped.clients[3:], min_clients=None)
