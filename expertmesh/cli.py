@@ -4,6 +4,7 @@ expertmesh up [--model NAME_OR_URI] [--shards 4] [--replicas 2] [--port 8000] [-
 expertmesh status [--json]
 expertmesh generate "prompt" [--max-tokens N] [--temperature T] [--stream] [--json]
 expertmesh scale N
+expertmesh upgrade NAME/VER
 expertmesh down
 expertmesh data prepare | train [--workers N]
 expertmesh submit PIPELINE [ARGS] | jobs | job status|logs|stop ID | lineage NAME
@@ -108,6 +109,23 @@ def _scale(args: argparse.Namespace) -> int:
     return 0
 
 
+def _upgrade(args: argparse.Namespace) -> int:
+    from expertmesh import service
+
+    out = service.attach().upgrade(args.model)
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    up = out.get("upgrade") or {}
+    print(
+        f"upgraded {up.get('from')} -> {up.get('to')} in {up.get('seconds', 0):.1f}s: "
+        f"{up.get('files_loaded')} expert files loaded ({up.get('bytes_loaded')} of "
+        f"{up.get('expert_bytes')} bytes), {up.get('dropped')} old weights dropped"
+    )
+    print(format_status(out))
+    return 0
+
+
 def _down(args: argparse.Namespace) -> int:
     from expertmesh import service
 
@@ -122,7 +140,8 @@ def format_status(status: dict[str, Any]) -> str:
     nodes = status.get("nodes") or []
     alive = sum(1 for n in nodes if n.get("alive"))
     lines = [
-        f"model {status.get('model')}  placement v{status.get('placement_version')}  "
+        f"model {status.get('model')}  version {status.get('version') or '-'}  "
+        f"placement v{status.get('placement_version')}  "
         f"nodes {alive}/{len(nodes)} alive  min replicas {status.get('min_replicas')}"
     ]
     router = status.get("router") or {}
@@ -221,6 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("scale", help="grow or shrink the expert shard pool, live")
     sc.add_argument("shards", type=int)
     sc.set_defaults(func=_scale)
+
+    upg = sub.add_parser(
+        "upgrade", help="serve another registered version live (rollback: the parent version)"
+    )
+    upg.add_argument("model", help="registered NAME/VERSION, e.g. expertmesh-tiny/2")
+    upg.add_argument("--json", action="store_true", help="print the result as JSON")
+    upg.set_defaults(func=_upgrade)
 
     down = sub.add_parser("down", help="stop what `expertmesh up` started")
     down.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for exit")

@@ -153,6 +153,10 @@ class HttpCluster:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         return self._request("PUT", "/api/shards", json={"shards": shards})
 
+    def upgrade(self, model: str) -> dict[str, Any]:
+        """Serve registered version ``model`` (``NAME/VER``) live (``PUT /api/model``)."""
+        return self._request("PUT", "/api/model", json={"model": model})
+
     def models(self) -> list[str]:
         return [m["id"] for m in self._request("GET", "/v1/models")["data"]]
 

@@ -109,6 +109,7 @@ class Cluster:
         spec = DeploymentSpec(
             model=resolved.name,
             checkpoint_uri=resolved.checkpoint_uri,
+            version=None if resolved.version is None else resolved.version.version,
             shards=shards,
             min_replicas=replicas,
             shard_resources=ShardResources(
@@ -130,6 +131,34 @@ class Cluster:
         if shards < 1:
             raise ClusterError(f"shards must be >= 1, got {shards}")
         return self._call("scale", shards)
+
+    def upgrade(self, model: str) -> dict[str, Any]:
+        """Serve another registered version of the deployed model live, with no failed request.
+
+        Shards load only the experts whose checksum they do not hold; requests in flight
+        finish on the old version, new ones start on ``model``; the old version's experts go
+        once its last request ends, and ``@serving`` moves to ``model``. Rollback is an upgrade
+        to the parent version. Returns what the upgrade did (``"upgrade"``: files and bytes
+        loaded, weights dropped) with the cluster status after it.
+
+        Raises:
+            LookupError: ``model`` names no registered version.
+            ConfigError: its dense shape (d_model, vocabulary, layers, heads) differs.
+            UpgradeInProgressError: another upgrade is running.
+
+        Example::
+
+            cluster.upgrade("expertmesh-tiny/2")  # e.g. a version grown by add_expert
+            cluster.upgrade("expertmesh-tiny/1")  # and back
+        """
+        import ray
+
+        if not isinstance(model, str) or not model.strip():
+            raise ClusterError(f"model must be a registered NAME/VERSION, got {model!r}")
+        try:
+            return self._call("upgrade", model.strip())
+        except ray.exceptions.RayTaskError as exc:  # the controller's own error, as raised
+            raise (exc.cause if exc.cause is not None else exc) from None
 
     def autoscale(
         self,

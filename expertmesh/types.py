@@ -22,6 +22,10 @@ class ClusterError(ExpertmeshError):
     """An operation on the cluster failed; the message says why."""
 
 
+class UpgradeInProgressError(ClusterError):
+    """A live upgrade was asked for while another one runs (HTTP 409)."""
+
+
 @dataclass(kw_only=True, slots=True)
 class Completion:
     text: str
@@ -126,4 +130,8 @@ class ClusterHandle(Protocol):
 
     def scale(self, shards: int) -> dict[str, Any]:
         """Grow or shrink the expert shard pool to ``shards`` actors, live."""
+        ...
+
+    def upgrade(self, model: str) -> dict[str, Any]:
+        """Serve registered version ``model`` (``NAME/VER``) live, with no failed request."""
         ...

@@ -40,15 +40,16 @@ _ACK = b"\x01"
 # and read before the request to the next shard can go. Set before listen/connect so that the
 # TCP window scales with it; the kernel caps it at net.core.wmem_max / rmem_max.
 SOCKET_BUFFER_BYTES = 1 << 20
-# request: magic, layer, number of (expert, count) groups, rows, cols, dtype code
-_REQ = struct.Struct("<4sIIIIB3x")
+# request: magic, model version, layer, number of (expert, count) groups, rows, cols, dtype code
+_REQ = struct.Struct("<4sIIIIIB3x")
 # reply: magic, status (0 ok, 1 error), rows, cols, error message length
 _REP = struct.Struct("<4sB3xIII")
-_REQ_MAGIC, _REP_MAGIC = b"EMQ1", b"EMR1"
+_REQ_MAGIC, _REP_MAGIC = b"EMQ2", b"EMR1"  # EMQ2: the request carries the version
 DTYPES: dict[int, np.dtype] = {0: np.dtype("<f4"), 1: np.dtype("<f2")}
 _CODES = {dt: code for code, dt in DTYPES.items()}
 
-Handler = Callable[[int, np.ndarray, list[int], list[int]], np.ndarray]
+# (layer, x_AD, experts, counts, version) -> y_AD
+Handler = Callable[[int, np.ndarray, list[int], list[int], int], np.ndarray]
 
 
 class ChannelError(RuntimeError):
@@ -121,7 +122,7 @@ def _as_bytes(a: np.ndarray) -> memoryview:
 # ---------------------------------------------------------------------- shard side
 class ChannelServer:
     """Accepts connections on ``host`` (an ephemeral port) and answers each request frame with
-    ``handler(layer, x_AD, experts, counts)``; one thread per connection."""
+    ``handler(layer, x_AD, experts, counts, version)``; one thread per connection."""
 
     def __init__(self, handler: Handler, host: str = "127.0.0.1", *, backlog: int = 64) -> None:
         self.handler = handler
@@ -183,7 +184,7 @@ class ChannelServer:
         head = _recv_exact(conn, _REQ.size)
         if head is None:
             return False  # the client closed between frames
-        magic, layer, n_groups, rows, cols, code = _REQ.unpack(head)
+        magic, version, layer, n_groups, rows, cols, code = _REQ.unpack(head)
         dtype = DTYPES.get(code)
         if magic != _REQ_MAGIC or dtype is None or n_groups > MAX_GROUPS:
             raise ChannelError(f"bad request header {head!r}")
@@ -195,7 +196,7 @@ class ChannelServer:
             raise ChannelError("connection closed mid-frame")
         experts, counts = groups[:n_groups].tolist(), groups[n_groups:].tolist()
         try:
-            y_AD = np.asarray(self.handler(layer, x_AD, experts, counts), dtype=dtype)
+            y_AD = np.asarray(self.handler(layer, x_AD, experts, counts, version), dtype=dtype)
             if y_AD.shape != x_AD.shape:
                 raise ValueError(f"handler returned shape {y_AD.shape}, expected {x_AD.shape}")
         except Exception as exc:  # the shard's error goes back to the caller, the link stays up
@@ -235,15 +236,17 @@ class ShardChannel:
         experts: list[int],
         counts: list[int],
         timeout_s: float = 2.0,
+        version: int = 0,
     ) -> None:
         """Send one request: ``parts`` stacked row-wise are the rows, ``counts[i]`` of them for
-        ``experts[i]``. Returns once the bytes are with the kernel (a hung shard's full buffer
+        ``experts[i]`` of model ``version`` (a shard may hold experts of two versions during an
+        upgrade). Returns once the bytes are with the kernel (a hung shard's full buffer
         fails after ``timeout_s``); :meth:`receive` waits for the answer."""
         dtype = parts[0].dtype
         rows, cols = sum(p.shape[0] for p in parts), parts[0].shape[1]
         if dtype not in _CODES:
             raise TypeError(f"channel carries float32 or float16 rows, not {dtype}")
-        head = _REQ.pack(_REQ_MAGIC, layer, len(experts), rows, cols, _CODES[dtype])
+        head = _REQ.pack(_REQ_MAGIC, version, layer, len(experts), rows, cols, _CODES[dtype])
         groups = np.asarray([*experts, *counts], dtype="<i4")
         try:
             self.sock.settimeout(max(timeout_s, 1e-3))

@@ -9,7 +9,8 @@ The controller composes its parts, each built here with what it needs (as Ray Se
 controller builds its state managers): the shared ``ControllerState`` (actors/state.py), a
 ``ShardPool`` that starts shards and applies plans (actors/shard_pool.py), the ``SparePool`` of
 warm shards (actors/spares.py), ``Elasticity`` for scaling, spreading and autoscaling
-(actors/elastic.py) and ``Health`` for dead shards, healing, load and nodes (actors/health.py).
+(actors/elastic.py), ``Health`` for dead shards, healing, load and nodes (actors/health.py) and
+``Upgrades`` for live upgrades to another model version (actors/upgrades.py).
 """
 
 from __future__ import annotations
@@ -35,9 +36,12 @@ from expertmesh.actors.state import (
     ControllerState,
     DeploymentSpec,
     LoadStats,
+    ModelVersion,
     ShardRecord,
     StateStore,
+    version_label,
 )
+from expertmesh.actors.upgrades import Upgrades
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
 from expertmesh.platform.autoscale import AutoscaleConfig
@@ -85,6 +89,7 @@ class Controller:
             ControllerMetrics(),
             heartbeat_timeout_s=heartbeat_timeout_s,
         )
+        self.upgrades = Upgrades(self.state, self.shard_pool)
         self._stop = threading.Event()
         self._restore()
         self._loop = threading.Thread(target=self._reconcile_loop, daemon=True, name="reconcile")
@@ -110,7 +115,12 @@ class Controller:
             self.health.sample_load(now)
             self.spare_pool.check()
             # a node that joined gets a shard, moved from the most crowded node
-            if self.health.watch_nodes() and self.state.spec is not None:
+            joined = self.health.watch_nodes()
+            # NOTE: the shard pool holds still while an upgrade runs (one change at a time);
+            # healing goes on, for every live version
+            if self.state.upgrade is not None:
+                return
+            if joined and self.state.spec is not None:
                 self.elastic.rebalance_shards()
             self.elastic.autoscale_tick(now)
 
@@ -124,6 +134,7 @@ class Controller:
         st.table = pl.PlacementTable.from_json(json.dumps(record["table"]))
         st.next_shard = record["next_shard"]
         st.events.extend(record.get("events", []))
+        st.restore_versions(record)
         for s in record["shards"]:
             rec = ShardRecord(**s)
             try:
@@ -146,6 +157,7 @@ class Controller:
             "controller_restarted",
             f"rebuilt state: {len(st.shards)} shards, table v{st.table.version}",
         )
+        self.upgrades.resume()
 
     def _stop_orphans(self) -> None:
         """Stop the shard actors the restored record does not name, and never reuse their ids.
@@ -181,6 +193,19 @@ class Controller:
             manifest = ckpt.read_manifest(spec.checkpoint_uri)
             cfg = manifest.config
             st.spec = spec
+            number = st.next_version
+            st.next_version += 1
+            label = version_label(spec.model, spec.version)
+            st.versions = {
+                number: ModelVersion(
+                    number=number,
+                    label=label,
+                    checkpoint_uri=spec.checkpoint_uri,
+                    name=spec.model,
+                    version=spec.version,
+                )
+            }
+            st.serving = number
             st.save()  # write down what we are about to do before doing it
             router = (
                 ray.remote(RouterService)
@@ -205,6 +230,8 @@ class Controller:
                     micro_batches=spec.router.micro_batches,
                     call_timeout_s=spec.call_timeout_s,
                     transport=spec.router.transport,
+                    model_version=number,
+                    label=label,
                 )
             )
             st.router = router
@@ -226,8 +253,15 @@ class Controller:
 
     def scale(self, shards: int) -> dict[str, Any]:
         """Grow or shrink the shard pool to ``shards``, live (see :meth:`Elasticity.scale`)."""
+        self.upgrades.refuse_if_running()
         self.elastic.scale(shards)
         return self.status()
+
+    def upgrade(self, ref: str) -> dict[str, Any]:
+        """Serve registered version ``ref`` live (see :meth:`Upgrades.upgrade`); returns what
+        the upgrade did (``"upgrade"``) and the status after it."""
+        summary = self.upgrades.upgrade(ref)
+        return {"upgrade": summary, **self.status()}
 
     def rebalance(self) -> dict[str, Any]:
         """Re-fit replica counts to the measured load (hot experts get more replicas)."""
@@ -245,7 +279,17 @@ class Controller:
             return None
         live = {s: h for s, h in list(st.handles.items()) if s in st.shards}
         replicas = [(list(k), [s for s in v if s in live]) for k, v in table.replicas.items()]
-        return {"version": table.version, "replicas": replicas, "handles": live}
+        others = [
+            (n, [(list(k), [s for s in v if s in live]) for k, v in t.replicas.items()])
+            for n, t in list(st.other_tables.items())
+        ]
+        return {
+            "version": table.version,
+            "replicas": replicas,
+            "handles": live,
+            "serving": st.serving,
+            "others": others,
+        }
 
     def get_events(self, since: float = 0.0) -> list[dict[str, Any]]:
         return [e for e in list(self.state.events) if e["ts"] > since]
@@ -282,8 +326,29 @@ class Controller:
             except Exception as exc:
                 router = {"error": type(exc).__name__}
         spec = st.spec
+        labels = {n: v.label for n, v in list(st.versions.items())}
+        running = (router or {}).get("versions") or {}
+        for shard_stats in stats.values():  # model version number -> its label
+            if "versions" in shard_stats:
+                shard_stats["versions"] = {
+                    labels.get(int(n), str(n)): k for n, k in shard_stats["versions"].items()
+                }
+        versions = [
+            {
+                "label": v.label,
+                "number": n,
+                "checkpoint_uri": v.checkpoint_uri,
+                "state": "serving" if n == st.serving else _other_state(n, st.upgrade),
+                "running": running.get(v.label, {}).get("running", 0),
+                "waiting": running.get(v.label, {}).get("waiting", 0),
+            }
+            for n, v in sorted(st.versions.items())
+        ]
         return {
             "model": None if spec is None else spec.model,
+            "version": None if spec is None else spec.version,
+            "versions": versions,  # live model versions (two while an upgrade drains)
+            "upgrade": st.upgrade,  # the upgrade in progress, if any
             "checkpoint_uri": None if spec is None else spec.checkpoint_uri,
             "min_replicas": None if spec is None else spec.min_replicas,
             "placement_version": st.table.version,
@@ -317,7 +382,15 @@ class Controller:
         _wait_name_free(names.ROUTER)  # ray.kill is asynchronous; the next deploy reuses the name
         st.shards.clear()
         st.table = pl.PlacementTable(version=st.table.version + 1, replicas={})
+        st.versions.clear()
+        st.other_tables.clear()
+        st.upgrade = None
         st.event("teardown", "stopped router and shards")
+
+
+def _other_state(number: int, upgrade: dict[str, Any] | None) -> str:
+    """A live version that is not serving: one an upgrade loads, or one it drains."""
+    return "loading" if upgrade is not None and upgrade.get("to") == number else "draining"
 
 
 def _wait_name_free(name: str, timeout: float = 30.0) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -62,7 +62,14 @@ class ExpertShard:
         # the experts arrive and leave one at a time, so they are kept per expert, not stacked
         self.backend = select_backend(self.device, stacked=False)
         self.checkpoint_uri = checkpoint_uri
-        self.weights: dict[ExpertKey, tuple[torch.Tensor, torch.Tensor]] = {}
+        # NOTE: weights are kept by the sha256 of their checkpoint file, and each model version
+        # served maps its (layer, expert)s onto them: during an upgrade the experts two versions
+        # share are held (and were loaded) once, and an expert goes when no version maps to it
+        self.blobs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # sha256 -> (w13, w2)
+        self.blob_bytes: dict[str, int] = {}  # sha256 -> size of its checkpoint file
+        self.index: dict[tuple[int, int, int], str] = {}  # (version, layer, expert) -> sha256
+        self.bytes_loaded = 0  # read from the checkpoint store since start
+        self.files_loaded = 0
         self.tokens_served: dict[ExpertKey, int] = defaultdict(int)
         self.calls = 0
         self.busy_s = 0.0
@@ -71,49 +78,99 @@ class ExpertShard:
         self.started_at = time.time()
         self._lock = threading.Lock()
         self.metrics = ShardMetrics(shard_id)
-        self.add_experts(experts)
+        if experts:
+            self.add_experts(experts, checkpoint_uri, 0)
         self.channel = ChannelServer(self.run, _node_ip())
 
     # ------------------------------------------------------------------ placement changes
     def add_experts(
-        self, experts: list[ExpertKey], checkpoint_uri: str | None = None
-    ) -> list[ExpertKey]:
-        """Load experts from the checkpoint store (skips ones already held); returns what it holds."""
-        uri = checkpoint_uri or self.checkpoint_uri
-        wanted = [tuple(k) for k in experts if tuple(k) not in self.weights]
-        if wanted:
-            loaded = ckpt.load_experts(uri, wanted)
-            with self._lock:
-                for key, t in loaded.items():
-                    # NOTE: kept in the checkpoint's dtype, as the in-process ExpertBank keeps
-                    # them: same kernel path, same numbers (a bfloat16 model's activations are
-                    # rounded where PyTorch rounds them), half the memory of float32 copies
-                    w13 = torch.cat([t["w1"], t["w3"]], dim=0).to(self.device).contiguous()
-                    self.weights[key] = (w13, t["w2"].to(self.device).contiguous())
-        return self.held()
+        self, experts: list[ExpertKey], checkpoint_uri: str | None = None, version: int = 0
+    ) -> dict[str, int]:
+        """Serve ``experts`` of model ``version`` (whose checkpoint is ``checkpoint_uri``),
+        reading only the files whose checksum this shard does not hold yet.
 
-    def drop_experts(self, experts: list[ExpertKey]) -> list[ExpertKey]:
+        Returns ``{"experts": mapped, "loaded": files read, "bytes": bytes read}``."""
+        uri = checkpoint_uri or self.checkpoint_uri
+        manifest = ckpt.read_manifest(uri)
+        keys = [tuple(k) for k in experts]
+        shas: dict[ExpertKey, str] = {}
+        for key in keys:
+            entry = manifest.files.get(ckpt.expert_file(*key))
+            if entry is None:
+                raise ckpt.CheckpointError(f"{uri}: checkpoint has no expert {key}")
+            shas[key] = entry.sha256
+        wanted: dict[str, ExpertKey] = {}  # one file per checksum not held
+        for key, sha in shas.items():
+            if sha not in self.blobs and sha not in wanted:
+                wanted[sha] = key
+        loaded = ckpt.load_experts(uri, list(wanted.values())) if wanted else {}
+        size = sum(manifest.files[ckpt.expert_file(*k)].size for k in wanted.values())
+        with self._lock:
+            for sha, key in wanted.items():
+                t = loaded[key]
+                # NOTE: kept in the checkpoint's dtype, as the in-process ExpertBank keeps
+                # them: same kernel path, same numbers (a bfloat16 model's activations are
+                # rounded where PyTorch rounds them), half the memory of float32 copies
+                w13 = torch.cat([t["w1"], t["w3"]], dim=0).to(self.device).contiguous()
+                self.blobs[sha] = (w13, t["w2"].to(self.device).contiguous())
+                self.blob_bytes[sha] = manifest.files[ckpt.expert_file(*key)].size
+            for key, sha in shas.items():
+                self.index[(version, *key)] = sha
+            self.bytes_loaded += size
+            self.files_loaded += len(wanted)
+        return {"experts": len(keys), "loaded": len(wanted), "bytes": size}
+
+    def drop_experts(self, experts: list[ExpertKey], version: int = 0) -> dict[str, int]:
+        """Stop serving ``experts`` of ``version``; weights no version maps to any more go."""
         with self._lock:
             for k in experts:
-                self.weights.pop(tuple(k), None)
-        return self.held()
+                self.index.pop((version, *tuple(k)), None)
+            return self._collect()
 
-    def held(self) -> list[ExpertKey]:
-        return sorted(self.weights)
+    def retire(self, version: int) -> dict[str, int]:
+        """Stop serving every expert of ``version`` (its last request ended); weights that no
+        other version maps to go. Returns ``{"dropped": weights freed, "bytes": their size}``."""
+        with self._lock:
+            for key in [k for k in self.index if k[0] == version]:
+                del self.index[key]
+            return self._collect()
+
+    def _collect(self) -> dict[str, int]:
+        """Free the weights no version maps to (call with the lock held)."""
+        used = set(self.index.values())
+        gone = [sha for sha in self.blobs if sha not in used]
+        freed = sum(self.blob_bytes.pop(sha, 0) for sha in gone)
+        for sha in gone:
+            del self.blobs[sha]
+        return {"dropped": len(gone), "bytes": freed}
+
+    def held(self, version: int | None = None) -> list[ExpertKey]:
+        """The (layer, expert)s served for ``version`` (default: the newest one held)."""
+        index = list(self.index)
+        if version is None:
+            version = max((k[0] for k in index), default=0)
+        return sorted((layer, e) for v, layer, e in index if v == version)
 
     # ------------------------------------------------------------------ serving
     def run(
-        self, layer: int, x_AD: np.ndarray, experts: list[int], counts: list[int]
+        self,
+        layer: int,
+        x_AD: np.ndarray,
+        experts: list[int],
+        counts: list[int],
+        version: int = 0,
     ) -> np.ndarray:
-        """Rows of ``x_AD`` are grouped by expert: ``counts[i]`` rows for expert ``experts[i]``."""
+        """Rows of ``x_AD`` are grouped by expert: ``counts[i]`` rows for expert ``experts[i]``
+        of model ``version``."""
         self.in_flight += 1
         t0 = time.perf_counter()
         try:
             try:
-                pairs = [self.weights[(layer, e)] for e in experts]
+                pairs = [self.blobs[self.index[(version, layer, e)]] for e in experts]
             except KeyError as exc:
                 raise LookupError(
-                    f"shard {self.shard_id} does not hold expert {exc.args[0]}"
+                    f"shard {self.shard_id} does not hold expert {exc.args[0]} "
+                    "(version, layer, expert)"
                 ) from None
             x = torch.from_numpy(x_AD).to(self.device)
             wire = x.dtype  # rows travel as float32 (or float16); they hold model-dtype values
@@ -149,6 +206,11 @@ class ExpertShard:
             "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
             "experts": [list(k) for k in self.held()],
+            # model version -> experts served for it (two versions while an upgrade drains)
+            "versions": dict(Counter(v for v, _, _ in list(self.index))),
+            "weights_held": len(self.blobs),  # distinct expert weights (by checksum)
+            "bytes_loaded": self.bytes_loaded,
+            "files_loaded": self.files_loaded,
             "tokens_served": {f"{k[0]}:{k[1]}": v for k, v in self.tokens_served.items()},
             "calls": self.calls,
             "mean_call_ms": 1000 * self.busy_s / self.calls if self.calls else 0.0,

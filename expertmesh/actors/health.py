@@ -94,6 +94,11 @@ class Health:
                 seconds=time.time() - t0,
                 short=len(short),
             )
+            # the other live version (an upgrade's old or new one) keeps its replicas too
+            for number, table in list(st.other_tables.items()):
+                plan = pl.heal(table, st.infos(), dead, min_replicas=spec.min_replicas)
+                label = st.versions[number].label if number in st.versions else number
+                self.shard_pool.apply(plan, f"heal {label} after losing {sorted(dead)}", number)
             # 2) bring the shard count back to what was asked for
             missing = spec.shards - len(st.infos())
             if missing > 0:

@@ -44,11 +44,29 @@ class NoReplicaError(RuntimeError):
 
 @dataclass(kw_only=True, slots=True)
 class PlacementView:
-    """The router's cached copy of the controller's placement table."""
+    """The router's cached copy of the controller's placement table.
+
+    ``replicas`` places the experts of the serving model version (``serving``); ``others``
+    those of the other live versions (the one an upgrade drains, or the one it is loading).
+    """
 
     version: int = -1
     replicas: dict[ExpertKey, list[str]] = field(default_factory=dict)
     handles: dict[str, ray.actor.ActorHandle] = field(default_factory=dict)
+    serving: int = 0
+    others: dict[int, dict[ExpertKey, list[str]]] = field(default_factory=dict)
+
+    def table(self, model_version: int) -> dict[ExpertKey, list[str]]:
+        """Where the experts of ``model_version`` are; NoReplicaError if it is not live."""
+        if model_version == self.serving:
+            return self.replicas
+        table = self.others.get(model_version)
+        if table is None:
+            raise NoReplicaError(
+                f"model version {model_version} is not live (serving {self.serving}, "
+                f"others {sorted(self.others)})"
+            )
+        return table
 
 
 @dataclass(kw_only=True, slots=True)
@@ -121,6 +139,7 @@ class RayPending:
     x_TD: torch.Tensor
     x_np: np.ndarray
     y_np: np.ndarray
+    model_version: int = 0
     round: Round | None = None  # None: no tokens for this layer
     exclude: set[str] = field(default_factory=set)  # shards that failed this layer
     # of those, the ones that only timed out (slow or starved, not known dead): where no other
@@ -136,7 +155,9 @@ class RayPending:
             while rnd is not None:
                 retry = d._gather(self.layer, rnd, self.y_np, self.exclude, self.slow)
                 rnd = (
-                    d._send(self.layer, self.x_np, retry, self.exclude, self.slow)
+                    d._send(
+                        self.layer, self.x_np, retry, self.exclude, self.slow, self.model_version
+                    )
                     if retry
                     else None
                 )
@@ -230,6 +251,7 @@ class RayDispatcher:
         rows: dict[int, int],
         exclude: set[str],
         slow: Set[str] = frozenset(),
+        model_version: int = 0,
     ) -> dict[int, str]:
         """A shard for each expert of ``layer`` (``rows``: its tokens): few shards, rotated
         between steps, rows balanced among them. Replicas that failed this layer (``exclude``)
@@ -240,8 +262,9 @@ class RayDispatcher:
         now = time.monotonic()
         avoided = self.breakers.avoided(now)
         options: dict[int, list[str]] = {}
+        table = self.view.table(model_version)
         for e in rows:
-            replicas = self.view.replicas.get((layer, e), [])
+            replicas = table.get((layer, e), [])
             live = [s for s in replicas if s not in exclude and s not in avoided]
             if not live:  # every replica is suspect: try the suspects before giving up
                 live = [s for s in replicas if s not in exclude]
@@ -259,9 +282,14 @@ class RayDispatcher:
     def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         return self.submit(layer, x_TD, routing).result()
 
-    def submit(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> RayPending:
+    def submit(
+        self, layer: int, x_TD: torch.Tensor, routing: Routing, model_version: int | None = None
+    ) -> RayPending:
         """Send the layer's tokens to the shards and return without waiting for the answers
-        (:meth:`RayPending.result` gathers them), so the caller can compute meanwhile."""
+        (:meth:`RayPending.result` gathers them), so the caller can compute meanwhile.
+        ``model_version``: whose experts (default: the serving version's)."""
+        if model_version is None:
+            model_version = self.view.serving
         t0 = time.perf_counter()
         x_AD = permute(x_TD, routing).detach()
         x_np = x_AD.to(torch.float32).numpy().astype(self.wire_dtype, copy=False)
@@ -274,23 +302,32 @@ class RayDispatcher:
             x_TD=x_TD,
             x_np=x_np,
             y_np=np.empty_like(x_np),
+            model_version=model_version,
         )
         if self._endpoint_refs:
             self.collect_endpoints()
         items = [(e, starts[e], n) for e, n in enumerate(counts) if n]
         if items:
-            pending.round = self._send(layer, x_np, items, pending.exclude, pending.slow)
+            pending.round = self._send(
+                layer, x_np, items, pending.exclude, pending.slow, model_version
+            )
         self.stats.seconds += time.perf_counter() - t0
         return pending
 
     def _send(
-        self, layer: int, x_np: np.ndarray, items: Group, exclude: set[str], slow: set[str]
+        self,
+        layer: int,
+        x_np: np.ndarray,
+        items: Group,
+        exclude: set[str],
+        slow: set[str],
+        model_version: int = 0,
     ) -> Round:
         """Send every shard its part of ``items``; a shard that cannot be sent to is noted as
         failed in the returned round. A shard that timed out and is sent the work again (no
         other replica left) is waited for up to the deadline's ceiling, once per layer."""
         rnd = Round(by_shard=defaultdict(list), issued=time.monotonic())
-        shard_of = self._assign(layer, {e: n for e, _, n in items}, exclude, slow)
+        shard_of = self._assign(layer, {e: n for e, _, n in items}, exclude, slow, model_version)
         for e, start, n in items:
             rnd.by_shard[shard_of[e]].append((e, start, n))
         rnd.patient = slow & rnd.by_shard.keys()
@@ -306,7 +343,7 @@ class RayDispatcher:
                 ch = self.channels.acquire(shard)
                 if ch is not None:
                     timeout = rnd.deadline_of(shard) - time.monotonic()
-                    ch.send(layer, parts, experts, counts, timeout_s=timeout)
+                    ch.send(layer, parts, experts, counts, timeout_s=timeout, version=model_version)
                     rnd.sent[shard] = ch
                     continue
             except ConnectError as exc:
@@ -320,7 +357,9 @@ class RayDispatcher:
                 rnd.failed[shard] = f"ChannelError: {exc}"
                 continue
             x_part = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            rnd.refs[shard] = self.view.handles[shard].run.remote(layer, x_part, experts, counts)
+            rnd.refs[shard] = self.view.handles[shard].run.remote(
+                layer, x_part, experts, counts, model_version
+            )
         self.stats.calls += len(rnd.refs) + len(rnd.sent)
         self.stats.channel_calls += len(rnd.sent)
         return rnd
@@ -386,6 +425,23 @@ class RayDispatcher:
         for _, s, n in group:
             y_np[s : s + n] = out[offset : offset + n]
             offset += n
+
+
+class VersionDispatcher:
+    """One model version's dispatcher: a :class:`RayDispatcher` (shared by every live version:
+    one set of channels, breakers and deadlines) whose calls go to that version's experts.
+
+    The router runs one engine per live version during an upgrade; each gets one of these."""
+
+    def __init__(self, inner: RayDispatcher, model_version: int) -> None:
+        self.inner = inner
+        self.model_version = model_version
+
+    def dispatch(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        return self.submit(layer, x_TD, routing).result()
+
+    def submit(self, layer: int, x_TD: torch.Tensor, routing: Routing) -> RayPending:
+        return self.inner.submit(layer, x_TD, routing, self.model_version)
 
 
 def cover(

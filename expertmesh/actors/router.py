@@ -3,6 +3,12 @@
 Requests that arrive while a step runs join the next step. The model code is the same as in
 training; only the dispatcher differs (:class:`RayDispatcher` sends tokens to shard actors).
 The router caches the controller's placement table and refreshes it when its version changes.
+
+Live upgrade: the router keeps one engine (dense model, KV cache) per live model version, all
+stepped by the one stepping thread. New requests start on the newest version (:meth:`switch`);
+a request stays on the engine it started on, so it runs on one version from its first step to
+its last; an older engine is retired once it has no work left, and the controller then drops
+the experts only it used.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from typing import Any
 import ray
 import torch
 
-from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher
+from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher, VersionDispatcher
 from expertmesh.platform.engine import Engine, Sequence, StepOutput
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
@@ -57,24 +63,31 @@ class RouterService:
         call_timeout_s: float = 2.0,
         transport: Transport = "direct",
         refresh_s: float = 0.25,
+        model_version: int = 0,
+        label: str = "",
     ) -> None:
+        """``model_version`` numbers the deployed version (its shards' calls carry it);
+        ``label`` is how status shows it (e.g. ``"name/3"``)."""
         torch.set_num_threads(max(1, threads))
-        model, tokenizer = load_for_inference(checkpoint_uri, with_experts=False)
         self.controller = controller
         self.dispatcher = RayDispatcher(
             PlacementView(), call_timeout_s=call_timeout_s, transport=transport
         )
-        self.engine = Engine(
-            model,
-            tokenizer,
-            dispatcher=self.dispatcher,
-            max_batch=max_batch,
-            track_routing=False,  # only requests that ask (routing=True) record their experts
-            micro_batches=micro_batches,
-        )
+        self.max_batch = max_batch
+        self.micro_batches = micro_batches
+        # one engine per live model version; new requests go to ``current``'s
+        self.engines: dict[int, Engine] = {
+            model_version: self._build_engine(model_version, checkpoint_uri)
+        }
+        self.labels: dict[int, str] = {model_version: label or checkpoint_uri}
+        self.current = model_version
+        self.retired: dict[int, float] = {}  # versions whose last request ended -> when
+        self.retired_overlapped = 0  # overlapped steps of retired engines
         self.refresh_s = refresh_s
-        self.pending: deque[Sequence] = deque()  # submitted, not yet handed to the engine
-        self.has_pending = threading.Condition()  # guards pending; the stepping thread waits on it
+        # submitted, not yet handed to their engine
+        self.pending: deque[tuple[Engine, Sequence]] = deque()
+        # guards pending, engines and current; the stepping thread waits on it
+        self.has_pending = threading.Condition()
         self.waiters: dict[str, asyncio.Queue[StepOutput]] = {}
         self.stepper: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +99,71 @@ class RouterService:
         self.latencies: deque[float] = deque(maxlen=2048)
         self._refresh_now()
 
+    @property
+    def engine(self) -> Engine:
+        """The engine new requests start on (the newest version's)."""
+        return self.engines[self.current]
+
+    def _build_engine(self, model_version: int, checkpoint_uri: str) -> Engine:
+        model, tokenizer = load_for_inference(checkpoint_uri, with_experts=False)
+        return Engine(
+            model,
+            tokenizer,
+            dispatcher=VersionDispatcher(self.dispatcher, model_version),
+            max_batch=self.max_batch,
+            track_routing=False,  # only requests that ask (routing=True) record their experts
+            micro_batches=self.micro_batches,
+        )
+
+    # ------------------------------------------------------------------ upgrades
+    async def switch(self, model_version: int, checkpoint_uri: str, label: str) -> dict[str, Any]:
+        """Start new requests on ``model_version`` (its experts must be placed already);
+        requests in flight finish on the version they started on."""
+        engine = await asyncio.to_thread(self._build_engine, model_version, checkpoint_uri)
+        # the new version's table must be here before a request runs on it
+        self._take(await self.controller.get_placement.remote(-1))
+        view = self.dispatcher.view
+        if model_version != view.serving and model_version not in view.others:
+            engine.close()
+            raise RuntimeError(f"the placement has no table for model version {model_version}")
+        with self.has_pending:
+            self.engines[model_version] = engine
+            self.labels[model_version] = label
+            self.retired.pop(model_version, None)
+            self.current = model_version
+            self.has_pending.notify()  # the old engine may be idle already: retire it
+        self._ensure_tasks()
+        log.info("new requests start on model version %d (%s)", model_version, label)
+        return self.versions()
+
+    def versions(self) -> dict[str, Any]:
+        """The version new requests start on, each live version's requests, retired versions."""
+        with self.has_pending:
+            engines = dict(self.engines)
+            queued = [e for e, _ in self.pending]
+        live = {
+            v: {
+                "label": self.labels.get(v, str(v)),
+                "running": len(e.running),
+                "waiting": len(e.waiting) + sum(q is e for q in queued),
+            }
+            for v, e in engines.items()
+        }
+        return {"current": self.current, "live": live, "retired": dict(self.retired)}
+
+    def _retire_idle(self) -> None:
+        """Retire the engines of older versions that have no work left (stepping thread)."""
+        with self.has_pending:
+            for v, engine in list(self.engines.items()):
+                queued = any(e is engine for e, _ in self.pending)
+                if v == self.current or engine.has_work() or queued:
+                    continue
+                del self.engines[v]
+                self.retired[v] = time.time()
+                self.retired_overlapped += engine.overlapped_steps
+                engine.close()
+                log.info("model version %d (%s) drained: retired", v, self.labels.get(v))
+
     # ------------------------------------------------------------------ placement cache
     def _refresh_now(self) -> bool:
         return self._take(
@@ -93,13 +171,20 @@ class RouterService:
         )
 
     def _take(self, update: dict[str, Any] | None) -> bool:
-        if update is None:
+        # NOTE: a refresh that was answered before switch() fetched a newer table must not
+        # replace it: the new version's engine would find no table for its experts
+        if update is None or update["version"] < self.dispatcher.view.version:
             return False
         self.dispatcher.update(
             PlacementView(
                 version=update["version"],
                 replicas={tuple(k): list(v) for k, v in update["replicas"]},
                 handles=update["handles"],
+                serving=update.get("serving", 0),
+                others={
+                    int(v): {tuple(k): list(s) for k, s in rows}
+                    for v, rows in update.get("others", [])
+                },
             )
         )
         return True
@@ -134,28 +219,43 @@ class RouterService:
         assert self.loop is not None
         while True:
             with self.has_pending:
-                while not self.pending and not self.engine.has_work():
+                # an older engine, even an idle one, keeps the thread going until it is retired
+                while (
+                    not self.pending
+                    and len(self.engines) == 1
+                    and not any(e.has_work() for e in self.engines.values())
+                ):
                     self.has_pending.wait()
                 new, self.pending = list(self.pending), deque()
-            for seq in new:
-                self.engine.enqueue(seq)
-            try:
-                t0 = time.perf_counter()
-                outputs = self.engine.step()
-                self.step_s += time.perf_counter() - t0
-            except Exception as exc:  # a step that cannot finish fails only its requests
-                log.exception("step failed")
-                failed = list(self.engine.running) + list(self.engine.waiting)
-                for seq in failed:
-                    self.engine.abort(seq)
-                self.loop.call_soon_threadsafe(self._fail, failed, exc)
-                continue
-            self.steps += 1
-            self.tokens_out += len(outputs)
-            # a non-streamed request is woken once, when it ends
-            ready = [o for o in outputs if o.finished or o.seq.stream]
-            if ready:
-                self.loop.call_soon_threadsafe(self._deliver, ready)
+                engines = list(self.engines.values())
+            for engine, seq in new:
+                engine.enqueue(seq)
+            # NOTE: during an upgrade both versions' engines step, one after the other
+            for engine in engines:
+                if engine.has_work():
+                    self._step(engine)
+            if len(engines) > 1:
+                self._retire_idle()
+
+    def _step(self, engine: Engine) -> None:
+        assert self.loop is not None
+        try:
+            t0 = time.perf_counter()
+            outputs = engine.step()
+            self.step_s += time.perf_counter() - t0
+        except Exception as exc:  # a step that cannot finish fails only its requests
+            log.exception("step failed")
+            failed = list(engine.running) + list(engine.waiting)
+            for seq in failed:
+                engine.abort(seq)
+            self.loop.call_soon_threadsafe(self._fail, failed, exc)
+            return
+        self.steps += 1
+        self.tokens_out += len(outputs)
+        # a non-streamed request is woken once, when it ends
+        ready = [o for o in outputs if o.finished or o.seq.stream]
+        if ready:
+            self.loop.call_soon_threadsafe(self._deliver, ready)
 
     def _deliver(self, outputs: list[StepOutput]) -> None:
         for out in outputs:
@@ -175,19 +275,21 @@ class RouterService:
         params: dict[str, Any],
         trace: bool = False,
         stream: bool = False,
-    ) -> tuple[Sequence, asyncio.Queue]:
-        seq = self.engine.make_sequence(
-            prompt, SamplingParams(**params), trace=trace, stream=stream
-        )
+    ) -> tuple[Sequence, asyncio.Queue, Engine]:
+        sampling = SamplingParams(**params)
         q: asyncio.Queue = asyncio.Queue()
-        self.waiters[seq.request_id] = q
         self._ensure_tasks()
+        # NOTE: the engine is chosen and the request queued under one lock, so that a switch
+        # cannot slip in between and retire the engine the request was made for
         with self.has_pending:
-            self.pending.append(seq)
+            engine = self.engine
+            seq = engine.make_sequence(prompt, sampling, trace=trace, stream=stream)
+            self.waiters[seq.request_id] = q
+            self.pending.append((engine, seq))
             self.has_pending.notify()
-        return seq, q
+        return seq, q, engine
 
-    async def _drain(self, seq: Sequence, q: asyncio.Queue):
+    async def _drain(self, seq: Sequence, q: asyncio.Queue, engine: Engine):
         try:
             while True:
                 item = await q.get()
@@ -199,22 +301,22 @@ class RouterService:
         finally:
             self.waiters.pop(seq.request_id, None)
             if not seq.finished:
-                self.engine.abort(seq)
+                engine.abort(seq)
 
     async def generate(
         self, prompt: str | list[int], params: dict[str, Any], routing: bool = False
     ) -> dict[str, Any]:
         t0 = time.perf_counter()
-        seq, q = self._submit(prompt, params, trace=routing)
-        async for _ in self._drain(seq, q):
+        seq, q, engine = self._submit(prompt, params, trace=routing)
+        async for _ in self._drain(seq, q, engine):
             pass
         self.latencies.append(time.perf_counter() - t0)
         return result_of(seq, routing)
 
     async def generate_stream(self, prompt: str | list[int], params: dict[str, Any]):
         """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token."""
-        seq, q = self._submit(prompt, params, stream=True)
-        async for out in self._drain(seq, q):
+        seq, q, engine = self._submit(prompt, params, stream=True)
+        async for out in self._drain(seq, q, engine):
             yield {
                 "text": out.text_delta,
                 "token_id": out.token_id,
@@ -243,12 +345,20 @@ class RouterService:
         lat = sorted(self.latencies)
         pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0  # noqa: E731
         d = self.dispatcher.stats
+        versions = self.versions()
+        live = versions["live"].values()
         return {
             "steps": self.steps,
-            "overlapped_steps": self.engine.overlapped_steps,
+            "overlapped_steps": self.retired_overlapped
+            + sum(e.overlapped_steps for e in list(self.engines.values())),
             "tokens_generated": self.tokens_out,
-            "running": len(self.engine.running),
-            "waiting": len(self.engine.waiting) + len(self.pending),
+            "running": sum(v["running"] for v in live),
+            "waiting": sum(v["waiting"] for v in live),
+            "model_version": versions["current"],
+            # label -> requests running and waiting on that version (two during an upgrade)
+            "versions": {
+                v["label"]: {"running": v["running"], "waiting": v["waiting"]} for v in live
+            },
             "placement_version": self.dispatcher.view.version,
             "step_s": self.step_s,  # wall time in engine steps
             # time in shard dispatch (tokens out, waits, results back), summed over micro-batches

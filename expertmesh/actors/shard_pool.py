@@ -95,19 +95,28 @@ class ShardPool:
             self.state.event("shard_started", f"shard {sid} started on node {node[:8]}", shard=sid)
         return infos
 
-    def apply(self, plan: pl.PlacementPlan, reason: str) -> None:
-        """1) load every add, 2) publish the table, 3) drop what moved away (after routers refresh)."""
+    def apply(
+        self, plan: pl.PlacementPlan, reason: str, model_version: int | None = None
+    ) -> dict[str, int]:
+        """1) load every add, 2) publish the table, 3) drop what moved away (after routers refresh).
+
+        ``model_version``: whose placement the plan changes (default: the serving version's).
+        Returns what the shards read: ``{"loaded": files, "bytes": bytes}``."""
         st = self.state
+        number = st.serving if model_version is None else model_version
+        uri = st.versions[number].checkpoint_uri
         adds: dict[str, list[ExpertKey]] = {}
         drops: dict[str, list[ExpertKey]] = {}
         for m in plan.moves:
             (adds if m.kind == "add" else drops).setdefault(m.shard_id, []).append(m.expert)
         refs = [
-            st.handles[s].add_experts.remote(keys) for s, keys in adds.items() if s in st.handles
+            st.handles[s].add_experts.remote(keys, uri, number)
+            for s, keys in adds.items()
+            if s in st.handles
         ]
-        ray.get(refs, timeout=120)
+        loaded = ray.get(refs, timeout=120)
         with st.lock:
-            st.table = pl.PlacementTable(version=st.table.version + 1, replicas=plan.table.replicas)
+            st.publish(number, plan.table.replicas)
             st.save()
         n_add = sum(map(len, adds.values()))
         st.event(
@@ -121,4 +130,8 @@ class ShardPool:
                 rec = st.shards.get(s)
                 if s in st.handles and not (rec is not None and rec.draining):
                     with contextlib.suppress(Exception):
-                        st.handles[s].drop_experts.remote(keys)
+                        st.handles[s].drop_experts.remote(keys, number)
+        return {
+            "loaded": sum(r["loaded"] for r in loaded),
+            "bytes": sum(r["bytes"] for r in loaded),
+        }

@@ -15,6 +15,7 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ import ray
 from pyarrow import fs
 
 from expertmesh.actors.expert_shard import ShardResources
+from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
 from expertmesh.platform.placement import ExpertKey
 from expertmesh.types import RouterTuning
@@ -56,6 +58,7 @@ class DeploymentSpec:
 
     model: str  # name clients use
     checkpoint_uri: str
+    version: str | None = None  # the MLflow registry version, when deployed from the registry
     shards: int = 4
     min_replicas: int = 2
     shard_resources: ShardResources = field(default_factory=ShardResources)
@@ -75,6 +78,21 @@ class DeploymentSpec:
                 "router": RouterTuning(**d["router"]),
             }
         )
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelVersion:
+    """A live model version: shard calls carry ``number``; status shows ``label``."""
+
+    number: int  # never reused within a deployment
+    label: str  # "name/3" for a registry version, else the checkpoint's name
+    checkpoint_uri: str
+    name: str  # the registered model's name (what clients call the model)
+    version: str | None = None  # the registry version, if any
+
+
+def version_label(name: str, version: str | None) -> str:
+    return f"{name}/{version}" if version else name
 
 
 @dataclass(kw_only=True, slots=True)
@@ -103,7 +121,14 @@ class ControllerState:
         self.shards: dict[str, ShardRecord] = {}  # in service
         self.handles: dict[str, ray.actor.ActorHandle] = {}  # of the shards in service
         self.spares: dict[str, ray.actor.ActorHandle] = {}  # started, holding no experts
+        # the serving model version's placement; its version number counts every change of
+        # what get_placement answers (other versions' tables included)
         self.table = pl.PlacementTable(version=0, replicas={})
+        self.serving = 0  # number of the model version new requests start on
+        self.versions: dict[int, ModelVersion] = {}  # live model versions, serving included
+        self.other_tables: dict[int, pl.PlacementTable] = {}  # the others' placement
+        self.next_version = 1
+        self.upgrade: dict[str, Any] | None = None  # the upgrade in progress, as recorded
         self.router: ray.actor.ActorHandle | None = None
         self.next_shard = 0  # the next shard id's number: ids are never reused
         self.generation = 0  # bumped by every teardown: stale spare refills are discarded
@@ -122,8 +147,52 @@ class ControllerState:
             "table": json.loads(self.table.to_json()),
             "next_shard": self.next_shard,
             "events": list(self.events)[-200:],
+            "serving": self.serving,
+            "versions": [asdict(v) for v in self.versions.values()],
+            "other_tables": {str(n): json.loads(t.to_json()) for n, t in self.other_tables.items()},
+            "next_version": self.next_version,
+            "upgrade": self.upgrade,
         }
         self.store.write(record)
+
+    def restore_versions(self, record: dict[str, Any]) -> None:
+        """The model versions part of a record :meth:`save` wrote."""
+        self.serving = record.get("serving", 0)
+        self.versions = {v["number"]: ModelVersion(**v) for v in record.get("versions", [])}
+        self.other_tables = {
+            int(n): pl.PlacementTable.from_json(json.dumps(t))
+            for n, t in record.get("other_tables", {}).items()
+        }
+        self.next_version = record.get("next_version", 1)
+        self.upgrade = record.get("upgrade")
+
+    def publish(self, number: int, replicas: Mapping[ExpertKey, tuple[str, ...]]) -> None:
+        """Set model version ``number``'s placement; routers see it at their next refresh."""
+        if number == self.serving:
+            self.table = pl.PlacementTable(version=self.table.version + 1, replicas=replicas)
+            return
+        self.other_tables[number] = pl.PlacementTable(version=0, replicas=replicas)
+        self.bump()
+
+    def bump(self) -> None:
+        """Count a change of what get_placement answers (routers refetch)."""
+        self.table = pl.PlacementTable(version=self.table.version + 1, replicas=self.table.replicas)
+
+    def table_of(self, number: int) -> pl.PlacementTable:
+        return self.table if number == self.serving else self.other_tables[number]
+
+    def checksums_held(self) -> dict[str, set[str]]:
+        """Shard id -> checksums of the expert weights it holds (for every live version)."""
+        held: dict[str, set[str]] = {s: set() for s in self.shards}
+        for number, mv in list(self.versions.items()):
+            if number != self.serving and number not in self.other_tables:
+                continue
+            shas = expert_checksums(mv.checkpoint_uri)
+            for key, ids in self.table_of(number).replicas.items():
+                for sid in ids:
+                    if sid in held:
+                        held[sid].add(shas[key])
+        return held
 
     def infos(self, include_draining: bool = False) -> list[pl.ShardInfo]:
         """The shards in service (and those being drained, if asked) for the placement policies."""
@@ -146,3 +215,9 @@ class LoadStats:
 
     expert_ema: dict[ExpertKey, float] = field(default_factory=dict)  # tokens/s, for EPLB
     shard_busy: dict[str, float] = field(default_factory=dict)  # busy fraction, for autoscaling
+
+
+def expert_checksums(checkpoint_uri: str) -> dict[ExpertKey, str]:
+    """(layer, expert) -> sha256 of its weights file, from the checkpoint's manifest."""
+    manifest = ckpt.read_manifest(checkpoint_uri)
+    return {k: manifest.files[ckpt.expert_file(*k)].sha256 for k in manifest.expert_keys()}

@@ -18,7 +18,8 @@ from fastapi import Depends, Header, Request
 
 from expertmesh.actors import names
 from expertmesh.api.errors import ApiError
-from expertmesh.platform.errors import ConfigError
+from expertmesh.platform.errors import CheckpointError, ConfigError
+from expertmesh.types import UpgradeInProgressError
 
 NO_MODEL = (
     "no model is deployed; start one with `expertmesh up --model NAME_OR_URI` or "
@@ -144,6 +145,12 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, ConfigError):
         return ApiError(400, str(exc), param=exc.field)
+    if isinstance(exc, UpgradeInProgressError):
+        return ApiError(409, str(exc))
+    if isinstance(exc, LookupError):  # a registered model or version that does not exist
+        return ApiError(404, str(exc).strip("'\""), param="model")
+    if isinstance(exc, CheckpointError):
+        return ApiError(400, str(exc), param="model")
     return ApiError(500, f"{type(exc).__name__}: {exc}")
 
 

@@ -23,6 +23,7 @@ ERROR_TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "conflict_error",
     413: "request_too_large",
     503: "service_unavailable",
 }
@@ -30,7 +31,7 @@ ERROR_TYPES = {
 
 ROUTES = (
     "POST /v1/completions, GET /v1/models, GET /api/cluster, GET /api/events, "
-    "PUT /api/shards and GET /api/health"
+    "PUT /api/shards, PUT /api/model and GET /api/health"
 )
 
 

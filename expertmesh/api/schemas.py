@@ -141,6 +141,14 @@ class ScaleRequest(BaseModel):
     shards: Annotated[int, Field(strict=True, ge=1, le=1024)]
 
 
+class UpgradeRequest(BaseModel):
+    """``PUT /api/model``: the registered version to serve, e.g. ``"expertmesh-tiny/2"``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Annotated[str, Field(strict=True, min_length=1, max_length=512)]
+
+
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     model_ready: bool

@@ -180,6 +180,11 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def close(self) -> None:
+        """Stop the micro-batch threads (an engine retired after a live upgrade)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+
     # ------------------------------------------------------------------ stepping
     def _admit(self) -> None:
         budget = self.max_step_tokens - len(self.running)

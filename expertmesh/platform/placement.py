@@ -410,6 +410,69 @@ def scale_out(
     )
 
 
+def place_version(
+    experts: Mapping[ExpertKey, str],
+    shards: Sequence[ShardInfo],
+    held: Mapping[str, Collection[str]],
+    *,
+    min_replicas: int = 2,
+    version: int = 1,
+) -> PlacementPlan:
+    """Place another model version's experts on shards that already hold some of them (upgrade).
+
+    An expert is identified by its checkpoint file's checksum (``experts``: (layer, expert) ->
+    sha256), so an expert a version shares with a live one is served by every shard that already
+    holds those bytes, and loads nowhere. An expert with fewer than ``min_replicas`` holders
+    (a retrained or added expert) gets new replicas on other shards: on nodes that hold no
+    replica of it first, then on the shards with the fewest replicas in the new table. The plan
+    only adds (the old version's experts go once its last request ends).
+
+    Args:
+        experts: the new version's (layer, expert) -> checksum of its weights.
+        shards: the shards in service.
+        held: shard id -> checksums it holds now (for any live version).
+        min_replicas: replicas every expert of the new version gets (at most one per shard).
+        version: the version number of the returned table.
+
+    Example::
+
+        plan = place_version({(0, 0): "ab..", (0, 1): "cd.."}, shards, {"s0": {"ab.."}})
+        plan.adds_for("s1")  # [(0, 0), (0, 1)]: s0 already holds (0, 0)'s bytes
+    """
+    if min_replicas < 1:
+        raise PlacementError(f"min_replicas must be >= 1, got {min_replicas}")
+    if not shards:
+        raise PlacementError(f"no live shards to hold the {len(experts)} experts")
+    ids = [s.shard_id for s in shards]
+    unknown = sorted(set(held) - set(ids))
+    if unknown:
+        raise PlacementError(f"held names shards not in service: {unknown[:5]}")
+    node_of = {s.shard_id: s.node_id for s in shards}
+    holders = {
+        _check_key(k): [s for s in ids if sha in held.get(s, ())] for k, sha in experts.items()
+    }
+    per_shard = Counter(s for v in holders.values() for s in v)  # replicas in the new table
+    floor = min(min_replicas, len(ids))
+    moves: list[Move] = []
+    # experts with the fewest holders first: new experts take the emptiest shards
+    for key in sorted(holders, key=lambda k: (len(holders[k]), k)):
+        have = holders[key]
+        while len(have) < floor:
+            nodes = {node_of[s] for s in have}
+            best = min(
+                (s for s in ids if s not in have),
+                key=lambda s: (node_of[s] in nodes, per_shard[s], ids.index(s)),
+            )
+            have.append(best)
+            per_shard[best] += 1
+            moves.append(Move(kind="add", expert=key, shard_id=best))
+    warnings = ()
+    if floor < min_replicas:
+        warnings = (f"{len(ids)} shards cannot hold {min_replicas} replicas of each expert",)
+    table = PlacementTable(version=version, replicas={k: tuple(v) for k, v in holders.items()})
+    return PlacementPlan(table=table, moves=tuple(moves), warnings=warnings)
+
+
 def scale_in(
     table: PlacementTable,
     shards: Sequence[ShardInfo],

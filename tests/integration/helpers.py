@@ -45,6 +45,7 @@ def tiny_checkpoint(
     n_layers: int = 2,
     n_experts: int = 8,
     dtype: torch.dtype = torch.float32,
+    d_model: int = 64,
 ) -> str:
     """Save a random small MoE (in ``dtype``) with a tokenizer; returns the checkpoint URI."""
     tok = tiny_tokenizer()
@@ -54,7 +55,7 @@ def tiny_checkpoint(
     torch.manual_seed(seed)
     cfg = ModelConfig(
         vocab_size=tok.get_vocab_size(),
-        d_model=64,
+        d_model=d_model,
         n_layers=n_layers,
         n_heads=4,
         n_kv_heads=2,

@@ -22,12 +22,14 @@ from expertmesh.actors.channel import (
 from expertmesh.actors.expert_shard import use_batch_scheduling
 
 
-def expert_math(layer: int, x_AD: np.ndarray, experts: list[int], counts: list[int]) -> np.ndarray:
-    """A stand-in for the experts whose answer depends on layer, expert and row."""
+def expert_math(
+    layer: int, x_AD: np.ndarray, experts: list[int], counts: list[int], version: int
+) -> np.ndarray:
+    """A stand-in for the experts whose answer depends on version, layer, expert and row."""
     if sum(counts) != x_AD.shape[0]:
         raise ValueError(f"counts {counts} do not cover {x_AD.shape[0]} rows")
     scale = np.repeat(np.asarray(experts, dtype=x_AD.dtype) + 1, counts)[:, None]
-    return x_AD * scale + layer
+    return x_AD * scale + layer + 100 * version
 
 
 @pytest.fixture
@@ -44,11 +46,12 @@ def test_round_trip_in_parts(server: ChannelServer, dtype) -> None:
     b = rng.standard_normal((5, 16)).astype(dtype)
     ch = ShardChannel(server.endpoint())
     try:
-        for layer in (0, 3):  # one connection serves many requests
-            ch.send(layer, [a, b], [2, 5], [3, 5])
+        # one connection serves many requests, for any model version (two during an upgrade)
+        for layer, version in ((0, 0), (3, 0), (3, 7)):
+            ch.send(layer, [a, b], [2, 5], [3, 5], version=version)
             y = ch.receive(5.0)
             assert y.dtype == dtype and y.shape == (8, 16)
-            expected = expert_math(layer, np.concatenate([a, b]), [2, 5], [3, 5])
+            expected = expert_math(layer, np.concatenate([a, b]), [2, 5], [3, 5], version)
             np.testing.assert_array_equal(y, expected)
     finally:
         ch.close()
@@ -83,7 +86,7 @@ def test_shard_error_comes_back_and_link_stays_usable(server: ChannelServer) -> 
 def test_slow_shard_times_out() -> None:
     release = threading.Event()
 
-    def hung(layer, x, experts, counts):
+    def hung(layer, x, experts, counts, version):
         release.wait(10)
         return x
 
@@ -114,12 +117,12 @@ def test_bad_header_closes_the_connection(server: ChannelServer) -> None:
     with socket.create_connection((ep.host, ep.port), timeout=5) as s:
         s.sendall(bytes.fromhex(ep.token))
         assert s.recv(1) == b"\x01"
-        s.sendall(_REQ.pack(b"XXXX", 0, 1, 1, 8, 0))
+        s.sendall(_REQ.pack(b"XXXX", 0, 0, 1, 1, 8, 0))
         assert s.recv(64) == b""  # the server hung up without answering
     with socket.create_connection((ep.host, ep.port), timeout=5) as s:
         s.sendall(bytes.fromhex(ep.token))
         assert s.recv(1) == b"\x01"
-        s.sendall(_REQ.pack(b"EMQ1", 0, 1, 2**20, 2**10, 0))  # 4 GiB of rows announced
+        s.sendall(_REQ.pack(b"EMQ2", 0, 0, 1, 2**20, 2**10, 0))  # 4 GiB of rows announced
         assert s.recv(64) == b""
 
 
@@ -155,7 +158,7 @@ def test_shard_threads_inherit_batch_scheduling() -> None:
     that then run the handler must inherit it (they are the ones the router wakes)."""
     seen: list[int] = []
 
-    def handler(layer, x_AD, experts, counts):
+    def handler(layer, x_AD, experts, counts, version):
         seen.append(os.sched_getscheduler(0))
         return x_AD
 

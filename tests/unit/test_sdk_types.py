@@ -13,7 +13,7 @@ from expertmesh.client import HttpCluster
 from expertmesh.sdk import Cluster
 from expertmesh.types import ClusterError, ClusterHandle, Completion, RouterTuning
 
-SURFACE = ("generate", "stream", "status", "events", "scale")
+SURFACE = ("generate", "stream", "status", "events", "scale", "upgrade")
 
 
 def _params(func: object) -> list[tuple[str, object, object]]:
