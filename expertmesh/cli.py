@@ -116,7 +116,7 @@ def _upgrade(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    up = out.get("upgrade") or {}
+    up = out.get("upgraded") or {}
     print(
         f"upgraded {up.get('from')} -> {up.get('to')} in {up.get('seconds', 0):.1f}s: "
         f"{up.get('files_loaded')} expert files loaded ({up.get('bytes_loaded')} of "

@@ -138,7 +138,7 @@ class Cluster:
         Shards load only the experts whose checksum they do not hold; requests in flight
         finish on the old version, new ones start on ``model``; the old version's experts go
         once its last request ends, and ``@serving`` moves to ``model``. Rollback is an upgrade
-        to the parent version. Returns what the upgrade did (``"upgrade"``: files and bytes
+        to the parent version. Returns what the upgrade did (``"upgraded"``: files and bytes
         loaded, weights dropped) with the cluster status after it.
 
         Raises:

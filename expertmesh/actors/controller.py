@@ -258,10 +258,11 @@ class Controller:
         return self.status()
 
     def upgrade(self, ref: str) -> dict[str, Any]:
-        """Serve registered version ``ref`` live (see :meth:`Upgrades.upgrade`); returns what
-        the upgrade did (``"upgrade"``) and the status after it."""
+        """Serve registered version ``ref`` live (see :meth:`Upgrades.upgrade`); returns the
+        status after it with what the upgrade did under ``"upgraded"`` (the status's own
+        ``"upgrade"`` is the upgrade in progress: None by then)."""
         summary = self.upgrades.upgrade(ref)
-        return {"upgrade": summary, **self.status()}
+        return {**self.status(), "upgraded": summary}
 
     def rebalance(self) -> dict[str, Any]:
         """Re-fit replica counts to the measured load (hot experts get more replicas)."""

@@ -37,6 +37,9 @@ NAME = "upgrade-tiny"
 TOKEN = "upgrade-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_TOKENS = 12
+# the request in flight across the switch: long enough (of max_seq_len 256) that the upgrade's
+# drain outlasts a second upgrade's HTTP round trip
+LONG = 220
 CHANGED = [(0, 2), (1, 8)]  # v2: expert 2 of layer 0 retrained, layer 1 grown by expert 8
 
 
@@ -114,13 +117,14 @@ class Done:
     error: str | None = None
 
 
-def closed_loop(cluster, total: int, clients: int, results: list[Done]) -> list[threading.Thread]:
-    """``clients`` callers, each sending its next request when the last one ended."""
+def closed_loop(cluster, clients: int, results: list[Done], stop: threading.Event):
+    """``clients`` callers, each sending its next request when the last one ended, until
+    ``stop`` is set."""
     counter = itertools.count()
 
     def client() -> None:
-        while (i := next(counter)) < total:
-            p, t0 = i % len(PROMPTS), time.time()
+        while not stop.is_set():
+            p, t0 = next(counter) % len(PROMPTS), time.time()
             try:
                 out = cluster.generate(PROMPTS[p], max_tokens=MAX_TOKENS, ignore_eos=True)
                 results.append(Done(p, t0, time.time(), out.token_ids))
@@ -137,30 +141,39 @@ def events_of(cluster, since: float) -> dict[str, dict]:
     return {e["kind"]: e for e in cluster.events(since)}
 
 
-def upgrade_under_load(s: Setup, target: str, upgrade, total: int = 150) -> tuple[list, dict]:
-    """Run ``upgrade()`` while 8 closed-loop clients and one long request run; returns the
-    load's results, the long request's and the upgrade's events."""
+def upgrade_under_load(s: Setup, target: str, upgrade, after: int = 24) -> tuple[list, dict]:
+    """Run ``upgrade()`` while 8 closed-loop clients and one long request run, and the load
+    goes on until ``after`` requests started once the upgrade returned; returns the load's
+    results, the long request's and the upgrade's events."""
     results: list[Done] = []
+    stop = threading.Event()
     t_begin = time.time()
-    threads = closed_loop(s.cluster, total, 8, results)
-    while len(results) < 30:
+    threads = closed_loop(s.cluster, 8, results, stop)
+    deadline = time.time() + 300
+    while len(results) < 30 and time.time() < deadline:
         time.sleep(0.05)
     long: list[Done] = []
 
     def long_request() -> None:  # in flight across the switch: it must end on the old version
         t0 = time.time()
-        out = s.cluster.generate(PROMPTS[0], max_tokens=120, ignore_eos=True)
+        out = s.cluster.generate(PROMPTS[0], max_tokens=LONG, ignore_eos=True)
         long.append(Done(0, t0, time.time(), out.token_ids))
 
     lt = threading.Thread(target=long_request)
     lt.start()
-    time.sleep(0.5)
-    summary = upgrade(target)
-    lt.join(timeout=300)
-    for t in threads:
-        t.join(timeout=300)
+    time.sleep(0.2)
+    try:
+        summary = upgrade(target)
+        t_done = time.time()
+        while sum(r.start > t_done for r in list(results)) < after and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        lt.join(timeout=300)
+        for t in threads:
+            t.join(timeout=300)
     assert [r.error for r in results if r.error] == []  # zero failed requests
-    assert len(results) == total
+    assert sum(r.start > t_done for r in results) >= after
     return results + long, {**events_of(s.cluster, t_begin), "summary": summary}
 
 
@@ -183,26 +196,28 @@ def check_versions(results: list[Done], ev: dict, old: dict, new: dict) -> None:
 def oracles(uri: str) -> dict[tuple[int, int], list[int]]:
     short = in_process(uri, PROMPTS, MAX_TOKENS)
     out = {(i, MAX_TOKENS): t for i, t in enumerate(short)}
-    out[(0, 120)] = in_process(uri, [PROMPTS[0]], 120)[0]
+    out[(0, LONG)] = in_process(uri, [PROMPTS[0]], LONG)[0]
     return out
 
 
 def test_upgrade_under_load_then_rollback(setup: Setup) -> None:
     s = setup
     v1, v2 = oracles(s.uris["1"]), oracles(s.uris["2"])
-    assert v1 != v2 and v1[(0, 120)] != v2[(0, 120)]  # the versions answer differently
+    assert v1 != v2 and v1[(0, LONG)] != v2[(0, LONG)]  # the versions answer differently
     refused: list[BaseException | int] = []
 
     def upgrade_v2(target: str) -> dict:
         def second() -> None:  # a second upgrade while this one runs is refused (409)
             while "upgrade_started" not in events_of(s.cluster, t0):
                 time.sleep(0.02)
-            resp = s.http.put("/api/model", json={"model": f"{NAME}/1"})
-            refused.append(resp.status_code)
+            # the SDK's direct actor call first: it answers in milliseconds, the HTTP one
+            # through Serve takes longer, and the drain lasts only as long as LONG's request
             try:
                 s.cluster.upgrade(f"{NAME}/1")
             except UpgradeInProgressError as exc:
                 refused.append(exc)
+            resp = s.http.put("/api/model", json={"model": f"{NAME}/1"})
+            refused.append(resp.status_code)
 
         t0 = time.time()
         checker = threading.Thread(target=second)
@@ -212,16 +227,17 @@ def test_upgrade_under_load_then_rollback(setup: Setup) -> None:
         return out
 
     results, ev = upgrade_under_load(s, f"{NAME}/2", upgrade_v2)
-    assert refused[0] == 409 and "in progress" in str(refused[1])
+    assert "in progress" in str(refused[0]) and refused[1] == 409
     check_versions(results, ev, v1, v2)
     long = results[-1]
-    assert long.start < ev["upgrade_started"]["ts"] and long.tokens == v1[(0, 120)]
+    assert long.start < ev["upgrade_started"]["ts"] and long.tokens == v1[(0, LONG)]
     # only the two changed experts were read, once per replica (2 each)
     sizes = ckpt.read_manifest(s.uris["2"]).files
     changed = sum(sizes[ckpt.expert_file(*k)].size for k in CHANGED)
     loaded = ev["experts_loaded"]
     assert (loaded["files_loaded"], loaded["bytes_loaded"]) == (4, 2 * changed)
     assert loaded["experts"] == 17 and loaded["experts_changed"] == 2
+    assert ev["summary"]["upgraded"]["files_loaded"] == 4  # what the SDK call reports
     # v1's retrained expert (2 replicas) went after the drain; nothing of v1 remains
     assert ev["old_version_drained"]["dropped"] == 2
     kinds = [e["kind"] for e in s.cluster.events(ev["upgrade_started"]["ts"] - 1e-6)]
@@ -236,7 +252,7 @@ def test_upgrade_under_load_then_rollback(setup: Setup) -> None:
     assert all(len(v) >= 2 for v in status["placement"].values())
     assert status["router"]["versions"] == {f"{NAME}/2": {"running": 0, "waiting": 0}}
     mlflow = MlflowClient(tracking_uri())
-    assert mlflow.get_model_version_by_alias(NAME, "serving").version == "2"
+    assert str(mlflow.get_model_version_by_alias(NAME, "serving").version) == "2"
     got = s.cluster.generate(PROMPTS, max_tokens=MAX_TOKENS, ignore_eos=True)
     assert [c.token_ids for c in got] == [v2[(i, MAX_TOKENS)] for i in range(len(PROMPTS))]
 
@@ -246,13 +262,13 @@ def test_upgrade_under_load_then_rollback(setup: Setup) -> None:
         assert resp.status_code == 200, resp.text
         return resp.json()
 
-    results, ev = upgrade_under_load(s, f"{NAME}/1", upgrade_http, total=60)
+    results, ev = upgrade_under_load(s, f"{NAME}/1", upgrade_http)
     check_versions(results, ev, v2, v1)
-    assert results[-1].tokens == v2[(0, 120)]
-    assert ev["summary"]["upgrade"]["files_loaded"] == 2  # v1's expert (0, 2), 2 replicas
+    assert results[-1].tokens == v2[(0, LONG)]
+    assert ev["summary"]["upgraded"]["files_loaded"] == 2  # v1's expert (0, 2), 2 replicas
     assert ev["old_version_drained"]["dropped"] == 4  # v2's two experts, 2 replicas each
     assert ev["summary"]["version"] == "1"
-    assert mlflow.get_model_version_by_alias(NAME, "serving").version == "1"
+    assert str(mlflow.get_model_version_by_alias(NAME, "serving").version) == "1"
 
 
 @pytest.mark.parametrize(

@@ -48,7 +48,7 @@ async def upgrade_model(body: UpgradeRequest, services: ServicesDep) -> ClusterS
     """Serve another registered version live (``{"model": "NAME/VER"}``): no request fails,
     requests in flight finish on the old version. 404: no such version; 400: a different
     dense shape; 409: an upgrade is already in progress. Returns the status after it, with
-    what the upgrade did under ``"upgrade"``."""
+    what the upgrade did under ``"upgraded"``."""
     await services.require_model(None, fresh=True)
     out = await services.call(names.CONTROLLER, "upgrade", body.model)
     await services.deployed_model(fresh=True)  # the served name may have changed
