@@ -46,6 +46,7 @@ def tiny_checkpoint(
     n_experts: int = 8,
     dtype: torch.dtype = torch.float32,
     d_model: int = 64,
+    max_seq_len: int = 256,
 ) -> str:
     """Save a random small MoE (in ``dtype``) with a tokenizer; returns the checkpoint URI."""
     tok = tiny_tokenizer()
@@ -62,7 +63,7 @@ def tiny_checkpoint(
         d_ff=96,
         n_experts=n_experts,
         top_k=2,
-        max_seq_len=256,
+        max_seq_len=max_seq_len,
     )
     model = MoETransformer(cfg).to(dtype)
     return ckpt.save_checkpoint(str(root), "v1", model, tokenizer_path=str(tok_path))
