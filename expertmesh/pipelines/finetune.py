@@ -1,7 +1,11 @@
 """Fine-tune chosen parts of a registered model; register the result as a new version.
 
     python -m expertmesh.pipelines.finetune --model NAME[/VERSION] \\
-        (--domains D,... | --data DIR) --train router|dense|experts:L:E,...|all --steps N
+        (--domains D,... | --data DIR) --train router|dense|experts:L:E,...|all --steps N \\
+        [--workers N [--gpus-per-worker G]]
+
+Without ``--workers`` it trains in this process; with ``--workers N`` on Ray Train, N DDP
+workers each starting from the parent with the same parts frozen.
 
 Everything ``--train`` leaves out is frozen, and verified unchanged bit for bit in the new
 checkpoint, which references the parent's unchanged files instead of copying them (router-only
@@ -13,6 +17,7 @@ a :class:`ConfigError` naming it, and nothing half-written is ever registered.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -20,6 +25,12 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from expertmesh.pipelines.train_ray import (
+    RayTrainOptions,
+    add_ray_train_flags,
+    ray_train_options,
+    train_on_ray,
+)
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import lineage, storage
 from expertmesh.platform.config import (
@@ -43,7 +54,7 @@ class FinetuneOptions:
     steps: int
     domains: list[str] | None = None  # default: every domain of the data
     data: str | None = None  # prepared data dir; default: the parent's training data
-    workers: int = 1
+    ray: RayTrainOptions | None = None  # None: train in this process
     register_as: str | None = None  # default: a new version of the parent's model
     batch_size: int = 8
     seq_len: int = 64
@@ -124,10 +135,6 @@ def _train_config(opts: FinetuneOptions, name: str, output_dir: str) -> TrainCon
 
 def finetune(opts: FinetuneOptions) -> FinetuneResult:
     """Check every input, train the chosen parts, verify the frozen ones, register the result."""
-    if opts.workers != 1:
-        raise ConfigError(
-            "workers", "finetune runs on one worker for now (--workers 1); Ray Train comes later"
-        )
     if isinstance(opts.steps, bool) or not isinstance(opts.steps, int) or opts.steps < 1:
         raise ConfigError("steps", f"must be a positive integer, got {opts.steps!r}")
     tracker = Tracker(opts.tracking_uri)
@@ -166,17 +173,29 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     # NOTE: the pipeline's run holds the lineage; the training loop is its nested child run
     with tracker.run(opts.experiment, run_name="finetune") as run_id:
         tracker.log_params({"parent": parent_ref, "parent_checkpoint": parent_uri} | record.tags())
-        result = train(
-            cfg,
-            tracker=tracker,
-            resume=False,
-            progress=opts.progress,
-            register=False,
-            model_factory=lambda: ckpt.load_model(parent_uri)[0],
-            freeze=Freezer(parts),
-            parent_checkpoint=parent_uri,
-            lineage=record,
-        )
+        if opts.ray is None:
+            result = train(
+                cfg,
+                tracker=tracker,
+                resume=False,
+                progress=opts.progress,
+                register=False,
+                model_factory=lambda: ckpt.load_model(parent_uri)[0],
+                freeze=Freezer(parts),
+                parent_checkpoint=parent_uri,
+                lineage=record,
+            )
+        else:
+            ray_opts = dataclasses.replace(opts.ray, checkpoint_root=output_dir)
+            result = train_on_ray(
+                cfg,
+                ray_opts,
+                tracker=tracker,
+                register=False,
+                parent_checkpoint=parent_uri,
+                trained_parts=parts,
+                lineage=record,
+            )
         verify_frozen(parent_uri, result.checkpoint_uri, parts)
         mv = tracker.register_version(
             name,
@@ -207,7 +226,6 @@ def build_parser() -> argparse.ArgumentParser:
         "--train", required=True, help="router | dense | experts:L:E,... | all (comma-separated)"
     )
     p.add_argument("--steps", type=int, required=True)
-    p.add_argument("--workers", type=int, default=1, help="training workers (1 for now)")
     p.add_argument("--register-as", default=None, help="registered model name (default: parent's)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
@@ -219,18 +237,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-root", default=None, help="pyarrow.fs URI (default: the cluster's)"
     )
     p.add_argument("--progress", action="store_true", help="show a progress bar")
+    add_ray_train_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        ray_opts = ray_train_options(args, parser)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     opts = FinetuneOptions(
         model=args.model,
         train=args.train,
         steps=args.steps,
         domains=[d.strip() for d in args.domains.split(",") if d.strip()] if args.domains else None,
         data=args.data,
-        workers=args.workers,
+        ray=ray_opts,
         register_as=args.register_as,
         batch_size=args.batch_size,
         seq_len=args.seq_len,

@@ -14,11 +14,15 @@ import argparse
 import os
 import sys
 
-from expertmesh.pipelines.train_ray import RayTrainOptions, train_on_ray
+from expertmesh.pipelines.train_ray import (
+    RayTrainOptions,
+    add_ray_train_flags,
+    ray_train_options,
+    train_on_ray,
+)
 from expertmesh.platform import lineage, storage
-from expertmesh.platform.config import load_config, to_dict
+from expertmesh.platform.config import ExperimentConfig, load_config, to_dict
 from expertmesh.platform.data import prepare
-from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.tracking import Tracker
 from expertmesh.platform.training import train
 
@@ -43,29 +47,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--checkpoint-root", default=None, help="pyarrow.fs URI (default: the cluster's)"
     )
-    ray = p.add_argument_group("Ray Train (given --workers)")
-    ray.add_argument("--workers", type=int, help="train on Ray Train with N DDP workers")
-    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker")
-    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs per worker")
-    ray.add_argument(
-        "--max-failures", type=int, default=2, help="restarts from the last checkpoint (-1: any)"
-    )
+    add_ray_train_flags(p)
     return p
 
 
 def ray_options(args: argparse.Namespace) -> RayTrainOptions | None:
     """The Ray Train options the flags ask for; None (train in this process) without --workers."""
-    if args.workers is None:
-        for flag in ("gpus_per_worker", "cpus_per_worker", "max_failures"):
-            if getattr(args, flag) != build_parser().get_default(flag):
-                raise ConfigError(flag, "applies to Ray Train only; add --workers N")
-        return None
-    return RayTrainOptions(
-        workers=args.workers,
-        cpus_per_worker=args.cpus_per_worker,
-        gpus_per_worker=args.gpus_per_worker,
-        max_failures=args.max_failures,
-        checkpoint_root=args.checkpoint_root,
+    return ray_train_options(args, build_parser())
+
+
+def train_lineage(cfg: ExperimentConfig) -> lineage.Lineage:
+    """What a base model's registered version records: its data, config and code."""
+    domains = list(cfg.data.train_domains)
+    return lineage.Lineage(
+        pipeline="train",
+        parent="",
+        trained_parts="all",
+        domains=domains,
+        data_digest=lineage.data_digest(cfg.data.data_dir, domains),
+        config_digest=lineage.digest(to_dict(cfg)),
+        ray_job_id=lineage.ray_job_id(),
+        git_revision=lineage.git_revision(),
+        data_uri=os.path.abspath(cfg.data.data_dir),
     )
 
 
@@ -79,18 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         root = storage.checkpoint_root(args.checkpoint_root)
         cfg.train.output_dir = f"{root}/{cfg.train.registered_model}/train"
     prepare(cfg.data, progress=not args.no_progress)
-    domains = list(cfg.data.train_domains)
-    record = lineage.Lineage(
-        pipeline="train",
-        parent="",
-        trained_parts="all",
-        domains=domains,
-        data_digest=lineage.data_digest(cfg.data.data_dir, domains),
-        config_digest=lineage.digest(to_dict(cfg)),
-        ray_job_id=lineage.ray_job_id(),
-        git_revision=lineage.git_revision(),
-        data_uri=os.path.abspath(cfg.data.data_dir),
-    )
+    record = train_lineage(cfg)
     if opts is None:
         result = train(
             cfg,

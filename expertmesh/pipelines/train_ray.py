@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import logging
@@ -40,7 +41,9 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import ExperimentConfig
 from expertmesh.platform.data import TokenData, load_tokenizer, read_manifest
 from expertmesh.platform.errors import CheckpointError, ConfigError
+from expertmesh.platform.lineage import Lineage
 from expertmesh.platform.model import MoETransformer
+from expertmesh.platform.parts import Freezer, TrainedParts
 from expertmesh.platform.storage import checkpoint_root
 from expertmesh.platform.tracking import Tracker
 from expertmesh.platform.training import (
@@ -91,6 +94,36 @@ class RayTrainOptions:
             raise ConfigError("max_failures", f"must be -1 or >= 0, got {self.max_failures!r}")
 
 
+def add_ray_train_flags(p: argparse.ArgumentParser) -> None:
+    """The ``--workers`` flags of every pipeline that can train on Ray Train."""
+    ray = p.add_argument_group("Ray Train (given --workers)")
+    ray.add_argument("--workers", type=int, help="train on Ray Train with N DDP workers")
+    ray.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per worker")
+    ray.add_argument("--cpus-per-worker", type=float, default=1.0, help="logical CPUs per worker")
+    ray.add_argument(
+        "--max-failures", type=int, default=2, help="restarts from the last checkpoint (-1: any)"
+    )
+
+
+def ray_train_options(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> RayTrainOptions | None:
+    """The Ray Train options the flags ask for; None (train in this process) without
+    ``--workers``, where the other Ray Train flags are refused rather than ignored."""
+    if args.workers is None:
+        for flag in ("gpus_per_worker", "cpus_per_worker", "max_failures"):
+            if getattr(args, flag) != parser.get_default(flag):
+                raise ConfigError(flag, "applies to Ray Train only; add --workers N")
+        return None
+    return RayTrainOptions(
+        workers=args.workers,
+        cpus_per_worker=args.cpus_per_worker,
+        gpus_per_worker=args.gpus_per_worker,
+        max_failures=args.max_failures,
+        checkpoint_root=args.checkpoint_root,
+    )
+
+
 def token_datasets(data_dir: str, domains: tuple[str, ...]) -> dict[str, ray.data.Dataset]:
     """Ray Data datasets of the ``train`` and ``validation`` token shards of ``domains``, whose
     rows come in the order :meth:`TokenData.load` reads them (files, then rows)."""
@@ -127,8 +160,16 @@ def train_on_ray(
     tracker: Tracker | None = None,
     register: bool = True,
     version_tags: dict[str, str] | None = None,
+    parent_checkpoint: str | None = None,
+    trained_parts: TrainedParts | None = None,
+    lineage: Lineage | None = None,
 ) -> TrainResult:
     """Train ``cfg`` with ``opts.workers`` Ray Train workers; log to MLflow, register the result.
+
+    Fine-tuning (:mod:`expertmesh.pipelines.finetune`): every worker starts from
+    ``parent_checkpoint`` and trains only ``trained_parts`` (the rest frozen, as the
+    single-process loop does); checkpoints then reference the parent's unchanged files.
+    ``lineage`` is logged as the run's dataset.
 
     Joins the cluster at ``RAY_ADDRESS`` (as a Ray job does) or starts a local one (and stops
     it at the end). ``cfg.train.batch_size`` is the batch of *one* worker. Checkpoints go to
@@ -144,6 +185,10 @@ def train_on_ray(
     from ray.train.torch import TorchTrainer
 
     tc = cfg.train
+    if (parent_checkpoint is None) != (trained_parts is None):
+        raise ConfigError(
+            "trained_parts", "fine-tuning on Ray Train needs both a parent checkpoint and parts"
+        )
     if tc.device.startswith("cuda") and opts.gpus_per_worker <= 0:
         raise ConfigError("gpus_per_worker", f"train.device is {tc.device!r}; give workers GPUs")
     # the workers may run in another directory (a Ray job's) or on another node
@@ -174,6 +219,13 @@ def train_on_ray(
                 for split, ds in token_datasets(data_dir, cfg.data.train_domains).items()
             }
             tracker.log_metrics({"data_read_s": time.perf_counter() - t0}, 0)
+            if lineage is not None:
+                tracker.log_dataset(
+                    name=",".join(lineage.domains),
+                    digest=lineage.data_digest,
+                    source=data_dir,
+                    profile={"domains": lineage.domains},
+                )
             trainer = TorchTrainer(
                 _train_loop,
                 train_loop_config={
@@ -184,6 +236,8 @@ def train_on_ray(
                     "vocab_size": vocab,
                     "on_step": opts.on_step,
                     "submitted_at": time.time(),
+                    "parent_checkpoint": parent_checkpoint,
+                    "trained_parts": trained_parts,
                 },
                 scaling_config=ray.train.ScalingConfig(
                     num_workers=opts.workers,
@@ -296,7 +350,13 @@ def _train_loop(config: dict[str, Any]) -> None:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)  # the same initial weights on every rank, as in train()
     device = ray.train.torch.get_device()
-    model = MoETransformer(cfg.model).to(device)
+    parent: str | None = config["parent_checkpoint"]
+    model = (ckpt.load_model(parent)[0] if parent else MoETransformer(cfg.model)).to(device)
+    freezer = None
+    if config["trained_parts"] is not None:
+        # NOTE: before the optimizer and DDP, which both take only the parameters that train
+        freezer = Freezer(config["trained_parts"])
+        freezer.apply(model)
     optimizer = make_optimizer(model, tc)
     gen = torch.Generator().manual_seed(tc.seed)
     start = 0
@@ -346,6 +406,8 @@ def _train_loop(config: dict[str, Any]) -> None:
         for step in range(start, end):
             batch = train_data.sample(world * b, tc.seq_len, gen)[rows]
             metrics, stats = train_step(model, optimizer, batch, step, tc, forward=forward)
+            if freezer is not None:
+                freezer.after_step()
             steps_since += 1
             done = step + 1
             if is_due(done, tc.log_every, end):
@@ -372,6 +434,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                             tokenizer_path=f"{cfg.data.data_dir}/tokenizer.json",
                             version=checkpoint_version(cfg, done, run_id),
                             train_state=pack_train_state(optimizer, done, gen, run_id),
+                            parent=parent,
                         )
                     reported = ray.train.Checkpoint(uri)
                 ray.train.report(

@@ -192,3 +192,55 @@ def test_killed_worker_resumes_from_checkpoint_and_matches(
     b, _ = ckpt.load_model(two_workers.checkpoint_uri)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-6, msg=name)
+
+
+def test_finetune_on_two_workers_trains_like_one_process(two_workers, prepared_data) -> None:
+    """``finetune --workers 2`` at batch b against the in-process fine-tune at 2b, from the same
+    parent: the same losses and weights up to summation order, the frozen parts untouched."""
+    from expertmesh.pipelines.finetune import FinetuneOptions, finetune
+
+    parent = f"test-ray/{two_workers.model_version.version}"
+    steps = 4
+    common = {
+        "model": parent,
+        "train": "router,experts:1:3",
+        "steps": steps,
+        "data": prepared_data.data_dir,
+        "domains": ["python"],
+        "seq_len": 32,
+        "experiment": "test-finetune-ray",
+        "overrides": ["train.threads=1"],
+    }
+    threads = torch.get_num_threads()
+    try:
+        on_ray = finetune(
+            FinetuneOptions(**common, batch_size=4, ray=RayTrainOptions(workers=2, **OPTS))
+        )
+        single = finetune(FinetuneOptions(**common, batch_size=8))
+    finally:
+        torch.set_num_threads(threads)
+
+    client = mlflow.MlflowClient(tracking_uri=Tracker().uri)
+    losses = []
+    for res in (on_ray, single):
+        train_run = client.get_run(res.run_id).data.tags["train_run_id"]
+        # the training run is the pipeline run's nested child
+        assert client.get_run(train_run).data.tags["mlflow.parentRunId"] == res.run_id
+        values = dict(history(train_run, "loss"))
+        losses.append(torch.tensor([values[s] for s in range(1, steps + 1)], dtype=torch.float64))
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-5)
+
+    mv = client.get_model_version("test-ray", on_ray.model_version.version)
+    assert (mv.tags["pipeline"], mv.tags["parent"]) == ("finetune", parent)
+    a, manifest = ckpt.load_model(on_ray.checkpoint_uri)
+    b, _ = ckpt.load_model(single.checkpoint_uri)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-5, msg=name)
+    # frozen experts are the parent's files, referenced by checksum; the trained one is new
+    parent_files = ckpt.read_manifest(two_workers.checkpoint_uri).files
+    assert (
+        manifest.files[ckpt.expert_file(0, 3)].sha256 == parent_files[ckpt.expert_file(0, 3)].sha256
+    )
+    assert (
+        manifest.files[ckpt.expert_file(1, 3)].sha256 != parent_files[ckpt.expert_file(1, 3)].sha256
+    )
