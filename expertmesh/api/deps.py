@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import ray
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from expertmesh.actors import names
 from expertmesh.api.errors import ApiError
@@ -87,10 +88,12 @@ class Services:
                 503, f"the {actor} actor is unavailable (restarting?); retry shortly"
             ) from None
 
-    async def stream(self, prompt: str, params: dict[str, Any]) -> Any:
-        """The router's per-token generator (an async iterator of object refs)."""
+    async def stream(self, prompt: str, params: dict[str, Any], index: int = 0) -> Any:
+        """The router's per-token generator (an async iterator of object refs) for choice
+        ``index`` of ``prompt``."""
         handle = await self._actor(names.ROUTER)
-        return handle.generate_stream.options(num_returns="streaming").remote(prompt, params)
+        gen = handle.generate_stream.options(num_returns="streaming")
+        return gen.remote(prompt, params, index)
 
     async def has_router(self) -> bool:
         """Whether a router is up now (a fresh lookup: the cached handle may be of a dead one)."""
@@ -171,10 +174,19 @@ HOW_TO_AUTH = (
 )
 
 
+# NOTE: FastAPI's own bearer scheme, so that the OpenAPI schema declares the token
+# (securitySchemes) and /docs offers to send it; the checks and messages stay ours
+# (auto_error=False), and the raw header is read for them.
+bearer = HTTPBearer(auto_error=False, description="the API token (`expertmesh up` prints it)")
+
+
 async def require_token(
-    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    settings: SettingsDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> None:
     """401 unless the request carries the API's bearer token."""
+    authorization = request.headers.get("authorization")
     challenge = {"WWW-Authenticate": "Bearer"}
     if not authorization:
         raise ApiError(401, f"missing API token: {HOW_TO_AUTH}", headers=challenge)
@@ -184,3 +196,26 @@ async def require_token(
     given = token_digest(token.strip())
     if not secrets.compare_digest(given, settings.token_sha256):
         raise ApiError(401, f"invalid API token: {HOW_TO_AUTH}", headers=challenge)
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """400 naming a query parameter the route does not take: it would otherwise be ignored,
+    and a client would believe it took effect."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    stack = [dependant]
+    while stack:  # the route's own query parameters and its dependencies'
+        d = stack.pop()
+        known.update(p.alias for p in d.query_params)
+        stack.extend(d.dependencies)
+    for name in request.query_params:
+        if name not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise ApiError(
+                400,
+                f"{name}: unknown query parameter (this route takes: {allowed})",
+                param=name,
+            )
