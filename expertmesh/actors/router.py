@@ -43,12 +43,14 @@ def token_logprobs(
     logprobs: list[float | None],
     tops: list[list[tuple[int, float]] | None],
 ) -> dict[str, Any]:
-    """Logprobs with token texts (each token decoded alone, as vLLM's OpenAI server does)."""
+    """Logprobs with token texts (each token decoded alone, as vLLM's OpenAI server does);
+    the alternatives as ``[text, logprob]`` pairs, most likely first (the completions API makes
+    a dict of them, in which tokens that decode alike collapse; the chat API keeps the list)."""
     text = lambda i: tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
     return {
         "tokens": [text(i) for i in ids],
         "token_logprobs": list(logprobs),
-        "top_logprobs": [None if top is None else {text(i): lp for i, lp in top} for top in tops],
+        "top_logprobs": [None if top is None else [[text(i), lp] for i, lp in top] for top in tops],
     }
 
 

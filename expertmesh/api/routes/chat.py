@@ -50,7 +50,7 @@ def chat_logprobs(lp: dict[str, Any] | None) -> ChatLogprobs | None:
         lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], strict=True
     ):
         alternatives = [
-            TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in (top or {}).items()
+            TopLogprob(token=t, logprob=v, bytes=list(t.encode())) for t, v in (top or [])
         ]
         entries.append(
             TokenLogprob(

@@ -96,6 +96,15 @@ def check_request(body: CompletionRequest, settings: ApiSettings) -> list[str]:
     return prompts
 
 
+def _top_dict(pairs: list[list[Any]]) -> dict[str, float]:
+    """OpenAI's shape: a dict per token. Alternatives that decode alike share a key; the most
+    likely one keeps it (pairs come most likely first)."""
+    out: dict[str, float] = {}
+    for text, logprob in pairs:
+        out.setdefault(text, logprob)
+    return out
+
+
 def completion_logprobs(parts: list[dict[str, Any] | None], start: int = 0) -> CompletionLogprobs:
     """OpenAI's logprobs of the tokens in ``parts`` (prompt's, then output's), with each token's
     offset in the choice's text (the first at ``start``)."""
@@ -106,7 +115,7 @@ def completion_logprobs(parts: list[dict[str, Any] | None], start: int = 0) -> C
         if part is not None:
             tokens += part["tokens"]
             token_logprobs += part["token_logprobs"]
-            top += part["top_logprobs"]
+            top += [None if t is None else _top_dict(t) for t in part["top_logprobs"]]
     offsets = [start + o for o in accumulate((len(t) for t in tokens[:-1]), initial=0)]
     return CompletionLogprobs(
         tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets
