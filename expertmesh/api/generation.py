@@ -18,6 +18,25 @@ from expertmesh.actors import names
 from expertmesh.api.deps import Services
 from expertmesh.api.errors import ApiError
 
+# The 200 response of a route that can stream: JSON, or server-sent events with ``stream``.
+STREAMABLE = {
+    200: {
+        "description": "The completion; with stream=true, server-sent events (one JSON chunk "
+        "per data: line, then data: [DONE])",
+        # NOTE: the schema of one event (its data: line is a JSON chunk, or [DONE]), as
+        # OpenAPI 3.2's itemSchema says it and Schemathesis checks each event
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}, "event": {"type": "string"}},
+                }
+            }
+        },
+    }
+}
+
 
 def finish_reason(reason: str | None) -> str | None:
     """The engine says "eos" where OpenAI says "stop"."""

@@ -1,9 +1,9 @@
 """Request and response bodies of the HTTP API (pydantic, kept apart from internal types).
 
 The schemas state every range a value must be in, so that the OpenAPI schema FastAPI publishes
-and the validation agree: a request the schema allows is served, with two exceptions the schema
-cannot express (a prompt longer than the model's context with ``max_tokens``; ``best_of < n``),
-which answer 400 naming the field. The same ranges are checked again by
+and the validation agree: a request the schema allows is served, except where a rule spans fields
+(a prompt longer than the model's context with ``max_tokens``; ``best_of < n``; and a few
+more, each said in its field's description), which answers 400 naming the field. The same ranges are checked again by
 :class:`expertmesh.platform.sampling.SamplingParams` for the SDK. Unknown fields are refused
 (400 naming the field) rather than ignored, so a client never believes a parameter took effect
 when it did not.
@@ -39,7 +39,7 @@ StrictBool = Annotated[bool, Field(strict=True)]
 StrictStr = Annotated[str, Field(strict=True)]
 Prompt = Annotated[str, Field(strict=True, min_length=1)]
 Stop = Annotated[str, Field(strict=True, min_length=1)]
-SEED_MAX = 2**63 - 1
+SEED_MODULUS = 2**63  # torch's generators take seeds below 2**64; best_of adds its index
 
 
 class Forbid(BaseModel):
@@ -74,7 +74,9 @@ class SamplingFields(Forbid):
     stop: Stop | Annotated[list[Stop], Field(max_length=4)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    seed: Int(ge=0, le=SEED_MAX) | None = None
+    seed: StrictInt | None = Field(
+        None, description="any integer; the same seed gives the same tokens (taken mod 2**63)"
+    )
     n: Int(ge=1, le=MAX_BEST_OF) = Field(1, description="choices per prompt")
     presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] = 0.0
@@ -93,7 +95,9 @@ class CompletionRequest(SamplingFields):
     """``POST /v1/completions`` (OpenAI), with vLLM's ``ignore_eos``, ``repetition_penalty`` and
     ``return_token_ids`` and expertmesh's ``expertmesh_routing`` extensions."""
 
-    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)]
+    prompt: Prompt | Annotated[list[Prompt], Field(min_length=1)] = Field(
+        description="one prompt or a list; each with max_tokens must fit the model's context"
+    )
     max_tokens: Int(ge=1) = 16
     best_of: Int(ge=1, le=MAX_BEST_OF) | None = Field(
         None,
@@ -105,7 +109,9 @@ class CompletionRequest(SamplingFields):
         None, description="chosen tokens' logprobs and this many top alternatives per token"
     )
     return_token_ids: StrictBool = False
-    expertmesh_routing: StrictBool = False
+    expertmesh_routing: StrictBool = Field(
+        False, description="report the experts that served each token; not with stream"
+    )
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -188,7 +194,9 @@ class ChatCompletionRequest(SamplingFields):
         None, description="OpenAI's newer name for max_tokens; give one of them"
     )
     logprobs: StrictBool = False
-    top_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = None
+    top_logprobs: Int(ge=0, le=MAX_LOGPROBS) | None = Field(
+        None, description="alternatives per token; needs logprobs=true"
+    )
 
 
 class TopLogprob(BaseModel):

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 MAX_LOGPROBS = 20  # top alternatives per token (vLLM's default cap; OpenAI allows 5)
 MAX_BEST_OF = 16  # candidate sequences per prompt
+# NOTE: temperatures below this are greedy (vLLM's _SAMPLING_EPS): 1e-300 is a valid temperature
+# but is 0 in float32, and logits / 0 made the draw's probabilities NaN
+GREEDY_BELOW = 1e-5
 
 
 def _number(name: str, value: object, lo: float, hi: float, *, lo_open: bool = False) -> None:
@@ -173,8 +176,12 @@ def sample_step(logits_BV: torch.Tensor, rows: list[Row]) -> Sampled:
         for b in penalised:
             r = rows[b]
             logits_BV[b] = apply_penalties(raw_BV[b], r.params, r.prompt_ids, r.output_ids)
+        # NOTE: a tiny repetition_penalty (in range: > 0) divides logits into inf; keep them
+        # finite so that the draw's probabilities are numbers
+        big = torch.finfo(logits_BV.dtype).max / 2
+        logits_BV = torch.nan_to_num(logits_BV, nan=-big, posinf=big, neginf=-big)
     out_B = logits_BV.argmax(dim=-1).cpu()
-    sampled = [b for b, r in enumerate(rows) if r.params.temperature > 0]
+    sampled = [b for b, r in enumerate(rows) if r.params.temperature >= GREEDY_BELOW]
     if sampled:
         sampled_RV = logits_BV[sampled].cpu()
         for i, b in enumerate(sampled):

@@ -134,3 +134,21 @@ def test_out_of_range_values_name_their_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:
         SamplingParams(**kwargs)
     assert err.value.field == field
+
+
+def test_a_tiny_temperature_samples_the_top_token() -> None:
+    """1e-300 is a valid temperature; the draw must not see inf/NaN probabilities (found by
+    the schema fuzzer: tests/integration/test_api_schema.py)."""
+    logits_BV = torch.tensor([[0.5, 2.0, 1.0]])
+    p = SamplingParams(temperature=1e-300)
+    g = torch.Generator().manual_seed(0)
+    picked = sample_step(logits_BV, [Row(params=p, prompt_ids=[0], output_ids=[], generator=g)])
+    assert picked.token_B.tolist() == [1]
+
+
+def test_a_tiny_repetition_penalty_keeps_the_draw_finite() -> None:
+    p = SamplingParams(temperature=1.0, repetition_penalty=1e-300)
+    g = torch.Generator().manual_seed(0)
+    row = Row(params=p, prompt_ids=[1], output_ids=[], generator=g)
+    picked = sample_step(torch.tensor([[0.5, 2.0, 1.0]]), [row])
+    assert picked.token_B.tolist() == [1]  # its logit is now the largest by far

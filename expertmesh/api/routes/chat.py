@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from expertmesh.actors import names
 from expertmesh.api.deps import Services, ServicesDep, as_api_error, require_token
 from expertmesh.api.errors import ApiError, error_body
-from expertmesh.api.generation import finish_reason, generate, sse, stream_pieces
+from expertmesh.api.generation import STREAMABLE, finish_reason, generate, sse, stream_pieces
 from expertmesh.api.routes.completions import common_params
 from expertmesh.api.schemas import (
     ChatChoice,
@@ -83,7 +83,7 @@ async def chat_params(body: ChatCompletionRequest, services: Services) -> tuple[
     return prompt, params, rendered["prompt_tokens"]
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMABLE)
 async def create_chat_completion(
     body: ChatCompletionRequest, services: ServicesDep
 ) -> ChatCompletionResponse | StreamingResponse:

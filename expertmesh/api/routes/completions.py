@@ -25,6 +25,7 @@ from expertmesh.api.deps import (
 )
 from expertmesh.api.errors import ApiError, error_body
 from expertmesh.api.generation import (
+    STREAMABLE,
     finish_reason,
     generate,
     sse,
@@ -32,6 +33,7 @@ from expertmesh.api.generation import (
     validate_prompts,
 )
 from expertmesh.api.schemas import (
+    SEED_MODULUS,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
@@ -58,7 +60,7 @@ def common_params(body: SamplingFields, max_tokens: int) -> dict[str, Any]:
         "temperature": body.temperature,
         "top_p": body.top_p,
         "stop": body.stops(),
-        "seed": body.seed,
+        "seed": None if body.seed is None else body.seed % SEED_MODULUS,
         "ignore_eos": body.ignore_eos,
         "n": body.n,
         "presence_penalty": body.presence_penalty,
@@ -122,7 +124,7 @@ def completion_logprobs(parts: list[dict[str, Any] | None], start: int = 0) -> C
     )
 
 
-@router.post("/v1/completions", response_model=CompletionResponse)
+@router.post("/v1/completions", response_model=CompletionResponse, responses=STREAMABLE)
 async def create_completion(
     body: CompletionRequest, services: ServicesDep, settings: SettingsDep
 ) -> CompletionResponse | StreamingResponse:
