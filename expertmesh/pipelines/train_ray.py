@@ -45,6 +45,7 @@ from expertmesh.platform.storage import checkpoint_root
 from expertmesh.platform.tracking import Tracker
 from expertmesh.platform.training import (
     TrainResult,
+    chat_template_of,
     checkpoint_version,
     evaluate,
     is_due,
@@ -372,6 +373,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                             tokenizer_path=f"{cfg.data.data_dir}/tokenizer.json",
                             version=checkpoint_version(cfg, done, run_id),
                             train_state=pack_train_state(optimizer, done, gen, run_id),
+                            chat_template=chat_template_of(cfg),
                         )
                     reported = ray.train.Checkpoint(uri)
                 ray.train.report(
