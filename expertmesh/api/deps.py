@@ -28,6 +28,9 @@ NO_MODEL = (
 )
 
 
+RESTART_WAITS_S = (0.0, 0.0, 0.25, 0.5, 1.0, 1.5)  # before each try of a call to an actor
+
+
 def token_digest(token: str) -> str:
     """What the server keeps of the token (the replica never holds the token itself)."""
     return hashlib.sha256(token.encode()).hexdigest()
@@ -75,18 +78,22 @@ class Services:
         return handle
 
     async def call(self, actor: str, method: str, *args: Any) -> Any:
-        """``await actor.method.remote(*args)``; errors come back as :class:`ApiError`."""
-        try:
-            return await _invoke(await self._actor(actor), method, args)
-        except ray.exceptions.RayActorError:
-            self._handles.pop(actor, None)  # redeployed or restarting: look it up once more
-        try:
-            return await _invoke(await self._actor(actor), method, args)
-        except ray.exceptions.RayActorError:
-            self._handles.pop(actor, None)
-            raise ApiError(
-                503, f"the {actor} actor is unavailable (restarting?); retry shortly"
-            ) from None
+        """``await actor.method.remote(*args)``; errors come back as :class:`ApiError`.
+
+        NOTE: an actor that is restarting (the controller is detached and restarts by itself)
+        is retried for a few seconds before the documented 503 (issue 23 §2: /api/cluster
+        answered 503 while the controller restarted); the 503 then says when to retry."""
+        for wait_s in RESTART_WAITS_S:
+            await asyncio.sleep(wait_s)
+            try:
+                return await _invoke(await self._actor(actor), method, args)
+            except ray.exceptions.RayActorError:
+                self._handles.pop(actor, None)  # redeployed or restarting: look it up again
+        raise ApiError(
+            503,
+            f"the {actor} actor is unavailable (restarting?); retry shortly",
+            headers={"Retry-After": "2"},
+        )
 
     async def stream(self, prompt: str, params: dict[str, Any], index: int = 0) -> Any:
         """The router's per-token generator (an async iterator of object refs) for choice
