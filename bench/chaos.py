@@ -77,7 +77,7 @@ async def load(
             prompt = PROMPTS[(i + k) % len(PROMPTS)]
             t0 = time.perf_counter()
             try:
-                out = await router.generate.remote(prompt, PARAMS)
+                (out,) = await router.generate.remote(prompt, PARAMS)  # n=1: one result
             except Exception as exc:  # a failed request is what this bench counts
                 phase.failed += 1
                 phase.errors.append(f"{type(exc).__name__}: {exc}"[:200])
@@ -129,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cluster.deploy(uri, shards=4, replicas=2)
         router = ray.get_actor(names.ROUTER, namespace=names.NAMESPACE)
-        expected = {pr: ray.get(router.generate.remote(pr, PARAMS))["token_ids"] for pr in PROMPTS}
+        expected = {
+            pr: ray.get(router.generate.remote(pr, PARAMS))[0]["token_ids"] for pr in PROMPTS
+        }
 
         steady = Phase()
         asyncio.run(load(router, expected, 300, args.concurrency, steady))

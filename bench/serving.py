@@ -203,7 +203,7 @@ class Distributed:
 
     async def run(self, prompts: list[str], concurrency: int) -> LoadResult:
         async def send(prompt: str) -> int:
-            out = await self.router.generate.remote(prompt, self.params)
+            (out,) = await self.router.generate.remote(prompt, self.params)  # n=1: one result
             return out["completion_tokens"]
 
         return await run_load(send, prompts, concurrency)

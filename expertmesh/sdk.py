@@ -230,7 +230,8 @@ class Cluster:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         refs = [router.generate.remote(p, params, routing) for p in prompts]
         try:
-            outs = [Completion.from_dict(d) for d in ray.get(refs)]
+            # the router answers a list of n results; the SDK asks for n=1
+            outs = [Completion.from_dict(results[0]) for results in ray.get(refs)]
         except ray.exceptions.RayTaskError as exc:
             raise ClusterError(str(exc.cause if exc.cause else exc)) from None
         return outs[0] if isinstance(prompt, str) else outs

@@ -24,9 +24,12 @@ from typing import Any
 
 import ray
 import torch
+from tokenizers import Tokenizer
 
 from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher, VersionDispatcher
-from expertmesh.platform.engine import Engine, Sequence, StepOutput
+from expertmesh.platform import chat
+from expertmesh.platform.engine import Engine, Sequence, StepOutput, best_of
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.types import Transport
@@ -34,7 +37,24 @@ from expertmesh.types import Transport
 log = logging.getLogger(__name__)
 
 
-def result_of(seq: Sequence, with_routing: bool) -> dict[str, Any]:
+def token_logprobs(
+    tokenizer: Tokenizer,
+    ids: list[int],
+    logprobs: list[float | None],
+    tops: list[list[tuple[int, float]] | None],
+) -> dict[str, Any]:
+    """Logprobs with token texts (each token decoded alone, as vLLM's OpenAI server does);
+    the alternatives as ``[text, logprob]`` pairs, most likely first (the completions API makes
+    a dict of them, in which tokens that decode alike collapse; the chat API keeps the list)."""
+    text = lambda i: tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+    return {
+        "tokens": [text(i) for i in ids],
+        "token_logprobs": list(logprobs),
+        "top_logprobs": [None if top is None else [[text(i), lp] for i, lp in top] for top in tops],
+    }
+
+
+def result_of(seq: Sequence, with_routing: bool, tokenizer: Tokenizer) -> dict[str, Any]:
     out: dict[str, Any] = {
         "request_id": seq.request_id,
         "text": seq.text,
@@ -42,7 +62,21 @@ def result_of(seq: Sequence, with_routing: bool) -> dict[str, Any]:
         "finish_reason": seq.finish_reason,
         "prompt_tokens": len(seq.prompt_ids),
         "completion_tokens": len(seq.output_ids),
+        "cumulative_logprob": seq.cumulative_logprob,
     }
+    p = seq.params
+    if p.logprobs is not None:
+        out["logprobs"] = token_logprobs(
+            tokenizer, seq.output_ids, list(seq.logprobs), list(seq.top_logprobs)
+        )
+    if p.prompt_logprobs is not None:
+        # the first prompt token has no context: no logprob (None), as in vLLM and OpenAI
+        out["prompt_logprobs"] = token_logprobs(
+            tokenizer,
+            seq.prompt_ids,
+            [None, *seq.prompt_logprobs],
+            [None, *seq.prompt_top_logprobs],
+        )
     if with_routing and seq.expert_counts is not None:
         out["expert_counts"] = seq.expert_counts.tolist()
         out["token_experts"] = seq.token_experts
@@ -75,6 +109,7 @@ class RouterService:
         )
         self.max_batch = max_batch
         self.micro_batches = micro_batches
+        self.templates: dict[int, str | None] = {}  # chat template per model version
         # one engine per live model version; new requests go to ``current``'s
         self.engines: dict[int, Engine] = {
             model_version: self._build_engine(model_version, checkpoint_uri)
@@ -106,6 +141,7 @@ class RouterService:
 
     def _build_engine(self, model_version: int, checkpoint_uri: str) -> Engine:
         model, tokenizer = load_for_inference(checkpoint_uri, with_experts=False)
+        self.templates[model_version] = chat.read_chat_template(checkpoint_uri)
         return Engine(
             model,
             tokenizer,
@@ -272,22 +308,29 @@ class RouterService:
     def _submit(
         self,
         prompt: str | list[int],
-        params: dict[str, Any],
+        sampling: SamplingParams,
         trace: bool = False,
         stream: bool = False,
-    ) -> tuple[Sequence, asyncio.Queue, Engine]:
-        sampling = SamplingParams(**params)
-        q: asyncio.Queue = asyncio.Queue()
+        indices: range = range(1),
+    ) -> tuple[list[tuple[Sequence, asyncio.Queue]], Engine]:
+        """Queue one sequence per index (candidates of one request) on the current engine."""
         self._ensure_tasks()
-        # NOTE: the engine is chosen and the request queued under one lock, so that a switch
-        # cannot slip in between and retire the engine the request was made for
+        # NOTE: the engine is chosen and the requests queued under one lock, so that a switch
+        # cannot slip in between and retire the engine they were made for
         with self.has_pending:
             engine = self.engine
-            seq = engine.make_sequence(prompt, sampling, trace=trace, stream=stream)
-            self.waiters[seq.request_id] = q
-            self.pending.append((engine, seq))
+            seqs = [
+                engine.make_sequence(prompt, sampling, trace=trace, stream=stream, index=i)
+                for i in indices
+            ]
+            out = []
+            for seq in seqs:
+                q: asyncio.Queue = asyncio.Queue()
+                self.waiters[seq.request_id] = q
+                self.pending.append((engine, seq))
+                out.append((seq, q))
             self.has_pending.notify()
-        return seq, q, engine
+        return out, engine
 
     async def _drain(self, seq: Sequence, q: asyncio.Queue, engine: Engine):
         try:
@@ -305,25 +348,66 @@ class RouterService:
 
     async def generate(
         self, prompt: str | list[int], params: dict[str, Any], routing: bool = False
-    ) -> dict[str, Any]:
+    ) -> list[dict[str, Any]]:
+        """Complete ``prompt``: a list of ``params["n"]`` results (the best of ``best_of``
+        candidates by cumulative logprob), best first when some were dropped."""
         t0 = time.perf_counter()
-        seq, q, engine = self._submit(prompt, params, trace=routing)
-        async for _ in self._drain(seq, q, engine):
-            pass
-        self.latencies.append(time.perf_counter() - t0)
-        return result_of(seq, routing)
+        sampling = SamplingParams(**params)
+        subs, engine = self._submit(
+            prompt, sampling, trace=routing, indices=range(sampling.candidates)
+        )
 
-    async def generate_stream(self, prompt: str | list[int], params: dict[str, Any]):
-        """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token."""
-        seq, q, engine = self._submit(prompt, params, stream=True)
+        async def drain(seq: Sequence, q: asyncio.Queue) -> None:
+            async for _ in self._drain(seq, q, engine):
+                pass
+
+        await asyncio.gather(*(drain(seq, q) for seq, q in subs))
+        self.latencies.append(time.perf_counter() - t0)
+        chosen = best_of([seq for seq, _ in subs], sampling.n)
+        return [result_of(seq, routing, engine.tokenizer) for seq in chosen]
+
+    async def generate_stream(
+        self, prompt: str | list[int], params: dict[str, Any], index: int = 0
+    ):
+        """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token
+        (with ``"logprobs"`` for that token when asked). One sequence: a stream of ``n`` choices
+        is ``n`` of these, ``index`` 0..n-1 (it seeds the sequence ``seed + index``)."""
+        sampling = SamplingParams(**params)
+        if sampling.candidates != sampling.n:
+            raise ConfigError("best_of", "cannot be streamed: it ranks finished candidates")
+        [(seq, q)], engine = self._submit(
+            prompt, sampling, stream=True, indices=range(index, index + 1)
+        )
+        n_lp, first = 0, True
         async for out in self._drain(seq, q, engine):
-            yield {
+            item = {
                 "text": out.text_delta,
                 "token_id": out.token_id,
                 # NOTE: from the output, not the live sequence: by the time a queued token is
                 # sent the sequence may have finished, and only its last chunk ends it
                 "finish_reason": seq.finish_reason if out.finished else None,
             }
+            if first and sampling.prompt_logprobs is not None:
+                # the prefill that produced the first token scored the prompt
+                item["prompt_logprobs"] = token_logprobs(
+                    engine.tokenizer,
+                    seq.prompt_ids,
+                    [None, *seq.prompt_logprobs],
+                    [None, *seq.prompt_top_logprobs],
+                )
+            if sampling.logprobs is not None:
+                # the token this output added (none for an EOS that ended the sequence)
+                added = not (out.finished and seq.finish_reason == "eos")
+                ids = seq.output_ids[n_lp : n_lp + 1] if added else []
+                item["logprobs"] = token_logprobs(
+                    engine.tokenizer,
+                    ids,
+                    seq.logprobs[n_lp : n_lp + len(ids)],
+                    seq.top_logprobs[n_lp : n_lp + len(ids)],
+                )
+                n_lp += len(ids)
+            first = False
+            yield item
 
     # ------------------------------------------------------------------ introspection
     async def ready(self, timeout_s: float = 30.0) -> int:
@@ -340,6 +424,22 @@ class RouterService:
     def validate(self, prompt: str | list[int], params: dict[str, Any]) -> int:
         """Raise the error a request would get; returns its prompt length in tokens."""
         return len(self.engine.make_sequence(prompt, SamplingParams(**params)).prompt_ids)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> dict[str, Any]:
+        """``{"prompt", "prompt_tokens", "context"}`` for ``messages`` by the current version's
+        chat template (ConfigError naming ``messages`` if the model has none)."""
+        template = self.templates.get(self.current)
+        if template is None:
+            raise ConfigError(
+                "messages",
+                f"model {self.labels.get(self.current)!r} has no chat template (its checkpoint "
+                "has no chat_template.jinja); use /v1/completions with a plain prompt",
+            )
+        prompt = chat.render(template, messages)
+        if not prompt:
+            raise ConfigError("messages", "the chat template made an empty prompt of them")
+        n = len(self.engine.encode(prompt))
+        return {"prompt": prompt, "prompt_tokens": n, "context": self.engine.max_len}
 
     def stats(self) -> dict[str, Any]:
         lat = sorted(self.latencies)

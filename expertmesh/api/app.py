@@ -16,31 +16,48 @@ from __future__ import annotations
 import secrets
 import time
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from ray import serve
 
 from expertmesh import envs
-from expertmesh.api import info
-from expertmesh.api.deps import ApiSettings, Services, token_digest
+from expertmesh.api import docs, info
+from expertmesh.api.deps import ApiSettings, Services, reject_unknown_query, token_digest
 from expertmesh.api.errors import install_error_handlers
 from expertmesh.api.limits import BodySizeLimit
-from expertmesh.api.routes import cluster, completions, health, lineage, models
+from expertmesh.api.routes import chat, cluster, completions, health, lineage, models
 from expertmesh.types import ClusterError
 
 APP_NAME = "expertmesh-api"
 
 
 def create_app(settings: ApiSettings) -> FastAPI:
-    """The FastAPI app (routes per resource, JSON errors, body size limit)."""
-    # NOTE: no /docs or /openapi.json: every route but health needs the token, and FastAPI's
-    # docs routes cannot take one.
-    app = FastAPI(title="expertmesh", docs_url=None, redoc_url=None, openapi_url=None)
+    """The FastAPI app (routes per resource, JSON errors, body size limit, OpenAPI schema)."""
+    # NOTE: /openapi.json and /docs need no token: the schema describes the routes and holds
+    # no data; every route that reads or changes the cluster still needs the token
+    app = FastAPI(
+        title="expertmesh",
+        summary="OpenAI-compatible completions and chat, and the cluster's /api routes",
+        version=_version(),
+        docs_url="/docs",  # Swagger UI; its script and styles come from a CDN (see README)
+        redoc_url=None,
+        dependencies=[Depends(reject_unknown_query)],
+    )
     app.state.services = Services(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, completions, models, cluster, lineage):
+    for module in (health, completions, chat, models, cluster, lineage):
         app.include_router(module.router)
+    docs.install(app)
     return app
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("expertmesh")
+    except PackageNotFoundError:
+        return "0"
 
 
 @serve.deployment(

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 import ray
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from expertmesh.actors import names
 from expertmesh.api.errors import ApiError
@@ -25,6 +26,9 @@ NO_MODEL = (
     "no model is deployed; start one with `expertmesh up --model NAME_OR_URI` or "
     "`expertmesh.connect().deploy(model)`"
 )
+
+
+RESTART_WAITS_S = (0.0, 0.0, 0.25, 0.5, 1.0, 1.5)  # before each try of a call to an actor
 
 
 def token_digest(token: str) -> str:
@@ -74,23 +78,29 @@ class Services:
         return handle
 
     async def call(self, actor: str, method: str, *args: Any) -> Any:
-        """``await actor.method.remote(*args)``; errors come back as :class:`ApiError`."""
-        try:
-            return await _invoke(await self._actor(actor), method, args)
-        except ray.exceptions.RayActorError:
-            self._handles.pop(actor, None)  # redeployed or restarting: look it up once more
-        try:
-            return await _invoke(await self._actor(actor), method, args)
-        except ray.exceptions.RayActorError:
-            self._handles.pop(actor, None)
-            raise ApiError(
-                503, f"the {actor} actor is unavailable (restarting?); retry shortly"
-            ) from None
+        """``await actor.method.remote(*args)``; errors come back as :class:`ApiError`.
 
-    async def stream(self, prompt: str, params: dict[str, Any]) -> Any:
-        """The router's per-token generator (an async iterator of object refs)."""
+        NOTE: an actor that is restarting (the controller is detached and restarts by itself)
+        is retried for a few seconds before the documented 503 (issue 23 §2: /api/cluster
+        answered 503 while the controller restarted); the 503 then says when to retry."""
+        for wait_s in RESTART_WAITS_S:
+            await asyncio.sleep(wait_s)
+            try:
+                return await _invoke(await self._actor(actor), method, args)
+            except ray.exceptions.RayActorError:
+                self._handles.pop(actor, None)  # redeployed or restarting: look it up again
+        raise ApiError(
+            503,
+            f"the {actor} actor is unavailable (restarting?); retry shortly",
+            headers={"Retry-After": "2"},
+        )
+
+    async def stream(self, prompt: str, params: dict[str, Any], index: int = 0) -> Any:
+        """The router's per-token generator (an async iterator of object refs) for choice
+        ``index`` of ``prompt``."""
         handle = await self._actor(names.ROUTER)
-        return handle.generate_stream.options(num_returns="streaming").remote(prompt, params)
+        gen = handle.generate_stream.options(num_returns="streaming")
+        return gen.remote(prompt, params, index)
 
     async def has_router(self) -> bool:
         """Whether a router is up now (a fresh lookup: the cached handle may be of a dead one)."""
@@ -171,10 +181,19 @@ HOW_TO_AUTH = (
 )
 
 
+# NOTE: FastAPI's own bearer scheme, so that the OpenAPI schema declares the token
+# (securitySchemes) and /docs offers to send it; the checks and messages stay ours
+# (auto_error=False), and the raw header is read for them.
+bearer = HTTPBearer(auto_error=False, description="the API token (`expertmesh up` prints it)")
+
+
 async def require_token(
-    settings: SettingsDep, authorization: Annotated[str | None, Header()] = None
+    request: Request,
+    settings: SettingsDep,
+    _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer)],
 ) -> None:
     """401 unless the request carries the API's bearer token."""
+    authorization = request.headers.get("authorization")
     challenge = {"WWW-Authenticate": "Bearer"}
     if not authorization:
         raise ApiError(401, f"missing API token: {HOW_TO_AUTH}", headers=challenge)
@@ -184,3 +203,26 @@ async def require_token(
     given = token_digest(token.strip())
     if not secrets.compare_digest(given, settings.token_sha256):
         raise ApiError(401, f"invalid API token: {HOW_TO_AUTH}", headers=challenge)
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """400 naming a query parameter the route does not take: it would otherwise be ignored,
+    and a client would believe it took effect."""
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known: set[str] = set()
+    stack = [dependant]
+    while stack:  # the route's own query parameters and its dependencies'
+        d = stack.pop()
+        known.update(p.alias for p in d.query_params)
+        stack.extend(d.dependencies)
+    for name in request.query_params:
+        if name not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise ApiError(
+                400,
+                f"{name}: unknown query parameter (this route takes: {allowed})",
+                param=name,
+            )

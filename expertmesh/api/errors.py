@@ -30,8 +30,9 @@ ERROR_TYPES = {
 
 
 ROUTES = (
-    "POST /v1/completions, GET /v1/models, GET /api/cluster, GET /api/events, "
-    "PUT /api/shards, PUT /api/model and GET /api/health"
+    "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /api/cluster, "
+    "GET /api/events, PUT /api/shards, PUT /api/model and GET /api/health (all of them in "
+    "GET /openapi.json)"
 )
 
 
@@ -92,7 +93,7 @@ def _describe_validation(errors: list[dict[str, Any]]) -> tuple[str, str | None]
     if first.get("type") == "missing":
         return f"{param}: this field is required", param
     if first.get("type") == "extra_forbidden":
-        return f"{param}: unknown field", param
+        return f"{param}: unknown field; this API does not take it (see /openapi.json)", param
     got = first.get("input")
     got_text = repr(got) if len(repr(got)) <= 80 else repr(got)[:77] + "..."
     return f"{param}: should be {' or '.join(msgs)} (got {got_text})", param

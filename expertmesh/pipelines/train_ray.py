@@ -48,6 +48,7 @@ from expertmesh.platform.storage import checkpoint_root
 from expertmesh.platform.tracking import Tracker
 from expertmesh.platform.training import (
     TrainResult,
+    chat_template_of,
     checkpoint_version,
     evaluate,
     is_due,
@@ -435,6 +436,7 @@ def _train_loop(config: dict[str, Any]) -> None:
                             version=checkpoint_version(cfg, done, run_id),
                             train_state=pack_train_state(optimizer, done, gen, run_id),
                             parent=parent,
+                            chat_template=chat_template_of(cfg),
                         )
                     reported = ray.train.Checkpoint(uri)
                 ray.train.report(

@@ -49,6 +49,7 @@ FORMAT = 2  # 2: entries may reference another checkpoint's file by ``path``
 _FORMAT_PLAIN = 1  # what a checkpoint without references is written as
 MANIFEST, LATEST, DENSE = "manifest.json", "latest.json", "dense.safetensors"
 TOKENIZER, TRAIN_STATE = "tokenizer.json", "train_state.pt"
+CHAT_TEMPLATE = "chat_template.jinja"  # beside tokenizer.json, as Hugging Face keeps it
 EXPERT_TENSORS = ("w1", "w3", "w2")
 _ATOMIC_OBJECT_STORES = ("s3", "gcs")  # single-object PUTs are atomic; no rename needed
 
@@ -263,6 +264,7 @@ def save_checkpoint(
     train_state: bytes | None = None,
     experts_override: dict[ExpertKey, dict[str, torch.Tensor]] | None = None,
     parent: str | None = None,
+    chat_template: str | None = None,
 ) -> str:
     """Write ``model`` as the new checkpoint ``<root>/<name>`` and point ``<root>/latest.json`` at it.
 
@@ -277,6 +279,9 @@ def save_checkpoint(
             model's own (experts trained or held elsewhere).
         parent: a checkpoint URI; files byte-identical to one of its files (same sha256 and
             size) are referenced there instead of written again.
+        chat_template: a Jinja2 chat template (the text) for ``/v1/chat/completions``; unset,
+            a checkpoint with a ``parent`` keeps the parent's (a fine-tune or a grown model
+            answers chat as its parent did).
 
     Returns:
         The checkpoint's URI, e.g. ``file:///ckpt/step-400`` or ``/ckpt/step-400``.
@@ -294,6 +299,8 @@ def save_checkpoint(
     experts = _expert_source(model, experts_override or {})
     tokenizer = None if tokenizer_path is None else _read_uri(tokenizer_path)
     reusable = _reusable_files(parent) if parent is not None else {}
+    if chat_template is None and parent is not None:
+        chat_template = read_chat_template(parent)
 
     root_dir = _Dir(root)
     ckpt = root_dir.sub(name)
@@ -324,6 +331,8 @@ def save_checkpoint(
         put(TOKENIZER, tokenizer)
     if train_state is not None:
         put(TRAIN_STATE, bytes(train_state))
+    if chat_template is not None:
+        put(CHAT_TEMPLATE, chat_template.encode())
     manifest = Manifest(
         format=FORMAT if any(e.path for e in files.values()) else _FORMAT_PLAIN,
         name=name,
@@ -466,6 +475,14 @@ def read_tokenizer(uri: str) -> str | None:
     return _read_verified(d, manifest, manifest.tokenizer).decode()
 
 
+def read_chat_template(uri: str) -> str | None:
+    """The checkpoint's ``chat_template.jinja`` text, or None if it has none."""
+    d, manifest = _open(uri)
+    if CHAT_TEMPLATE not in manifest.files:
+        return None
+    return _read_verified(d, manifest, CHAT_TEMPLATE).decode()
+
+
 __all__ = [
     "ExpertKey",
     "FileEntry",
@@ -476,6 +493,7 @@ __all__ = [
     "load_experts",
     "load_model",
     "load_train_state",
+    "read_chat_template",
     "read_manifest",
     "read_tokenizer",
     "resolve",

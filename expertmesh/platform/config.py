@@ -186,6 +186,9 @@ class DataConfig:
     train_domains: tuple[str, ...] = ("shakespeare", "python")
     vocab_size: int = 4096
     shard_tokens: int = 2_000_000  # tokens per Parquet shard
+    # a named chat template (platform/chat.py, e.g. "plain") saved with every checkpoint, for
+    # /v1/chat/completions; None: the checkpoints have none
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         _positive("vocab_size", self.vocab_size)
@@ -193,6 +196,12 @@ class DataConfig:
         self.train_domains = tuple(self.train_domains)
         if not self.train_domains:
             raise ConfigError("train_domains", "needs at least one domain")
+        if self.chat_template is not None and not (
+            isinstance(self.chat_template, str) and self.chat_template
+        ):
+            raise ConfigError(
+                "chat_template", f"must be a template name, got {self.chat_template!r}"
+            )
 
 
 @dataclass(kw_only=True, slots=True)

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.model import Dispatcher, KVCache, MoETransformer
 from expertmesh.platform.overlap import Turns, TurnTakingDispatcher
-from expertmesh.platform.sampling import SamplingParams, sample_next
+from expertmesh.platform.sampling import Row, SamplingParams, sample_step, top_logprobs
 
 EOS_ID = 0
 MIN_MICRO_BATCH = 8  # rows; below this a split costs more than the overlap gains
@@ -53,6 +53,12 @@ class Sequence:
     token_experts: list[list[list[int]]] = field(default_factory=list)  # per fed token, per layer
     trace: bool = False  # record expert_counts and token_experts (Python time per token)
     stream: bool = False  # wants each token's text delta (else only the final text is needed)
+    logprobs: list[float] = field(default_factory=list)  # per output token, when wanted
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # with logprobs
+    cumulative_logprob: float = 0.0  # of the output tokens, when wanted (ranks best_of)
+    # per prompt token from the second on, with params.prompt_logprobs
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -137,8 +143,12 @@ class Engine:
         *,
         trace: bool = False,
         stream: bool = False,
+        index: int = 0,
     ) -> Sequence:
-        """A validated, not yet queued request (raises ConfigError naming what is wrong)."""
+        """A validated, not yet queued request (raises ConfigError naming what is wrong).
+
+        ``index`` numbers the candidates of one request (``best_of``): each draws from its own
+        generator, seeded ``seed + index``, so that seeded candidates differ yet repeat."""
         ids = self.encode(prompt)
         if max(ids) >= self.cfg.vocab_size or min(ids) < 0:
             raise ConfigError("prompt", f"token ids must be in [0, {self.cfg.vocab_size})")
@@ -156,7 +166,7 @@ class Engine:
             stream=stream,
         )
         if params.seed is not None:
-            seq.generator = torch.Generator().manual_seed(params.seed)
+            seq.generator = torch.Generator().manual_seed(params.seed + index)
         if self.track_routing or trace:
             seq.expert_counts = torch.zeros(self.n_moe, self.cfg.max_experts, dtype=torch.long)
         return seq
@@ -253,13 +263,23 @@ class Engine:
             ]
             wait(futures)  # all of them, even when one failed: none may outlive the step
             logits_BV = torch.cat([f.result() for f in futures])
-        temps = torch.tensor([s.params.temperature for s in seqs])
-        top_ps = torch.tensor([s.params.top_p for s in seqs])
-        next_B = sample_next(logits_BV, temps, top_ps, [s.generator for s in seqs])
+        rows = [
+            Row(
+                params=s.params,
+                prompt_ids=s.prompt_ids,
+                output_ids=s.output_ids,
+                generator=s.generator,
+            )
+            for s in seqs
+        ]
+        picked = sample_step(logits_BV, rows)
         seqs = list(seqs)  # _append releases finished ones, which reorders self.running
         for s, f in zip(seqs, feeds, strict=True):
             s.n_cached += len(f)  # before any release moves a sequence's cache entries
-        return [self._append(s, tok) for s, tok in zip(seqs, next_B.tolist(), strict=True)]
+        return [
+            self._append(s, tok, picked.logprob[b], picked.top[b])
+            for b, (s, tok) in enumerate(zip(seqs, picked.token_B.tolist(), strict=True))
+        ]
 
     def _prefill_split(self, seqs: list[Sequence], feeds: list[list[int]]) -> int | None:
         """Where the new sequences start, if this step should run them as a pass of their own.
@@ -316,6 +336,14 @@ class Engine:
         record = any(s.expert_counts is not None for s in seqs)
         # padded tokens write their key/value to the cache's scratch position
         wpos_BT = torch.where(valid_BT, pos_BT, self.cache.scratch_pos) if ragged else pos_BT
+        gather_B = torch.tensor([len(f) - 1 for f in feeds], device=dev)
+        # NOTE: prompt logprobs (echo with logprobs) need every prompt position's logits, so a
+        # prefill that asks for them computes the LM head over all T positions of the batch
+        scored = [
+            b
+            for b, s in enumerate(seqs)
+            if s.n_cached == 0 and s.params.prompt_logprobs is not None and len(feeds[b]) > 1
+        ]
         out = self.model(
             tokens_BT,
             positions_BT=pos_BT,
@@ -325,18 +353,43 @@ class Engine:
             return_routing=record,
             valid_BT=valid_BT if ragged else None,
             write_pos_BT=wpos_BT if ragged else None,
-            gather_B=torch.tensor([len(f) - 1 for f in feeds], device=dev),
+            gather_B=None if scored else gather_B,
         )
         if record:
             self._record_routing(seqs, feeds, valid_BT, out.layer_stats)
-        return out.logits[:, 0]
+        if not scored:
+            return out.logits[:, 0]
+        logits_BTV = out.logits
+        for b in scored:
+            self._score_prompt(seqs[b], logits_BTV[b, : len(feeds[b]) - 1])
+        return logits_BTV[torch.arange(len(seqs), device=dev), gather_B]
 
-    def _append(self, s: Sequence, tok: int) -> StepOutput:
-        s.output_ids.append(tok)
+    @staticmethod
+    def _score_prompt(seq: Sequence, logits_TV: torch.Tensor) -> None:
+        """Logprobs of prompt tokens 1.. given the ones before (position t predicts t+1)."""
+        lp_TV = logits_TV.float().log_softmax(dim=-1).cpu()
+        targets_T = torch.tensor(seq.prompt_ids[1:], dtype=torch.long)
+        seq.prompt_logprobs = lp_TV.gather(1, targets_T[:, None])[:, 0].tolist()
+        k = seq.params.prompt_logprobs or 0
+        seq.prompt_top_logprobs = [top_logprobs(lp_V, k) for lp_V in lp_TV]
+
+    def _append(
+        self,
+        s: Sequence,
+        tok: int,
+        logprob: float | None = None,
+        top: list[tuple[int, float]] | None = None,
+    ) -> StepOutput:
         p = s.params
         if tok == EOS_ID and not p.ignore_eos:
-            s.output_ids.pop()
-            s.finish_reason = "eos"
+            s.finish_reason = "eos"  # EOS ends the output and is not part of it
+        else:
+            s.output_ids.append(tok)
+            if logprob is not None:
+                s.logprobs.append(logprob)
+                s.cumulative_logprob += logprob
+            if top is not None:
+                s.top_logprobs.append(top)
         # NOTE: the text is decoded every token only when someone reads it every token (a
         # streamed request, or stop strings to look for); otherwise once, at the end. Decoding
         # the whole output per token was ~0.5 ms of a 64-sequence step.
@@ -391,8 +444,23 @@ class Engine:
 
     # ------------------------------------------------------------------ convenience
     def generate(self, prompts: list[str | list[int]], params: SamplingParams) -> list[Sequence]:
-        """Run ``prompts`` to completion (continuously batched) and return their sequences."""
-        seqs = [self.add(p, params) for p in prompts]
-        while any(not s.finished for s in seqs):
+        """Run ``prompts`` to completion (continuously batched) and return their sequences:
+        ``params.n`` per prompt (the best of ``params.best_of``), prompt by prompt."""
+        per_prompt = [
+            [self.make_sequence(p, params, index=i) for i in range(params.candidates)]
+            for p in prompts
+        ]
+        for seqs in per_prompt:
+            for s in seqs:
+                self.enqueue(s)
+        while any(not s.finished for seqs in per_prompt for s in seqs):
             self.step()
-        return seqs
+        return [s for seqs in per_prompt for s in best_of(seqs, params.n)]
+
+
+def best_of(candidates: list[Sequence], n: int) -> list[Sequence]:
+    """The ``n`` candidates with the highest cumulative logprob, best first (vLLM's
+    ``best_of``); all of them, in order, when there are only ``n``."""
+    if len(candidates) <= n:
+        return list(candidates)
+    return sorted(candidates, key=lambda s: s.cumulative_logprob, reverse=True)[:n]

@@ -39,6 +39,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def chat_template_of(cfg: ExperimentConfig) -> str | None:
+    """The text of the chat template ``cfg.data`` names, to save with each checkpoint."""
+    from expertmesh.platform import chat
+
+    name = cfg.data.chat_template
+    return None if name is None else chat.template_named(name)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup to ``lr``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
     if step < cfg.warmup_steps:
@@ -259,6 +267,7 @@ def _log_checkpoint(
             model,
             tokenizer_path=tokenizer_path,
             version=checkpoint_version(cfg, step, run_id),
+            chat_template=chat_template_of(cfg),
         )
         return tracker.log_artifacts(local, CHECKPOINT_ARTIFACT)
 
@@ -392,6 +401,7 @@ def train(
                     version=checkpoint_version(cfg, done, run_id),
                     train_state=pack_train_state(optimizer, done, gen, run_id),
                     parent=parent_checkpoint,
+                    chat_template=chat_template_of(cfg),
                 )
         result = TrainResult(checkpoint_uri=uri, run_id=run_id, steps=end, metrics=metrics)
         if register and end == tc.steps:

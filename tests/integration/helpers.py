@@ -47,8 +47,10 @@ def tiny_checkpoint(
     dtype: torch.dtype = torch.float32,
     d_model: int = 64,
     max_seq_len: int = 256,
+    chat_template: str | None = None,
 ) -> str:
-    """Save a random small MoE (in ``dtype``) with a tokenizer; returns the checkpoint URI."""
+    """Save a random small MoE (in ``dtype``) with a tokenizer (and ``chat_template``, Jinja2
+    text, if given); returns the checkpoint URI."""
     tok = tiny_tokenizer()
     root.mkdir(parents=True, exist_ok=True)
     tok_path = root / "tokenizer.json"
@@ -66,4 +68,6 @@ def tiny_checkpoint(
         max_seq_len=max_seq_len,
     )
     model = MoETransformer(cfg).to(dtype)
-    return ckpt.save_checkpoint(str(root), "v1", model, tokenizer_path=str(tok_path))
+    return ckpt.save_checkpoint(
+        str(root), "v1", model, tokenizer_path=str(tok_path), chat_template=chat_template
+    )

@@ -246,7 +246,13 @@ def test_prompt_too_long_is_400_naming_the_limit(served: Served) -> None:
         ("prompt", []),
         ("stream", "yes"),
         ("seed", "x"),
-        ("n", 2),
+        ("n", 1.5),
+        ("n", 17),
+        ("best_of", 0),
+        ("logprobs", 21),
+        ("presence_penalty", 2.5),
+        ("repetition_penalty", 0),
+        ("frobnicate", 1),  # unknown: refused, not ignored
     ],
 )
 def test_invalid_parameters_are_400_naming_the_field(
@@ -258,6 +264,31 @@ def test_invalid_parameters_are_400_naming_the_field(
     err = error_of(resp)
     assert err["param"] == field and err["message"].startswith(field), err
     assert err["type"] == "invalid_request_error"
+
+
+def test_integral_floats_are_integers_as_the_schema_says(served: Served) -> None:
+    """JSON Schema's integer includes 1.0; the validation agrees (issue 23 §2)."""
+    resp = complete(served, prompt=PROMPTS[0], max_tokens=3.0, n=1.0, ignore_eos=True)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["usage"]["completion_tokens"] == 3
+
+
+def test_best_of_below_n_is_400_naming_best_of(served: Served) -> None:
+    resp = complete(served, prompt="hello", max_tokens=2, n=3, best_of=2)
+    assert resp.status_code == 400 and error_of(resp)["param"] == "best_of"
+
+
+def test_chat_without_a_template_is_400(served: Served) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    resp = served.http.post("/v1/chat/completions", json=body, headers=AUTH)
+    assert resp.status_code == 400
+    err = error_of(resp)
+    assert err["param"] == "messages" and "no chat template" in err["message"]
+
+
+def test_unknown_query_parameter_is_400_naming_it(served: Served) -> None:
+    resp = served.http.get("/api/events", params={"since": 0, "limit": 5}, headers=AUTH)
+    assert resp.status_code == 400 and error_of(resp)["param"] == "limit"
 
 
 def test_invalid_scale_and_events_params_are_400(served: Served) -> None:

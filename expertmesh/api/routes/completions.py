@@ -1,23 +1,20 @@
-"""``POST /v1/completions``: OpenAI text completions, one choice per prompt, optionally streamed.
+"""``POST /v1/completions``: OpenAI text completions, ``n`` choices per prompt, optionally streamed.
 
-All prompts of a request go to the router at once, so they share its batched steps.
+All prompts of a request go to the router at once, so they share its batched steps. ``best_of``,
+``logprobs``, ``echo`` and the penalties are served, not ignored (see ``platform/sampling.py``).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from itertools import accumulate
 from typing import Any
 
-import ray
 from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
-from expertmesh.actors import names
 from expertmesh.api.deps import (
     ApiSettings,
     Services,
@@ -27,14 +24,25 @@ from expertmesh.api.deps import (
     require_token,
 )
 from expertmesh.api.errors import ApiError, error_body
+from expertmesh.api.generation import (
+    STREAMABLE,
+    finish_reason,
+    generate,
+    sse,
+    stream_pieces,
+    validate_prompts,
+)
 from expertmesh.api.schemas import (
+    SEED_MODULUS,
     CompletionChoice,
     CompletionChunk,
     CompletionChunkChoice,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
     Routing,
+    SamplingFields,
     Usage,
 )
 
@@ -45,28 +53,34 @@ router = APIRouter(
 )
 
 
-def finish_reason(reason: str | None) -> str | None:
-    """The engine says "eos" where OpenAI says "stop"."""
-    return "stop" if reason == "eos" else reason
-
-
-def sampling_params(body: CompletionRequest) -> dict[str, Any]:
-    """The router's ``SamplingParams`` fields (it checks their ranges)."""
+def common_params(body: SamplingFields, max_tokens: int) -> dict[str, Any]:
+    """The router's ``SamplingParams`` fields both APIs share (it checks them again)."""
     return {
-        "max_tokens": body.max_tokens,
+        "max_tokens": max_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "stop": body.stops(),
-        "seed": body.seed,
+        "seed": None if body.seed is None else body.seed % SEED_MODULUS,
         "ignore_eos": body.ignore_eos,
+        "n": body.n,
+        "presence_penalty": body.presence_penalty,
+        "frequency_penalty": body.frequency_penalty,
+        "repetition_penalty": body.repetition_penalty,
+    }
+
+
+def sampling_params(body: CompletionRequest) -> dict[str, Any]:
+    """The router's ``SamplingParams`` fields; ``echo`` with ``logprobs`` scores the prompt."""
+    return common_params(body, body.max_tokens) | {
+        "best_of": body.best_of,
+        "logprobs": body.logprobs,
+        "prompt_logprobs": body.logprobs if body.echo else None,
     }
 
 
 def check_request(body: CompletionRequest, settings: ApiSettings) -> list[str]:
     """The prompts, after the checks that need no model; raises 400 naming the field."""
     prompts = body.prompts()
-    if not prompts:
-        raise ApiError(400, "prompt: the list of prompts is empty", param="prompt")
     if len(prompts) > settings.max_prompts:
         raise ApiError(
             400,
@@ -74,12 +88,6 @@ def check_request(body: CompletionRequest, settings: ApiSettings) -> list[str]:
             f"{settings.max_prompts}, so split them over several requests",
             param="prompt",
         )
-    if body.n != 1:
-        raise ApiError(400, f"n: only n=1 is supported, got {body.n}", param="n")
-    if body.echo:
-        raise ApiError(400, "echo: echoing the prompt is not supported", param="echo")
-    if body.logprobs is not None:
-        raise ApiError(400, "logprobs: log probabilities are not supported", param="logprobs")
     if body.stream and body.expertmesh_routing:
         raise ApiError(
             400,
@@ -90,23 +98,33 @@ def check_request(body: CompletionRequest, settings: ApiSettings) -> list[str]:
     return prompts
 
 
-async def validate_prompts(
-    services: Services, prompts: list[str], params: dict[str, Any]
-) -> list[int]:
-    """Each prompt's length in tokens; 400 naming the field (and prompt index) if invalid."""
-
-    async def one(i: int, prompt: str) -> int:
-        try:
-            return await services.call(names.ROUTER, "validate", prompt, params)
-        except ApiError as exc:
-            if exc.param == "prompt" and len(prompts) > 1:
-                exc.message = f"prompt[{i}]{exc.message.removeprefix('prompt')}"
-            raise
-
-    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+def _top_dict(pairs: list[list[Any]]) -> dict[str, float]:
+    """OpenAI's shape: a dict per token. Alternatives that decode alike share a key; the most
+    likely one keeps it (pairs come most likely first)."""
+    out: dict[str, float] = {}
+    for text, logprob in pairs:
+        out.setdefault(text, logprob)
+    return out
 
 
-@router.post("/v1/completions", response_model=CompletionResponse)
+def completion_logprobs(parts: list[dict[str, Any] | None], start: int = 0) -> CompletionLogprobs:
+    """OpenAI's logprobs of the tokens in ``parts`` (prompt's, then output's), with each token's
+    offset in the choice's text (the first at ``start``)."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top: list[dict[str, float] | None] = []
+    for part in parts:
+        if part is not None:
+            tokens += part["tokens"]
+            token_logprobs += part["token_logprobs"]
+            top += [None if t is None else _top_dict(t) for t in part["top_logprobs"]]
+    offsets = [start + o for o in accumulate((len(t) for t in tokens[:-1]), initial=0)]
+    return CompletionLogprobs(
+        tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top, text_offset=offsets
+    )
+
+
+@router.post("/v1/completions", response_model=CompletionResponse, responses=STREAMABLE)
 async def create_completion(
     body: CompletionRequest, services: ServicesDep, settings: SettingsDep
 ) -> CompletionResponse | StreamingResponse:
@@ -121,40 +139,42 @@ async def create_completion(
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = stream_events(
             services,
+            body,
             prompts,
             params,
             CompletionChunk(id=cid, created=created, model=model.name, choices=[]),
             prompt_tokens=prompt_tokens if include_usage else None,
-            token_ids=body.return_token_ids,
         )
         return StreamingResponse(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    results = await asyncio.gather(
-        *(
-            services.call(names.ROUTER, "generate", p, params, body.expertmesh_routing)
-            for p in prompts
-        )
-    )
-    choices = [
-        CompletionChoice(
-            index=i,
-            text=r["text"],
-            finish_reason=finish_reason(r["finish_reason"]),
-            token_ids=r["token_ids"] if body.return_token_ids else None,
-            prompt_tokens=r["prompt_tokens"] if body.return_token_ids else None,
-            expertmesh_routing=Routing(
-                expert_counts=r.get("expert_counts"), token_experts=r.get("token_experts")
+    results = await generate(services, prompts, params, body.expertmesh_routing)
+    choices = []
+    for i, (prompt, per_prompt) in enumerate(zip(prompts, results, strict=True)):
+        for j, r in enumerate(per_prompt):
+            logprobs = None
+            if body.logprobs is not None:
+                parts = [r.get("prompt_logprobs"), r["logprobs"]] if body.echo else [r["logprobs"]]
+                logprobs = completion_logprobs(parts)
+            choices.append(
+                CompletionChoice(
+                    index=i * body.n + j,
+                    text=prompt + r["text"] if body.echo else r["text"],
+                    finish_reason=finish_reason(r["finish_reason"]),
+                    logprobs=logprobs,
+                    token_ids=r["token_ids"] if body.return_token_ids else None,
+                    prompt_tokens=r["prompt_tokens"] if body.return_token_ids else None,
+                    expertmesh_routing=Routing(
+                        expert_counts=r.get("expert_counts"), token_experts=r.get("token_experts")
+                    )
+                    if body.expertmesh_routing
+                    else None,
+                )
             )
-            if body.expertmesh_routing
-            else None,
-        )
-        for i, r in enumerate(results)
-    ]
-    n_prompt = sum(r["prompt_tokens"] for r in results)
-    n_out = sum(r["completion_tokens"] for r in results)
+    n_prompt = sum(prompt_tokens)
+    n_out = sum(r["completion_tokens"] for per_prompt in results for r in per_prompt)
     return CompletionResponse(
         id=cid,
         created=created,
@@ -164,74 +184,55 @@ async def create_completion(
     )
 
 
-def sse(data: dict[str, Any] | str) -> bytes:
-    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
-    return f"data: {text}\n\n".encode()
-
-
 async def stream_events(
     services: Services,
+    body: CompletionRequest,
     prompts: list[str],
     params: dict[str, Any],
     head: CompletionChunk,
     *,
     prompt_tokens: list[int] | None,
-    token_ids: bool,
 ) -> AsyncIterator[bytes]:
-    """One ``data:`` event per generated token (of any prompt), then usage if asked, ``[DONE]``.
+    """One ``data:`` event per generated token (of any choice), then usage if asked, ``[DONE]``.
 
-    A failure mid-stream (the status line is already sent) arrives as an error event in
-    OpenAI's error shape, followed by ``[DONE]``.
+    With ``echo`` a choice's first event carries its prompt. A failure mid-stream (the status
+    line is already sent) arrives as an error event in OpenAI's error shape, then ``[DONE]``.
     """
-    queue: asyncio.Queue[tuple[int, dict[str, Any] | BaseException | None]] = asyncio.Queue()
+    completion_tokens = 0
+    sent: dict[int, int] = {}  # choice -> characters of text sent (for text_offset)
 
-    async def pump(i: int, prompt: str) -> None:
-        gen = None
-        try:
-            gen = await services.stream(prompt, params)
-            async for ref in gen:
-                await queue.put((i, await ref))
-            await queue.put((i, None))
-        except asyncio.CancelledError:
-            if gen is not None:  # the client went away: stop generating for it
-                with contextlib.suppress(Exception):
-                    ray.cancel(gen)
-            raise
-        except Exception as exc:
-            await queue.put((i, exc))
+    def chunk(index: int, text: str, reason: str | None, logprobs, token_ids) -> bytes:
+        choice = CompletionChunkChoice(
+            index=index,
+            text=text,
+            finish_reason=finish_reason(reason),
+            logprobs=logprobs,
+            token_ids=token_ids if body.return_token_ids else None,
+        )
+        sent[index] = sent.get(index, 0) + len(text)
+        return sse(head.model_copy(update={"choices": [choice]}).model_dump())
 
-    tasks = [asyncio.create_task(pump(i, p)) for i, p in enumerate(prompts)]
-    completion_tokens = [0] * len(prompts)
     try:
-        open_streams = len(prompts)
-        while open_streams:
-            i, item = await queue.get()
-            if item is None:
-                open_streams -= 1
-                continue
-            if isinstance(item, BaseException):
-                cause = getattr(item, "cause", None) or item
-                err = as_api_error(cause)
-                yield sse(error_body(err.status, err.message, err.param))
-                break
-            completion_tokens[i] += 1
-            choice = CompletionChunkChoice(
-                index=i,
-                text=item["text"],
-                finish_reason=finish_reason(item["finish_reason"]),
-                token_ids=[item["token_id"]] if token_ids else None,
+        async for piece in stream_pieces(services, prompts, params):
+            want_lp = body.logprobs is not None
+            if piece.first and body.echo:
+                prompt = prompts[piece.index // body.n]
+                lp = completion_logprobs([piece.prompt_logprobs]) if want_lp else None
+                yield chunk(piece.index, prompt, None, lp, [])
+            completion_tokens += len(piece.token_ids)
+            start = sent.get(piece.index, 0)
+            lp = completion_logprobs([piece.logprobs], start) if want_lp else None
+            yield chunk(piece.index, piece.text, piece.finish_reason, lp, piece.token_ids)
+    except Exception as exc:
+        err = as_api_error(getattr(exc, "cause", None) or exc)
+        yield sse(error_body(err.status, err.message, err.param))
+    else:
+        if prompt_tokens is not None:
+            n_prompt = sum(prompt_tokens)
+            usage = Usage(
+                prompt_tokens=n_prompt,
+                completion_tokens=completion_tokens,
+                total_tokens=n_prompt + completion_tokens,
             )
-            yield sse(head.model_copy(update={"choices": [choice]}).model_dump())
-        else:
-            if prompt_tokens is not None:
-                n_prompt, n_out = sum(prompt_tokens), sum(completion_tokens)
-                usage = Usage(
-                    prompt_tokens=n_prompt,
-                    completion_tokens=n_out,
-                    total_tokens=n_prompt + n_out,
-                )
-                yield sse(head.model_copy(update={"usage": usage}).model_dump())
-        yield sse("[DONE]")
-    finally:
-        for t in tasks:
-            t.cancel()
+            yield sse(head.model_copy(update={"usage": usage}).model_dump())
+    yield sse("[DONE]")
