@@ -31,7 +31,8 @@ ERROR_TYPES = {
 
 ROUTES = (
     "POST /v1/completions, GET /v1/models, GET /api/cluster, GET /api/events, "
-    "PUT /api/shards, PUT /api/model and GET /api/health"
+    "PUT /api/shards, PUT /api/model, GET /api/health, the console's /api routes "
+    "(runs, jobs, placement/preview, console/config) and the console at /console/"
 )
 
 
