@@ -18,8 +18,10 @@ function eventsPlugin(getEvents) {
         const [lo, hi] = [u.scales.x.min, u.scales.x.max];
         ctx.save();
         ctx.font = `${10 * devicePixelRatio}px sans-serif`;
+        let i = 0;
         for (const ev of getEvents()) {
           if (ev.ts < lo || ev.ts > hi) continue;
+          const row = i++ % 4; // labels of close events stack instead of overlapping
           const x = Math.round(u.valToPos(ev.ts, "x", true));
           ctx.strokeStyle = ctx.fillStyle = EVENT_COLOURS[ev.kind] || "#777";
           ctx.lineWidth = devicePixelRatio;
@@ -28,7 +30,7 @@ function eventsPlugin(getEvents) {
           ctx.moveTo(x, u.bbox.top);
           ctx.lineTo(x, u.bbox.top + u.bbox.height);
           ctx.stroke();
-          ctx.fillText(ev.kind, x + 3, u.bbox.top + 12 * devicePixelRatio);
+          ctx.fillText(ev.kind, x + 3, u.bbox.top + (12 + 12 * row) * devicePixelRatio);
         }
         ctx.restore();
       },

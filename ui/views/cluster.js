@@ -11,15 +11,16 @@ function dashboardLinks(dash, shard, node) {
     </span>`;
 }
 
-function health(shard, failed) {
+function health(shard, breakers) {
   if (shard.error) return ["dead", `unreachable (${shard.error})`];
-  if (failed.has(shard.shard_id)) return ["warn", "breaker tripped (calls failed)"];
+  const b = breakers[shard.shard_id];
+  if (b) return ["warn", `breaker ${b.state} (${b.failures} failed ${b.timed_out ? "slow " : ""}calls)`];
   if (shard.draining) return ["warn", "draining"];
   return ["ok", "healthy"];
 }
 
-function Shard({ shard, failed, dash, node }) {
-  const [cls, label] = health(shard, failed);
+function Shard({ shard, breakers, dash, node }) {
+  const [cls, label] = health(shard, breakers);
   const experts = (shard.experts || []).map(([l, e]) => `L${l}:E${e}`);
   return html`
     <div class="shard card" data-testid="shard" data-shard=${shard.shard_id}>
@@ -40,7 +41,8 @@ export function ClusterView({ snap, config }) {
   const st = snap.status;
   if (!st) return html`<p class="muted">Loading cluster…</p>`;
   const router = st.router || {};
-  const failed = new Set(router.failed_shards || []);
+  const failed = router.failed_shards || [];
+  const breakers = router.open_breakers || {};
   const byNode = new Map((st.nodes || []).map((n) => [n.node_id, []]));
   for (const s of st.shards || []) {
     const nid = s.node_id || "?";
@@ -53,13 +55,13 @@ export function ClusterView({ snap, config }) {
       <div class="stat"><b data-testid="shard-count">${(st.shards || []).length}</b> shards</div>
       <div class="stat"><b>${Object.keys(st.placement || {}).length}</b> experts</div>
       <div class="stat"><b>${(st.spares || []).length}</b> warm spares (want ${st.warm_shards})</div>
-      <div class="stat"><b>${failed.size}</b> open breakers</div>
+      <div class="stat"><b data-testid="open-breakers">${Object.keys(breakers).length}</b> open breakers</div>
       <div class="stat"><b>${fmt.num((router.latency_p50_s || 0) * 1000)}</b> ms p50</div>
       <div class="stat"><b>${router.running ?? 0}/${router.waiting ?? 0}</b> running/waiting</div>
       <div class="stat">placement v${st.placement_version} · min ${st.min_replicas} replicas</div>
     </section>
     ${(st.spares || []).length > 0 && html`<p class="small">Warm spares: ${st.spares.join(", ")}</p>`}
-    ${failed.size > 0 && html`<p class="small error">Calls failed on: ${[...failed].join(", ")}</p>`}
+    ${failed.length > 0 && html`<p class="small muted">Calls have failed since the router started on: ${failed.join(", ")}</p>`}
     <div class="nodes">
       ${[...byNode.entries()].map(([nid, shards]) => {
         const n = nodes.get(nid) || {};
@@ -69,7 +71,7 @@ export function ClusterView({ snap, config }) {
               <span class="pill ${n.alive === false ? "dead" : "ok"}">${n.alive === false ? "dead" : "alive"}</span></h3>
             <div class="small muted">${n.address || ""} · ${n.cpus ?? "?"} CPUs
               ${nid === st.controller_node_id ? " · controller" : ""}${nid === router.node_id ? " · router" : ""}</div>
-            ${shards.map((s) => html`<${Shard} shard=${s} failed=${failed} dash=${config.ray_dashboard_url} node=${n} />`)}
+            ${shards.map((s) => html`<${Shard} shard=${s} breakers=${breakers} dash=${config.ray_dashboard_url} node=${n} />`)}
           </section>`;
       })}
     </div>`;
