@@ -9,7 +9,8 @@ The files themselves need no token: they hold no data.
 from __future__ import annotations
 
 import asyncio
-import sys
+import site
+import sysconfig
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,11 +38,13 @@ SUBMITTABLE = ("train", "finetune", "add_expert", "federated")
 
 
 def ui_dir() -> Path | None:
-    """The console's files: installed with the wheel (``share/expertmesh/ui``), else the
-    repository's ``ui/`` (an editable install); None when neither exists."""
-    installed = Path(sys.prefix) / "share" / "expertmesh" / "ui"
-    repo = Path(__file__).resolve().parents[3] / "ui"
-    for candidate in (installed, repo):
+    """The console's files: installed with the wheel (``<data>/share/expertmesh/ui``, the data
+    folder of the install scheme: the venv, or the user's base for ``pip install --user``),
+    else the repository's ``ui/`` (an editable install); None when neither exists."""
+    share = Path("share") / "expertmesh" / "ui"
+    candidates = [Path(sysconfig.get_path("data")) / share, Path(site.USER_BASE or "") / share]
+    candidates.append(Path(__file__).resolve().parents[3] / "ui")
+    for candidate in candidates:
         if (candidate / "index.html").is_file():
             return candidate
     return None
