@@ -16,6 +16,9 @@ from tests.integration.helpers import PROMPTS
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 WAIT_MS = 60_000
+# an upgrade loads a whole version's experts; on a shared 2-core machine under load that has
+# taken most of a minute
+UPGRADE_MS = 180_000
 
 
 def sign_in(w: Watched, live: Live, view: str = "cluster", token: str = TOKEN) -> None:
@@ -139,11 +142,11 @@ def test_models_lineage_upgrade_and_roll_back(live: Live, watched: Watched) -> N
     shot(watched, live, "models")
     v2.get_by_test_id("upgrade").click()
     page.get_by_test_id("confirm-yes").click()
-    v2.get_by_test_id("serving-badge").wait_for(timeout=WAIT_MS)
+    v2.get_by_test_id("serving-badge").wait_for(timeout=UPGRADE_MS)
     assert live.http.get("/api/cluster").json()["version"] == "2"
     page.get_by_test_id("rollback").click()
     page.get_by_test_id("confirm-yes").click()
-    v1.get_by_test_id("serving-badge").wait_for(timeout=WAIT_MS)
+    v1.get_by_test_id("serving-badge").wait_for(timeout=UPGRADE_MS)
     assert live.http.get("/api/cluster").json()["version"] == "1"
     watched.assert_clean()
 
