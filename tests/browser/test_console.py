@@ -135,7 +135,8 @@ def test_models_lineage_upgrade_and_roll_back(live: Live, watched: Watched) -> N
     versions.first.wait_for(timeout=WAIT_MS)
     assert versions.count() == 2
     v1, v2 = (page.locator(f'[data-ref="{NAME}/{n}"]') for n in (1, 2))
-    assert "serving" in v1.inner_text() and "loss 3.200" in v1.inner_text()
+    assert "loss 3.200" in v1.inner_text()
+    assert "@serving" in v1.inner_text()  # MLflow's alias, set by the deployment
     assert "finetune" in v2.inner_text() and "loss 2.900" in v2.inner_text()
     # v2 is drawn as v1's child
     assert page.locator(f'li:has([data-ref="{NAME}/1"]) ul.tree [data-ref="{NAME}/2"]').count()
