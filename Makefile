@@ -12,7 +12,7 @@ export RAY_AUTH_MODE ?= disabled
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-deps test-gpu lint format venv bench vllm-env
+.PHONY: demo test test-deps test-gpu lint format venv bench vllm-env ui-vendor
 
 venv: $(STAMP)
 
@@ -48,6 +48,19 @@ test-deps:
 		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql; \
 	fi
 	@command -v kubectl >/dev/null || echo "kubectl missing: tests/unit/test_k8s.py will be skipped"
+	@# the console's browser tests (tests/browser) drive Debian's Chromium through Playwright;
+	@# never `playwright install`: that downloads browsers from the internet
+	@if command -v chromium >/dev/null; then \
+		:; \
+	elif [ "$$(id -u)" != 0 ]; then \
+		echo "Chromium missing and not root: install Debian's chromium, or tests/browser skip"; \
+	else \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	fi
+
+# Refresh the console's vendored ES modules (ui/vendor) from the versions ui/package.json pins.
+ui-vendor:
+	bash ui/refresh-vendor.sh
 
 # The GPU checks (tests/gpu: model, training step, checkpoints and engine on CUDA against the
 # CPU and transformers), on a machine whose torch sees a CUDA GPU; `make test` collects none.

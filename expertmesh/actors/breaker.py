@@ -93,6 +93,18 @@ class Breakers:
                 if b is not None and now >= b.until and not self._probe_out(b, now):
                     b.probe_at = now
 
+    def snapshot(self, now: float) -> dict[str, dict[str, object]]:
+        """Shard -> its breaker (``open`` or ``half-open``), for the console and status."""
+        with self.lock:
+            return {
+                s: {
+                    "state": "open" if now < b.until else "half-open",
+                    "failures": b.failures,
+                    "timed_out": b.timed_out,
+                }
+                for s, b in self.shards.items()
+            }
+
     def _probe_out(self, b: Suspect, now: float) -> bool:
         return b.probe_at is not None and now - b.probe_at < self.suspect_s
 

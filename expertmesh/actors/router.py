@@ -470,6 +470,8 @@ class RouterService:
             "dispatch_retries": d.retries,
             "call_deadline_s": self.dispatcher.deadline.current(),
             "failed_shards": sorted(d.failed_shards),
+            # breakers open or half-open now (failed_shards: every shard that ever failed)
+            "open_breakers": self.dispatcher.breakers.snapshot(time.monotonic()),
             "latency_p50_s": pct(0.5),
             "latency_p99_s": pct(0.99),
             "uptime_s": time.time() - self.started,

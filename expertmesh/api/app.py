@@ -24,7 +24,7 @@ from expertmesh.api import docs, info
 from expertmesh.api.deps import ApiSettings, Services, reject_unknown_query, token_digest
 from expertmesh.api.errors import install_error_handlers
 from expertmesh.api.limits import BodySizeLimit
-from expertmesh.api.routes import chat, cluster, completions, health, lineage, models
+from expertmesh.api.routes import chat, cluster, completions, console, health, lineage, models
 from expertmesh.types import ClusterError
 
 APP_NAME = "expertmesh-api"
@@ -45,9 +45,14 @@ def create_app(settings: ApiSettings) -> FastAPI:
     app.state.services = Services(settings)
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    for module in (health, completions, chat, models, cluster, lineage):
+    for module in (health, completions, chat, models, cluster, lineage, console):
         app.include_router(module.router)
     docs.install(app)
+    ui = console.ui_dir()
+    if ui is not None:  # the console's static files: no token (they hold no data)
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount("/console", StaticFiles(directory=ui, html=True), name="console")
     return app
 
 

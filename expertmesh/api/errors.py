@@ -31,8 +31,9 @@ ERROR_TYPES = {
 
 ROUTES = (
     "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /api/cluster, "
-    "GET /api/events, PUT /api/shards, PUT /api/model and GET /api/health (all of them in "
-    "GET /openapi.json)"
+    "GET /api/events, PUT /api/shards, PUT /api/model, GET /api/health, the console's /api "
+    "routes (runs, jobs, placement/preview, console/config) and the console at /console/ "
+    "(all of the API in GET /openapi.json)"
 )
 
 

@@ -290,7 +290,16 @@ class Tracker:
             found = self.client.search_model_versions(f"name='{name}'")
         except MlflowException:
             return []
-        return sorted((_info(mv) for mv in found), key=lambda v: int(v.version))
+        out = sorted((_info(mv) for mv in found), key=lambda v: int(v.version))
+        # NOTE: MLflow's search leaves model versions' aliases out; the registered model has them
+        if out and not any(v.aliases for v in out):
+            try:
+                by_alias = dict(self.client.get_registered_model(name).aliases or {})
+            except MlflowException:
+                by_alias = {}
+            for v in out:
+                v.aliases = sorted(a for a, ver in by_alias.items() if str(ver) == v.version)
+        return out
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         """Point model-version alias ``name@alias`` (e.g. ``@serving``) at ``version``."""

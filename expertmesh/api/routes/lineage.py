@@ -35,6 +35,9 @@ class ModelVersionOut(BaseModel):
     run_id: str | None
     source: str = Field(description="the checkpoint's URI")
     tags: dict[str, str] = Field(description="every lineage tag, as MLflow holds it")
+    metrics: dict[str, float] = Field(
+        default_factory=dict, description="the latest metrics of the run that made it"
+    )
     children: list[ModelVersionOut]
 
 
@@ -44,10 +47,26 @@ class ModelVersions(BaseModel):
 
 
 def _lineage(name: str) -> list[dict]:
+    from mlflow.exceptions import MlflowException
+
     from expertmesh.platform.lineage import lineage_tree
     from expertmesh.platform.tracking import Tracker
 
-    return [node.to_dict() for node in lineage_tree(Tracker().versions(name))]
+    tracker = Tracker()
+    versions = tracker.versions(name)
+    metrics: dict[str, dict[str, float]] = {}
+    for run_id in {v.run_id for v in versions if v.run_id}:
+        try:
+            metrics[run_id] = dict(tracker.client.get_run(run_id).data.metrics)
+        except MlflowException:  # the run was deleted; the version stays
+            metrics[run_id] = {}
+
+    def with_metrics(node: dict) -> dict:
+        node["metrics"] = metrics.get(node["run_id"] or "", {})
+        node["children"] = [with_metrics(c) for c in node["children"]]
+        return node
+
+    return [with_metrics(node.to_dict()) for node in lineage_tree(versions)]
 
 
 @router.get("/models/{name}/versions", response_model=ModelVersions)

@@ -1,0 +1,105 @@
+"""Runs and jobs in the console on a cluster with a Ray job server (its dashboard): a pipeline
+submitted from the form runs as a real Ray job, shows its status and its log; the header and
+shard cards link to the Ray dashboard."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.browser.conftest import TOKEN, Live, Watched, free_port
+from tests.browser.test_console import WAIT_MS, shot, sign_in
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def live(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    """A head with its dashboard (the job server), a 1-shard deployment and the API."""
+    import ray
+    from ray.cluster_utils import Cluster as RayTestCluster
+
+    import expertmesh
+    from expertmesh import published
+    from tests.integration.helpers import tiny_checkpoint
+
+    uri = tiny_checkpoint(tmp_path_factory.mktemp("console-jobs"))
+    shots = Path(os.environ.get("EXPERTMESH_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
+    dash_port = free_port()
+    with (
+        tempfile.TemporaryDirectory(prefix="emuij-") as ray_tmp,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        # a job's driver runs `python` from the raylet's PATH: this venv's
+        mp.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+        # NOTE: ray.cluster_utils rather than ray.init: only it takes the dashboard agent's
+        # port, whose default another Ray on a shared machine may hold (then no job can run)
+        head = RayTestCluster(
+            initialize_head=True,
+            head_node_args={
+                "node_ip_address": "127.0.0.1",
+                "temp_dir": ray_tmp,
+                "num_cpus": 4,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dash_port,
+                "dashboard_agent_listen_port": free_port(),
+            },
+        )
+        try:
+            ray.init(address=head.address, _node_ip_address="127.0.0.1", namespace="expertmesh")
+            cluster = expertmesh.connect()
+            published.ensure(job_server=f"http://127.0.0.1:{dash_port}")
+            cluster.deploy(uri, shards=1, replicas=1, warm_shards=0)
+            url = cluster.serve(port=free_port(), token=TOKEN)
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            with httpx.Client(base_url=url, timeout=120.0, headers=auth) as http:
+                yield Live(url=url, http=http, cluster=cluster, shots=shots)
+            cluster.shutdown()
+        finally:
+            ray.shutdown()
+            head.shutdown()
+
+
+def test_a_pipeline_submitted_from_the_console_runs_as_a_ray_job(
+    live: Live, watched: Watched
+) -> None:
+    sign_in(watched, live, "jobs")
+    page = watched.page
+    form = page.get_by_test_id("job-form")
+    form.wait_for(timeout=WAIT_MS)
+    form.locator("select").select_option("train")
+    # --help: a real job of the train pipeline that ends at once, printing its usage
+    form.locator("textarea").fill("help")
+    form.locator("button[type=submit]").click()
+    form.locator("p:has-text('submitted')").wait_for(timeout=WAIT_MS)
+    job_id = form.locator("p").inner_text().removeprefix("submitted ").strip()
+    row = page.locator(f'[data-testid=job]:has-text("{job_id}")')
+    row.locator("text=SUCCEEDED").wait_for(timeout=180_000)
+    row.locator("button").click()
+    logs = page.get_by_test_id("job-logs")
+    logs.wait_for(timeout=WAIT_MS)
+    assert "usage: expertmesh.pipelines.train" in logs.inner_text()
+    api = live.http.get(f"/api/jobs/{job_id}/logs").json()
+    assert api["logs"] == logs.inner_text()
+    shot(watched, live, "jobs-submitted")
+    watched.assert_clean()
+
+
+def test_links_out_to_the_ray_dashboard(live: Live, watched: Watched) -> None:
+    sign_in(watched, live, "cluster")
+    page = watched.page
+    page.get_by_test_id("shard").first.wait_for(timeout=WAIT_MS)
+    dash = live.http.get("/api/console/config").json()["ray_dashboard_url"]
+    assert dash and page.locator(f'header a[href="{dash}"]').count() == 1
+    pid = live.http.get("/api/cluster").json()["shards"][0]["pid"]
+    flame = page.get_by_test_id("shard").first.locator("a:has-text('flame graph')")
+    assert flame.get_attribute("href").startswith(f"{dash}/worker/cpu_profile?pid={pid}&")
+    assert httpx.get(dash, timeout=30).status_code == 200
+    watched.assert_clean()
