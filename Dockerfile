@@ -24,6 +24,8 @@ RUN mkdir -p /tmp/expertmesh-src
 WORKDIR /tmp/expertmesh-src
 COPY --chown=ray:users constraints.txt pyproject.toml README.md ./
 COPY --chown=ray:users expertmesh ./expertmesh
+# the web console's static files, which the wheel installs under share/expertmesh/ui
+COPY --chown=ray:users ui ./ui
 # torch first and exactly, from its index; then the project (not editable: the configs travel as
 # package data) with the `server` extra (PostgreSQL driver, S3 client) for `mlflow server`
 RUN python -m pip install --no-cache-dir -c constraints.txt --index-url "$TORCH_INDEX_URL" \
@@ -31,5 +33,6 @@ RUN python -m pip install --no-cache-dir -c constraints.txt --index-url "$TORCH_
     && python -m pip install --no-cache-dir -c constraints.txt '.[server]' \
     && cd / && rm -rf /tmp/expertmesh-src \
     && python -c "import expertmesh.api.serve_app, expertmesh.pipelines.train, psycopg2, boto3; \
-from expertmesh.platform.config import load_config; load_config('configs/tiny.yaml')"
+from expertmesh.platform.config import load_config; load_config('configs/tiny.yaml'); \
+from expertmesh.api.routes.console import ui_dir; assert ui_dir() is not None, 'no console files'"
 WORKDIR /home/ray

@@ -28,7 +28,9 @@ NO_MODEL = (
 )
 
 
-RESTART_WAITS_S = (0.0, 0.0, 0.25, 0.5, 1.0, 1.5)  # before each try of a call to an actor
+# before each try of a call to an actor: about 10 s in all, as long as a detached controller's
+# restart took on a loaded 2-core machine (3 s was too short there)
+RESTART_WAITS_S = (0.0, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 2.0, 3.0)
 
 
 def token_digest(token: str) -> str:

@@ -186,10 +186,14 @@ def sample_step(logits_BV: torch.Tensor, rows: list[Row]) -> Sampled:
         sampled_RV = logits_BV[sampled].cpu()
         for i, b in enumerate(sampled):
             p = rows[b].params
-            probs_V = (sampled_RV[i] / p.temperature).softmax(dim=-1)
+            # NOTE: shifted to max 0 before the division: a large logit (penalties can make
+            # one near float32's max) over a tiny temperature is inf, and softmax of inf NaN
+            x_V = sampled_RV[i]
+            probs_V = ((x_V - x_V.max()) / p.temperature).softmax(dim=-1)
             if p.top_p < 1.0:
                 sorted_p, order = probs_V.sort(descending=True)
                 keep = sorted_p.cumsum(0) - sorted_p < p.top_p  # smallest prefix reaching top_p
+                keep[0] = True  # NOTE: a top_p below float32's range (1e-90) compares as 0
                 probs_V = torch.zeros_like(probs_V).scatter(0, order[keep], sorted_p[keep])
             out_B[b] = torch.multinomial(probs_V, 1, generator=rows[b].generator).item()
     logprob: list[float | None] = [None] * len(rows)

@@ -108,6 +108,7 @@ def test_the_wheel_the_image_installs_carries_the_configs(tmp_path: Path) -> Non
     shutil.copytree(
         REPO / "expertmesh", src / "expertmesh", ignore=shutil.ignore_patterns("__pycache__")
     )
+    shutil.copytree(REPO / "ui", src / "ui", ignore=shutil.ignore_patterns("node_modules"))
     build = "import sys, setuptools.build_meta as b; print(b.build_wheel(sys.argv[1]))"
     out = subprocess.run(
         [sys.executable, "-c", build, str(tmp_path)],
@@ -122,3 +123,5 @@ def test_the_wheel_the_image_installs_carries_the_configs(tmp_path: Path) -> Non
     shipped = {p.name for p in (REPO / "expertmesh" / "configs").glob("*.yaml")}
     assert {f"expertmesh/configs/{n}" for n in shipped} <= set(names)
     assert "expertmesh/api/serve_app.py" in names
+    data = [n for n in names if "/data/share/expertmesh/ui/" in n]  # the console's files
+    assert {n.rsplit("/ui/", 1)[1] for n in data} >= {"index.html", "app.js"}

@@ -152,3 +152,14 @@ def test_a_tiny_repetition_penalty_keeps_the_draw_finite() -> None:
     row = Row(params=p, prompt_ids=[1], output_ids=[], generator=g)
     picked = sample_step(torch.tensor([[0.5, 2.0, 1.0]]), [row])
     assert picked.token_B.tolist() == [1]  # its logit is now the largest by far
+
+
+def test_a_near_max_logit_over_a_small_temperature_keeps_the_draw_finite() -> None:
+    """Found by the schema fuzzer (a 500 from the API): a top_p of 1e-90 is 0 in float32, and
+    a logit near float32's max (penalties can make one) over a temperature of 6e-4 is inf."""
+    big = torch.finfo(torch.float32).max / 2
+    p = SamplingParams(temperature=6e-4, top_p=1e-90)
+    g = torch.Generator().manual_seed(0)
+    row = Row(params=p, prompt_ids=[0], output_ids=[], generator=g)
+    picked = sample_step(torch.tensor([[0.5, big, -big]]), [row])
+    assert picked.token_B.tolist() == [1]
