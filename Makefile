@@ -90,3 +90,4 @@ bench: $(STAMP)
 	$(PY) bench/chaos.py
 	$(PY) bench/ray_rpc.py
 	$(PY) bench/train_throughput.py
+	$(PY) bench/upgrade.py

@@ -105,7 +105,7 @@ async def load(router, n: int, concurrency: int, phase: Phase, stop: threading.E
 
 
 def expected(router) -> dict[str, list[int]]:
-    return {p: ray.get(router.generate.remote(p, PARAMS))["token_ids"] for p in PROMPTS}
+    return {p: ray.get(router.generate.remote(p, PARAMS))[0]["token_ids"] for p in PROMPTS}
 
 
 def default_target(base: str) -> str:
