@@ -12,7 +12,7 @@ import asyncio
 import site
 import sysconfig
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal, get_args
 
 from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field
@@ -34,7 +34,8 @@ NO_JOB_SERVER = (
     "--dashboard-port 8265`, or LocalRayOptions(dashboard=True)) to run pipelines as jobs"
 )
 # what the console's job form may submit (the pipelines a person starts by hand)
-SUBMITTABLE = ("train", "finetune", "add_expert", "federated")
+Pipeline = Literal["train", "finetune", "add_expert", "federated"]
+SUBMITTABLE: tuple[str, ...] = get_args(Pipeline)
 
 
 def ui_dir() -> Path | None:
@@ -100,7 +101,7 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    pipeline: Annotated[str, Field(strict=True)]
+    pipeline: Pipeline
     args: dict[str, str | int | float | bool] = Field(
         default_factory=dict, description='flags: {"steps": 50} -> --steps 50'
     )
