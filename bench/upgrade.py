@@ -26,6 +26,7 @@ from machine import machine_line  # bench/ is on sys.path (the script's folder)
 
 import expertmesh
 from expertmesh.actors import names
+from expertmesh.pipelines.demo import base_version, grown_versions
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.tracking import Tracker
 
@@ -109,16 +110,9 @@ def expected(router) -> dict[str, list[int]]:
 
 
 def default_target(base: str) -> str:
-    tracker = Tracker()
-    parent = tracker.resolve_model(base)
-    ref = f"{parent.name}/{parent.version}"
-    grown = [
-        v
-        for v in tracker.versions(parent.name)
-        if v.tags.get("pipeline") == "add_expert" and v.tags.get("parent") == ref
-    ]
+    grown = grown_versions(Tracker(), base)
     if not grown:
-        raise SystemExit(f"no add_expert version of {ref}: run `make demo` or pass --target")
+        raise SystemExit(f"no add_expert version of {base}: run `make demo` or pass --target")
     return f"{grown[-1].name}/{grown[-1].version}"
 
 
@@ -201,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--base", default="expertmesh-tiny", help="registered NAME[/VERSION]")
+    p.add_argument(
+        "--base",
+        help="registered NAME/VERSION (default: the newest expertmesh-tiny the train pipeline "
+        "registered; the grown versions share the name)",
+    )
     p.add_argument("--target", help="registered NAME/VERSION (default: base's add_expert child)")
     p.add_argument("--requests", type=int, default=500, help="requests under load, at least")
     p.add_argument("--steady", type=int, default=300, help="requests of the steady phase")
@@ -211,7 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     tracker = Tracker()
-    base_v = tracker.resolve_model(args.base)
+    base_v = (
+        tracker.resolve_model(args.base) if args.base else base_version(tracker, "expertmesh-tiny")
+    )
+    if base_v is None:
+        raise SystemExit("no registered expertmesh-tiny: run `make demo` or pass --base")
     base = f"{base_v.name}/{base_v.version}"
     target = args.target or default_target(base)
     cluster = expertmesh.connect()
@@ -228,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
             phase, upgraded, t_call, t_ret = upgrade_under_load(cluster, router, to, args)
             events = {e["kind"]: e for e in cluster.events(t_call - 1e-6)}
             outputs.setdefault(to, expected(router))
-            size = sum(
-                f.size
-                for f in ckpt.read_manifest(cluster.status()["checkpoint_uri"]).files.values()
-            )
+            size = ckpt.read_manifest(cluster.status()["checkpoint_uri"]).nbytes
             runs.append((label, phase, upgraded, t_call, t_ret, events, frm, to, size))
     finally:
         cluster.shutdown()

@@ -100,21 +100,30 @@ def ensure_model(config: str, tracker: Tracker, overrides: list[str] | None = No
     return f"{name}/{mv.version}"
 
 
+def grown_versions(
+    tracker: Tracker, base: str, domain: str | None = None
+) -> list[ModelVersionInfo]:
+    """The versions add_expert grew from ``base`` (for ``domain``, if given), oldest first."""
+    parent = tracker.resolve_model(base)
+    ref = f"{parent.name}/{parent.version}"
+    return [
+        v
+        for v in tracker.versions(parent.name)
+        if (v.tags.get("pipeline"), v.tags.get("parent")) == ("add_expert", ref)
+        and (domain is None or v.tags.get("domains") == domain)
+    ]
+
+
 def ensure_domain_expert(base: str, tracker: Tracker, domain: str, steps: int) -> str:
     """``base`` grown by one ``domain`` expert per MoE layer, as ``name/version``; runs
     add_expert first unless the registry holds such a version of ``base`` already."""
     from expertmesh.pipelines.add_expert import AddExpertOptions, add_expert
 
-    parent = tracker.resolve_model(base)
-    for v in reversed(tracker.versions(parent.name)):
-        tags = v.tags
-        if (tags.get("pipeline"), tags.get("parent"), tags.get("domains")) == (
-            "add_expert",
-            base,
-            domain,
-        ):
-            print(f"reusing {v.name}/{v.version}: {base} + {domain} experts", flush=True)
-            return f"{v.name}/{v.version}"
+    grown = grown_versions(tracker, base, domain)
+    if grown:
+        v = grown[-1]
+        print(f"reusing {v.name}/{v.version}: {base} + {domain} experts", flush=True)
+        return f"{v.name}/{v.version}"
     print(f"adding a {domain} expert to every MoE layer of {base} ({steps} steps) ...", flush=True)
     res = add_expert(AddExpertOptions(model=base, domain=domain, grow=GrowConfig(steps=steps)))
     mv = res.model_version
@@ -165,8 +174,7 @@ def upgrade_while_serving(
     stop.set()
     for t in threads:
         t.join()
-    uri = cluster.status()["checkpoint_uri"]
-    size = sum(f.size for f in ckpt.read_manifest(uri).files.values())
+    size = ckpt.read_manifest(cluster.status()["checkpoint_uri"]).nbytes
     return UpgradeRun(
         target=target,
         upgraded=out["upgraded"],

@@ -81,6 +81,11 @@ class Manifest:
     def expert_keys(self) -> list[ExpertKey]:
         return self.config.expert_keys()
 
+    @property
+    def nbytes(self) -> int:
+        """The model's size: every file it lists, its own or a parent's."""
+        return sum(f.size for f in self.files.values())
+
     def to_json(self) -> str:
         body = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         body["config"] = to_dict(self.config)
