@@ -202,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     per_seed = []
     for seed in [int(s) for s in args.seeds.split(",")]:
         per_seed.append(run_seed(parent, data_dir, args, seed))
+        if args.out:  # after every seed, so a long run stopped early keeps what it finished
+            tmp = Path(args.out).with_suffix(".tmp")
+            tmp.write_text(json.dumps(per_seed, indent=2))
+            tmp.replace(args.out)
     report(per_seed, defaults.leak_weight)
-    if args.out:
-        Path(args.out).write_text(json.dumps(per_seed, indent=2))
     return 0
 
 
