@@ -15,7 +15,6 @@ names the parent, the added (layer, expert)s, the domain and the data.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import uuid
@@ -28,6 +27,7 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import lineage, storage
 from expertmesh.platform.config import TrainConfig, to_dict
 from expertmesh.platform.data import DOMAINS, TokenData, read_manifest
+from expertmesh.platform.data_share import stage
 from expertmesh.platform.errors import ConfigError, DataError
 from expertmesh.platform.grow import (
     GrowConfig,
@@ -71,13 +71,15 @@ class AddExpertResult:
     seconds: float
 
 
-def _domains(opts: AddExpertOptions, parent: ModelVersionInfo) -> tuple[str, list[str]]:
-    data_dir = opts.data or parent.tags.get("data_uri")
-    if not data_dir:
+def _domains(opts: AddExpertOptions, parent: ModelVersionInfo) -> tuple[str, str, list[str]]:
+    """The local data folder, the ``data_uri`` to record, and the base domains to replay."""
+    ref = opts.data or parent.tags.get("data_uri")
+    if not ref:
         raise ConfigError(
             "data", f"{parent.name}/{parent.version} records no training data; pass --data DIR"
         )
     try:
+        data_dir, data_uri = stage(ref)
         prepared = read_manifest(data_dir)
     except DataError as exc:
         raise ConfigError("data", str(exc)) from None
@@ -96,7 +98,7 @@ def _domains(opts: AddExpertOptions, parent: ModelVersionInfo) -> tuple[str, lis
         for d in names:
             if d not in have:
                 raise ConfigError(field_name, f"domain {d!r} is not prepared in {data_dir}")
-    return data_dir, base
+    return data_dir, data_uri, base
 
 
 def _batches(data: TokenData, n: int, seq_len: int, seed: int) -> list[torch.Tensor]:
@@ -118,7 +120,7 @@ def add_expert(opts: AddExpertOptions) -> AddExpertResult:
     parent_uri = ckpt.resolve(parent.source)
     manifest = ckpt.read_manifest(parent_uri)
     layers = g.grown_layers(manifest.config)
-    data_dir, base_domains = _domains(opts, parent)
+    data_dir, data_uri, base_domains = _domains(opts, parent)
     check_tokenizer(data_dir, manifest, parent_ref)
     name = opts.register_as or parent.name
     output_dir = f"{storage.checkpoint_root(opts.checkpoint_root)}/{name}/add-expert-"
@@ -147,7 +149,7 @@ def add_expert(opts: AddExpertOptions) -> AddExpertResult:
         config_digest=lineage.digest({"model": to_dict(child.cfg), "grow": to_dict(g)}),
         ray_job_id=lineage.ray_job_id(),
         git_revision=lineage.git_revision(),
-        data_uri=os.path.abspath(data_dir),
+        data_uri=data_uri,
     )
     with tracker.run(opts.experiment, run_name="add_expert") as run_id:
         tracker.log_params(
@@ -159,7 +161,7 @@ def add_expert(opts: AddExpertOptions) -> AddExpertResult:
         tracker.log_dataset(
             name=f"{opts.domain}+replay",
             digest=record.data_digest[:36],
-            source=os.path.abspath(data_dir),
+            source=data_uri,
             profile={"domain": opts.domain, "replayed": base_domains},
         )
         val_before = evaluate(parent_model, val, eval_cfg)

@@ -36,6 +36,7 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import lineage, storage
 from expertmesh.platform.config import to_dict
 from expertmesh.platform.data import TokenData, read_manifest
+from expertmesh.platform.data_share import stage
 from expertmesh.platform.errors import ConfigError, DataError
 from expertmesh.platform.federated.config import (
     DEFAULT_CLIENTS_FILE,
@@ -273,9 +274,13 @@ def federate(opts: FederatedOptions) -> FederatedResult:
     parent_uri = ckpt.resolve(parent.source)
     manifest = ckpt.read_manifest(parent_uri)
     _check_budgets(fed, manifest.config)
-    data_dir = opts.data or parent.tags.get("data_uri")
-    if not data_dir:
+    ref = opts.data or parent.tags.get("data_uri")
+    if not ref:
         raise ConfigError("data", f"{parent_ref} records no training data; pass --data DIR")
+    try:
+        data_dir, data_uri = stage(ref)
+    except DataError as exc:
+        raise ConfigError("data", str(exc)) from None
     check_domains(fed, data_dir)
     check_tokenizer(data_dir, manifest, parent_ref)
     cache_dir = opts.cache_dir or _cache_dir(data_dir)
@@ -297,7 +302,7 @@ def federate(opts: FederatedOptions) -> FederatedResult:
     try:
         _check_resources(fed)
         return _federate(opts, fed, strategy, tracker, parent, manifest, partitions, data_dir,
-                         val_domains, digest)  # fmt: skip
+                         data_uri, val_domains, digest)  # fmt: skip
     finally:
         if owns_ray:
             import ray
@@ -321,6 +326,7 @@ def _federate(
     manifest: ckpt.Manifest,
     partitions: dict[str, Partition],
     data_dir: str,
+    data_uri: str,
     val_domains: list[str],
     digest: str,
 ) -> FederatedResult:
@@ -360,7 +366,7 @@ def _federate(
         config_digest=lineage.digest(to_dict(fed)),
         ray_job_id=lineage.ray_job_id(),
         git_revision=lineage.git_revision(),
-        data_uri=os.path.abspath(data_dir),
+        data_uri=data_uri,
     )
     eval_kw = {"batches": fed.eval_batches, "batch_size": fed.batch_size, "seq_len": fed.seq_len}
     clients = _Clients(actor_specs, run_tag)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import os
 import sys
 import uuid
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from expertmesh.platform.config import (
     to_dict,
 )
 from expertmesh.platform.data import DOMAINS, read_manifest
+from expertmesh.platform.data_share import stage
 from expertmesh.platform.errors import ConfigError, DataError
 from expertmesh.platform.parts import Freezer, TrainedParts, parse_trained_parts, verify_frozen
 from expertmesh.platform.tracking import ModelVersionInfo, Tracker
@@ -75,13 +75,15 @@ class FinetuneResult:
     metrics: dict[str, float]
 
 
-def _data(opts: FinetuneOptions, parent: ModelVersionInfo) -> tuple[str, list[str]]:
-    data_dir = opts.data or parent.tags.get("data_uri")
-    if not data_dir:
+def _data(opts: FinetuneOptions, parent: ModelVersionInfo) -> tuple[str, str, list[str]]:
+    """The local data folder, the ``data_uri`` to record, and the domains to train on."""
+    ref = opts.data or parent.tags.get("data_uri")
+    if not ref:
         raise ConfigError(
             "data", f"{parent.name}/{parent.version} records no training data; pass --data DIR"
         )
     try:
+        data_dir, data_uri = stage(ref)
         prepared = read_manifest(data_dir)
     except DataError as exc:
         raise ConfigError("data", str(exc)) from None
@@ -94,7 +96,7 @@ def _data(opts: FinetuneOptions, parent: ModelVersionInfo) -> tuple[str, list[st
             raise ConfigError(
                 "domains", f"domain {domain!r} is not prepared in {data_dir} (it has {have})"
             )
-    return data_dir, list(domains)
+    return data_dir, data_uri, list(domains)
 
 
 def check_tokenizer(data_dir: str, manifest: ckpt.Manifest, parent: str) -> None:
@@ -147,7 +149,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
     parent_uri = ckpt.resolve(parent.source)
     manifest = ckpt.read_manifest(parent_uri)
     parts = parse_trained_parts(opts.train, manifest.config, field="train")
-    data_dir, domains = _data(opts, parent)
+    data_dir, data_uri, domains = _data(opts, parent)
     check_tokenizer(data_dir, manifest, parent_ref)
     name = opts.register_as or parent.name
     root = storage.checkpoint_root(opts.checkpoint_root)
@@ -168,7 +170,7 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
         ),
         ray_job_id=lineage.ray_job_id(),
         git_revision=lineage.git_revision(),
-        data_uri=os.path.abspath(data_dir),
+        data_uri=data_uri,
     )
     # NOTE: the pipeline's run holds the lineage; the training loop is its nested child run
     with tracker.run(opts.experiment, run_name="finetune") as run_id:

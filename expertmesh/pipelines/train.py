@@ -20,7 +20,7 @@ from expertmesh.pipelines.train_ray import (
     ray_train_options,
     train_on_ray,
 )
-from expertmesh.platform import lineage, storage
+from expertmesh.platform import data_share, lineage, storage
 from expertmesh.platform.config import ExperimentConfig, load_config, to_dict
 from expertmesh.platform.data import prepare
 from expertmesh.platform.tracking import Tracker
@@ -56,8 +56,24 @@ def ray_options(args: argparse.Namespace) -> RayTrainOptions | None:
     return ray_train_options(args, build_parser())
 
 
-def train_lineage(cfg: ExperimentConfig) -> lineage.Lineage:
-    """What a base model's registered version records: its data, config and code."""
+def data_location(cfg: ExperimentConfig, output_dir: str) -> str:
+    """Where later pipelines find this run's prepared data (its versions' ``data_uri``).
+
+    ``data.publish_uri`` if set; else, when the checkpoints go where other machines read them
+    (an object store), a copy beside them (``<output_dir>/data/<digest>``), since the folder
+    prepared in a job's pod goes with the pod; else the folder itself.
+    """
+    if cfg.data.publish_uri:
+        return data_share.publish(cfg.data.data_dir, cfg.data.publish_uri)
+    if storage.local_path_of(output_dir) is None:
+        uri = data_share.published_uri(output_dir, cfg.data.data_dir)
+        return data_share.publish(cfg.data.data_dir, uri)
+    return os.path.abspath(cfg.data.data_dir)
+
+
+def train_lineage(cfg: ExperimentConfig, data_uri: str | None = None) -> lineage.Lineage:
+    """What a base model's registered version records: its data (``data_uri``: by default
+    the prepared folder), config and code."""
     domains = list(cfg.data.train_domains)
     return lineage.Lineage(
         pipeline="train",
@@ -68,7 +84,7 @@ def train_lineage(cfg: ExperimentConfig) -> lineage.Lineage:
         config_digest=lineage.digest(to_dict(cfg)),
         ray_job_id=lineage.ray_job_id(),
         git_revision=lineage.git_revision(),
-        data_uri=os.path.abspath(cfg.data.data_dir),
+        data_uri=data_uri or os.path.abspath(cfg.data.data_dir),
     )
 
 
@@ -82,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         root = storage.checkpoint_root(args.checkpoint_root)
         cfg.train.output_dir = f"{root}/{cfg.train.registered_model}/train"
     prepare(cfg.data, progress=not args.no_progress)
-    record = train_lineage(cfg)
+    record = train_lineage(cfg, data_location(cfg, cfg.train.output_dir))
     if opts is None:
         result = train(
             cfg,

@@ -183,6 +183,9 @@ class DataConfig:
 
     data_dir: str = ".state/data"  # prepared shards + tokenizer.json
     cache_dir: str = ".state/cache"  # downloaded packages
+    # a pyarrow.fs URI the training pipeline copies the prepared data to, for later pipelines
+    # on other machines; None: under a remote checkpoint root, else nowhere (read in place)
+    publish_uri: str | None = None
     train_domains: tuple[str, ...] = ("shakespeare", "python")
     vocab_size: int = 4096
     shard_tokens: int = 2_000_000  # tokens per Parquet shard
@@ -194,6 +197,12 @@ class DataConfig:
         _positive("vocab_size", self.vocab_size)
         _positive("shard_tokens", self.shard_tokens)
         self.train_domains = tuple(self.train_domains)
+        if self.publish_uri is not None and (
+            not isinstance(self.publish_uri, str) or "://" not in self.publish_uri
+        ):
+            raise ConfigError(
+                "publish_uri", f"must be a URI such as s3://bucket/data, got {self.publish_uri!r}"
+            )
         if not self.train_domains:
             raise ConfigError("train_domains", "needs at least one domain")
         if self.chat_template is not None and not (

@@ -1,6 +1,10 @@
 """The add_expert pipeline end to end on real data: a tiny model trained on two domains grows
 a legal expert, is verified, written as a content-addressed checkpoint and registered with its
-lineage in a real MLflow store; bad input is refused before anything is registered."""
+lineage in a real MLflow store; bad input is refused before anything is registered.
+
+The parent's training publishes its prepared data to a URI (as it does to an object store on a
+cluster), so add_expert reads them from there, through a copy in its own cache.
+"""
 
 from __future__ import annotations
 
@@ -29,20 +33,38 @@ GROW = ["--steps", "4", "--batch-size", "2", "--replay-rows", "2", "--seq-len", 
 
 
 @pytest.fixture(scope="module")
-def parent(state_home: Path, prepared_data) -> str:
+def published(state_home: Path) -> str:
+    return f"file://{state_home}/published/test-grow-data"
+
+
+@pytest.fixture(scope="module")
+def parent(state_home: Path, prepared_data, published: str) -> str:
     data = [f"data.data_dir={prepared_data.data_dir}", f"data.cache_dir={prepared_data.cache_dir}"]
+    data.append(f"data.publish_uri={published}")
     argv = ["--config", "configs/tiny.yaml", "--no-progress", "--no-resume"]
     assert train.main([*argv, *[a for s in SMALL + data for a in ("--set", s)]]) == 0
     return f"{NAME}/1"
 
 
-def test_add_expert_grows_trains_and_registers(parent: str, capsys) -> None:
+def test_add_expert_grows_trains_and_registers(
+    parent: str, published: str, state_home: Path, prepared_data, capsys
+) -> None:
     assert add_expert.main(["--model", parent, "--domain", "legal", "--layers", "1", *GROW]) == 0
     printed = capsys.readouterr().out
     assert "val_loss/legal" in printed and "registered: test-grow version 2" in printed
     client = MlflowClient(tracking_uri())
     mv = client.get_model_version(NAME, "2")
     assert mv.tags["pipeline"] == "add_expert" and mv.tags["parent"] == parent
+    # both versions name the published data, which add_expert read through its own copy
+    assert client.get_model_version(NAME, "1").tags["data_uri"] == published
+    assert mv.tags["data_uri"] == published
+    (copy,) = (state_home / "cache" / "data").iterdir()
+    original = Path(prepared_data.data_dir)
+    for name in ("prepared.json", "tokenizer.json"):
+        assert (copy / name).read_bytes() == (original / name).read_bytes()
+    assert sorted(p.name for p in (copy / "train").iterdir()) == sorted(
+        p.name for p in (original / "train").iterdir()
+    )
     assert mv.tags["added_experts"] == "1:4" and mv.tags["domains"] == "legal"
     run = client.get_run(mv.run_id)
     assert {"val_loss/legal", "parent_val_loss/legal", "new_expert_share/python/L1"} <= set(
