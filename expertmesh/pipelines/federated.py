@@ -80,6 +80,8 @@ class FederatedOptions:
     seed: int | None = None
     deadline_s: float | None = None
     min_clients: int | None = None
+    # every client's GPU request, replacing the file's (the same clients on a GPU cluster)
+    gpus_per_client: float | None = None
     data: str | None = None  # prepared data dir; default: the parent's
     partitions_dir: str | None = None  # default: <EXPERTMESH_HOME>/federated/<digest>
     cache_dir: str | None = None  # the source packages; default: beside the data, else the home's
@@ -111,6 +113,11 @@ def _overridden(fed: FederationConfig, opts: FederatedOptions) -> FederationConf
         for f in ("rounds", "strategy", "t", "local_steps", "seed", "deadline_s", "min_clients")
         if getattr(opts, f) is not None
     }
+    if opts.gpus_per_client is not None:
+        if not opts.gpus_per_client >= 0:  # NaN too
+            raise ConfigError("gpus_per_client", f"must be >= 0, got {opts.gpus_per_client}")
+        gpus = opts.gpus_per_client
+        changes["clients"] = tuple(dataclasses.replace(c, num_gpus=gpus) for c in fed.clients)
     return dataclasses.replace(fed, **changes) if changes else fed
 
 
@@ -570,6 +577,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--deadline-s", type=float, default=None, help="per-round client deadline")
     p.add_argument("--min-clients", type=int, default=None, help="reports a round needs")
+    p.add_argument(
+        "--gpus-per-client",
+        type=float,
+        default=None,
+        help="every client's GPU request (default: each client's num_gpus in the file)",
+    )
     p.add_argument("--data", default=None, help="prepared data dir (default: the parent's)")
     p.add_argument("--partitions-dir", default=None, help="where client partitions are written")
     p.add_argument("--register-as", default=None, help="registered model name (default: parent's)")
@@ -594,6 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         deadline_s=args.deadline_s,
         min_clients=args.min_clients,
+        gpus_per_client=args.gpus_per_client,
         data=args.data,
         partitions_dir=args.partitions_dir,
         register_as=args.register_as,

@@ -467,6 +467,25 @@ def assemble_model(
     return model.eval()
 
 
+def write_reference(uri: str, dest: str) -> str:
+    """Write at ``dest`` a checkpoint of ``manifest.json`` alone that names every file of
+    checkpoint ``uri`` where it lies (absolute locations), so it loads the same model, checked
+    against the same checksums; returns ``dest``.
+
+    An MLflow server registers a version only from its own artifact store or a non-local URI,
+    while a content-addressed checkpoint on a shared mount is a local path: the reference,
+    logged as an artifact, is what gets registered.
+    """
+    d, manifest = _open(uri)
+    files = {
+        rel: FileEntry(sha256=e.sha256, size=e.size, path=e.path or d.uri_of(rel))
+        for rel, e in manifest.files.items()
+    }
+    out = _Dir(dest)
+    out.write(MANIFEST, dataclasses.replace(manifest, files=files).to_json().encode())
+    return out.uri
+
+
 def load_train_state(uri: str) -> bytes | None:
     d, manifest = _open(uri)
     return _read_verified(d, manifest, TRAIN_STATE) if TRAIN_STATE in manifest.files else None
@@ -503,4 +522,5 @@ __all__ = [
     "read_tokenizer",
     "resolve",
     "save_checkpoint",
+    "write_reference",
 ]

@@ -1,10 +1,12 @@
 """The path the KubeRay deployment takes, run for real on one machine.
 
 `mlflow server` on PostgreSQL with a served artifact store; the training pipeline submitted as
-a Ray job (its entrypoint from the RayJob manifest) logs and registers there; then the RayService's
-serve config goes to the same cluster through the dashboard's Serve API (what KubeRay does), so
-Serve imports ``expertmesh.api.serve_app:build_app``, which deploys that registered version, and
-the API and the SDK answer with it.
+a Ray job (its entrypoint from the RayJob manifest) logs and registers there and publishes its
+prepared data; the add-expert pipeline, submitted the same way with a home of its own (another
+pod's disk), grows that version from the published data and registers the child; then the
+RayService's serve config goes to the same cluster through the dashboard's Serve API (what
+KubeRay does), so Serve imports ``expertmesh.api.serve_app:build_app``, which deploys the
+child, and the API and the SDK answer with it.
 """
 
 from __future__ import annotations
@@ -64,12 +66,13 @@ def tracking(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 def _manifest(name: str, kind: str) -> dict:
     for path in sorted((REPO / "k8s" / "base").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
-            if doc and doc["kind"] == kind and doc["metadata"]["name"] == name:
+            # (the JSON patches beside the objects are lists)
+            if isinstance(doc, dict) and doc["kind"] == kind and doc["metadata"]["name"] == name:
                 return doc
     raise LookupError(f"{kind}/{name} not in k8s/base")
 
 
-def _train_entrypoint(output_dir: Path, data) -> str:
+def _train_entrypoint(output_dir: Path, data, published: str) -> str:
     argv = shlex.split(_manifest("expertmesh-train", "RayJob")["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "expertmesh.pipelines.train"]
     sets = [
@@ -77,12 +80,24 @@ def _train_entrypoint(output_dir: Path, data) -> str:
         f"train.output_dir={output_dir}",
         f"data.data_dir={data.data_dir}",
         f"data.cache_dir={data.cache_dir}",
+        # on the cluster the checkpoint root is an object store and training publishes there
+        # by itself; here the root is a local folder, so the test names the place
+        f"data.publish_uri={published}",
     ]
     # the manifest's flags (config, no progress bars) with local paths instead of the pod's
     keep = [a for a in argv[3:] if not a.startswith(("train.", "data.")) and a != "--set"]
     return shlex.join(
         [sys.executable, "-m", argv[2], *keep, *(x for s in sets for x in ("--set", s))]
     )
+
+
+def _add_expert_entrypoint() -> str:
+    """The manifest's add-expert job, on the small model, with a few short steps."""
+    argv = shlex.split(_manifest("expertmesh-add-expert", "RayJob")["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "expertmesh.pipelines.add_expert"]
+    argv[argv.index("--model") + 1] = MODEL
+    short = ["--layers", "1", "--steps", "2", "--batch-size", "2", "--replay-rows", "2"]
+    return shlex.join([sys.executable, *argv[1:], *short, "--seq-len", "32"])
 
 
 def _wait(what: str, check, timeout_s: float, poll_s: float = 1.0):
@@ -135,16 +150,17 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
             dashboard = f"http://127.0.0.1:{dash_port}"
             jobs = JobSubmissionClient(dashboard)
 
+            published = f"file://{tmp_path}/object-store/data"
+            env = {
+                "MLFLOW_TRACKING_URI": tracking,
+                "EXPERTMESH_CHECKPOINT_ROOT": str(tmp_path / "checkpoints"),
+            }
+
             def submit() -> str | None:
                 try:
                     return jobs.submit_job(
-                        entrypoint=_train_entrypoint(tmp_path / "ckpt", prepared_data),
-                        runtime_env={
-                            "env_vars": {
-                                "MLFLOW_TRACKING_URI": tracking,
-                                "EXPERTMESH_CHECKPOINT_ROOT": str(tmp_path / "checkpoints"),
-                            }
-                        },
+                        entrypoint=_train_entrypoint(tmp_path / "ckpt", prepared_data, published),
+                        runtime_env={"env_vars": env},
                     )
                 except RuntimeError as exc:  # the head's agent starts after the dashboard
                     if "No available agent" not in str(exc):
@@ -163,9 +179,30 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
 
             # MLflow's own client, on the server: the run, its metrics and the new version
             client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
-            (version,) = client.search_model_versions(f"name='{MODEL}'")
-            run = client.get_run(version.run_id)
+            (base,) = client.search_model_versions(f"name='{MODEL}'")
+            run = client.get_run(base.run_id)
             assert run.info.status == "FINISHED" and "ce_loss" in run.data.metrics
+            assert base.source.startswith("mlflow-artifacts:"), base.source
+            assert base.tags["data_uri"] == published
+
+            # the next pipeline's job, in a "pod" whose disk never saw the prepared data
+            other_pod = {**env, "EXPERTMESH_HOME": str(tmp_path / "other-pod")}
+            job = jobs.submit_job(
+                entrypoint=_add_expert_entrypoint(), runtime_env={"env_vars": other_pod}
+            )
+            status = _wait(
+                "the add-expert job to finish",
+                lambda: (s := jobs.get_job_status(job)).is_terminal() and s,
+                timeout_s=300,
+            )
+            assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
+            version = client.get_model_version(MODEL, "2")
+            assert version.tags["pipeline"] == "add_expert"
+            assert version.tags["parent"] == f"{MODEL}/{base.version}"
+            assert version.tags["data_uri"] == published
+            assert (tmp_path / "other-pod" / "cache" / "data").is_dir()
+            # the child's own files stay in the checkpoint root (a shared mount here); the
+            # server registered a reference to them, logged in the run's artifacts
             assert version.source.startswith("mlflow-artifacts:"), version.source
 
             # the RayService's serve config, as KubeRay submits it, for that version

@@ -297,3 +297,31 @@ def test_checkpoints_are_immutable(tmp_path: Path) -> None:
     for bad in ("", "x/y", "..", "latest.json"):
         with pytest.raises(ValueError):
             ckpt.save_checkpoint(str(tmp_path), bad, tiny_model())
+
+
+def test_a_reference_loads_the_same_model_from_where_the_files_lie(tmp_path: Path) -> None:
+    parent = tiny_model(seed=1)
+    p_uri = ckpt.save_checkpoint(str(tmp_path / "ckpt"), "parent", parent, version={"step": 1})
+    child = tiny_model(seed=1)
+    with torch.no_grad():
+        # one expert changes; the rest is shared with the parent
+        name = next(n for n, _ in child.named_parameters() if "expert" in n)
+        dict(child.named_parameters())[name][0].add_(1.0)
+    c_uri = ckpt.save_checkpoint(
+        str(tmp_path / "ckpt"), "child", child, version={"step": 2}, parent=p_uri
+    )
+    ref = ckpt.write_reference(c_uri, str(tmp_path / "elsewhere" / "ref"))
+    assert sorted(p.name for p in Path(ref).iterdir()) == ["manifest.json"]
+    manifest = ckpt.read_manifest(ref)
+    assert manifest.written_files() == []
+    assert manifest.files == {
+        rel: ckpt.FileEntry(sha256=e.sha256, size=e.size, path=e.path or f"{c_uri}/{rel}")
+        for rel, e in ckpt.read_manifest(c_uri).files.items()
+    }
+    assert_same_weights(ckpt.load_model(ref)[0], child)
+    # the same checksums guard the bytes: a changed file behind the reference is refused
+    (own,) = [r for r in ckpt.read_manifest(c_uri).written_files() if r.startswith("experts")]
+    changed = Path(c_uri) / own
+    changed.write_bytes(changed.read_bytes()[:-1] + b"\0")
+    with pytest.raises(CheckpointError, match=own):
+        ckpt.load_model(ref)

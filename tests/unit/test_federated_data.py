@@ -111,3 +111,17 @@ def test_an_empty_partition_or_a_missing_domain_is_named(prepared_data, tmp_path
     with pytest.raises(ConfigError, match=r"^clients\[1\]\.domain: client 'x': unknown domain"):
         write_partitions(fed({"name": "x", "k": 1, "domain": "klingon"}), **kw, out_dir=tmp_path)
     assert not list(tmp_path.iterdir())  # nothing written before the error
+
+
+def test_gpus_per_client_replaces_every_clients_request() -> None:
+    from expertmesh.pipelines.federated import FederatedOptions, _overridden
+
+    fed = load_federation("configs/federated.yaml")
+    opts = FederatedOptions(model="m/1", clients="configs/federated.yaml", gpus_per_client=0.25)
+    assert {c.num_gpus for c in _overridden(fed, opts).clients} == {0.25}
+    assert [c.name for c in _overridden(fed, opts).clients] == [c.name for c in fed.clients]
+    unchanged = FederatedOptions(model="m/1", clients="configs/federated.yaml")
+    assert _overridden(fed, unchanged).clients == fed.clients
+    bad = FederatedOptions(model="m/1", clients="configs/federated.yaml", gpus_per_client=-1)
+    with pytest.raises(ConfigError, match="gpus_per_client: must be >= 0, got -1"):
+        _overridden(fed, bad)

@@ -26,7 +26,9 @@ import pytest
 import yaml
 
 from expertmesh.api.serve_app import ServeAppArgs
-from expertmesh.platform.config import find_config
+from expertmesh.platform.config import find_config, load_config
+from expertmesh.platform.federated.config import load_federation
+from expertmesh.platform.storage import local_path_of
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "k8s"
@@ -36,6 +38,12 @@ KUBERNETES_VERSION = "1.32"  # the oldest Kubernetes the manifests are checked a
 TARGETS = ["base", "overlays/cpu-demo", "overlays/gpu"]
 KUBERAY_KINDS = {"RayCluster", "RayJob", "RayService"}
 KUBECTL = shutil.which("kubectl")
+PIPELINE_JOBS = {  # RayJob -> the pipeline module it runs
+    "expertmesh-train": "expertmesh.pipelines.train",
+    "expertmesh-finetune": "expertmesh.pipelines.finetune",
+    "expertmesh-add-expert": "expertmesh.pipelines.add_expert",
+    "expertmesh-federated": "expertmesh.pipelines.federated",
+}
 
 pytestmark = pytest.mark.skipif(
     KUBECTL is None,
@@ -250,14 +258,17 @@ def test_tracking_uri_reaches_the_mlflow_server(target: str) -> None:
 def test_entrypoints_and_serve_import_paths_resolve(target: str) -> None:
     objs = render(target)
     jobs = [o for o in objs if o["kind"] == "RayJob"]
-    assert {j["metadata"]["name"] for j in jobs} >= {"expertmesh-train"}
+    assert {j["metadata"]["name"] for j in jobs} == set(PIPELINE_JOBS)
     for job in jobs:
         argv = shlex.split(job["spec"]["entrypoint"])
         assert argv[:2] == ["python", "-m"]
+        assert argv[2] == PIPELINE_JOBS[job["metadata"]["name"]]
         module = importlib.import_module(argv[2])
         args = module.build_parser().parse_args(argv[3:])  # SystemExit on an unknown flag
         if getattr(args, "config", None):
             find_config(args.config)  # the shipped config, from any working folder
+        if getattr(args, "clients", None):
+            load_federation(args.clients)  # the shipped clients file, likewise
     (svc,) = [o for o in objs if o["kind"] == "RayService"]
     config = yaml.safe_load(svc["spec"]["serveConfigV2"])
     assert config["http_options"]["port"] == 8000
@@ -265,6 +276,33 @@ def test_entrypoints_and_serve_import_paths_resolve(target: str) -> None:
         module, _, attr = app["import_path"].partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), app["import_path"]
         ServeAppArgs.from_args(app["args"])  # raises on a bad or unknown arg
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_pipelines_start_from_what_training_registers_and_serving_serves(target: str) -> None:
+    """Training runs on apply; the pipelines that need its model wait (suspended) until a
+    user starts them, and name the model training registers and the RayService serves."""
+    objs = render(target)
+    (train,) = [o for o in objs if o["metadata"]["name"] == "expertmesh-train"]
+    argv = shlex.split(train["spec"]["entrypoint"])
+    args = importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
+    cfg = load_config(args.config, args.set)
+    assert not train["spec"].get("suspend", False)
+    (svc,) = [o for o in objs if o["kind"] == "RayService"]
+    (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+    assert ServeAppArgs.from_args(app["args"]).model == cfg.train.registered_model
+    for job in objs:
+        if job["kind"] != "RayJob" or job is train:
+            continue
+        assert job["spec"]["suspend"] is True, job["metadata"]["name"]
+        argv = shlex.split(job["spec"]["entrypoint"])
+        model = importlib.import_module(argv[2]).build_parser().parse_args(argv[3:]).model
+        assert model == cfg.train.registered_model, job["metadata"]["name"]
+        # the data come from the parent's data_uri, which must outlive the training pod
+        assert "--data" not in argv
+    root = _head(train["spec"]["rayClusterSpec"])["env"]
+    root = {e["name"]: e.get("value") for e in root}["EXPERTMESH_CHECKPOINT_ROOT"]
+    assert local_path_of(root) is None  # so training publishes its data beside it
 
 
 def _shards_per_worker(group: dict[str, Any], shard: ServeAppArgs) -> int:
@@ -310,10 +348,18 @@ def test_gpu_overlay_trains_and_serves_on_gpu_workers() -> None:
                     "effect": "NoSchedule",
                 } in spec["tolerations"]
                 assert spec["nodeSelector"]
-    (train,) = [o for o in objs if o["metadata"]["name"] == "expertmesh-train"]
-    # the driver asks for a GPU, so Ray places it on the GPU worker, never on the head
-    assert train["spec"]["entrypointNumGpus"] >= 1
-    assert "train.device=cuda" in train["spec"]["entrypoint"]
+    jobs = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "RayJob"}
+    # the drivers ask for a GPU, so Ray places them on the GPU worker, never on the head
+    for name in ("expertmesh-train", "expertmesh-finetune"):
+        assert jobs[name]["entrypointNumGpus"] >= 1
+        assert "train.device=cuda" in jobs[name]["entrypoint"]
+    # the federated clients ask for GPU shares that fit the job's GPU workers together
+    argv = shlex.split(jobs["expertmesh-federated"]["entrypoint"])
+    args = importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
+    clients = load_federation(args.clients).clients
+    (group,) = jobs["expertmesh-federated"]["rayClusterSpec"]["workerGroupSpecs"]
+    offered = float(group["rayStartParams"]["num-gpus"]) * group["maxReplicas"]
+    assert args.gpus_per_client > 0 and args.gpus_per_client * len(clients) <= offered
     (svc,) = [o for o in objs if o["kind"] == "RayService"]
     (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
     assert ServeAppArgs.from_args(app["args"]).num_gpus > 0
