@@ -163,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
         ):
             rows.setdefault(label, []).append(federated_row(args, file, strategy, seed, part_dir))
         print(f"seed {seed} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
+        if args.json:  # after every seed, so a long run stopped early keeps the seeds it finished
+            tmp = Path(args.json).with_suffix(".tmp")
+            tmp.write_text(json.dumps(rows, indent=2))
+            tmp.replace(args.json)
 
     budgets = ", ".join(f"{c.name} k={c.k}" for c in fed.clients)
     print(machine_line())
@@ -187,8 +191,6 @@ def main(argv: list[str] | None = None) -> int:
     diff = mean["flame"] / mean["fedavg"] - 1
     verdict = "beats" if diff < 0 else "does not beat"
     print(f"activation-aware aggregation {verdict} plain FedAvg here: {diff:+.2%} on legal k=2")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0
 
 
