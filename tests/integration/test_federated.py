@@ -6,6 +6,7 @@ round starts."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import ray
 import yaml
 from mlflow import MlflowClient
 
+import expertmesh
 from expertmesh.pipelines import federated, train
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.engine import Engine
@@ -57,7 +59,11 @@ def parent(state_home: Path, prepared_data) -> str:
     return f"{NAME}/1"
 
 
-def test_federation_survives_a_killed_client_and_registers(parent: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def federation(
+    parent: str, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[federated.FederatedResult, list[str]]:
+    """The federation, with client ``proprietary`` killed mid-round 1; and who was killed."""
     killed: list[str] = []
 
     def kill_one(server_round: int, actors: dict) -> None:
@@ -65,10 +71,13 @@ def test_federation_survives_a_killed_client_and_registers(parent: str, tmp_path
             ray.kill(actors["proprietary"])
             killed.append("proprietary")
 
-    opts = federated.FederatedOptions(
-        model=parent, clients=clients_file(tmp_path, CLIENTS), on_round_dispatched=kill_one
-    )
-    result = federated.federate(opts)
+    clients = clients_file(tmp_path_factory.mktemp("fed"), CLIENTS)
+    opts = federated.FederatedOptions(model=parent, clients=clients, on_round_dispatched=kill_one)
+    return federated.federate(opts), killed
+
+
+def test_federation_survives_a_killed_client_and_registers(parent: str, federation) -> None:
+    result, killed = federation
     assert killed == ["proprietary"]
     r1, r2 = result.rounds
     assert r1.dead == ["proprietary"] and len(r1.reported) == 3
@@ -101,6 +110,37 @@ def test_federation_survives_a_killed_client_and_registers(parent: str, tmp_path
     model, tok = load_for_inference(ckpt.resolve(mv.source))
     (out,) = Engine(model, tok).generate(["Permission is"], SamplingParams(max_tokens=4))
     assert len(out.output_ids) >= 1
+
+
+def test_the_merged_version_goes_live_by_upgrade(parent: str, federation) -> None:
+    """A cluster serving the parent upgrades to the federated version: the shards read only
+    the merged experts, and the cluster then generates what the merged checkpoint does."""
+    result, _ = federation
+    target = f"{NAME}/{result.model_version.version}"
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    model, tok = load_for_inference(ckpt.resolve(result.model_version.source))
+    (want,) = Engine(model, tok).generate(["Permission is hereby"], params)
+    with (
+        tempfile.TemporaryDirectory(prefix="emfed-") as ray_tmp,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)  # a cluster of its own, not the clients'
+        cluster = expertmesh.connect()
+        try:
+            cluster.deploy(parent, shards=2, replicas=1, warm_shards=0)
+            before = cluster.generate("Permission is hereby", max_tokens=6, ignore_eos=True)
+            out = cluster.upgrade(target)
+            assert out["upgraded"]["to"] == target, out["upgraded"]
+            after = cluster.generate("Permission is hereby", max_tokens=6, ignore_eos=True)
+            assert cluster.status()["versions"][0]["label"] == target
+        finally:
+            cluster.shutdown()
+    assert before.completion_tokens == 6
+    assert after.token_ids == want.output_ids
+    # the experts the federation merged, and only they, were new to the shards
+    manifest = ckpt.read_manifest(ckpt.resolve(result.model_version.source))
+    merged = [f for f in manifest.written_files() if f != ckpt.DENSE and "expert" in f]
+    assert out["upgraded"]["experts_changed"] == len(merged) > 0
 
 
 @pytest.mark.parametrize(
