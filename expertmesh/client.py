@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Unpack
 
 import httpx
 
 from expertmesh import envs
-from expertmesh.types import ClusterError, Completion
+from expertmesh.types import ClusterError, Completion, SamplingOptions, check_stream_options
 
 
 class HttpError(ClusterError):
@@ -75,26 +75,19 @@ class HttpCluster:
 
     # ------------------------------------------------------------------ generation
     def generate(
-        self,
-        prompt: str | list[str],
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-        routing: bool = False,
+        self, prompt: str | list[str], *, routing: bool = False, **sampling: Unpack[SamplingOptions]
     ) -> Completion | list[Completion]:
-        """Complete one prompt (returns a Completion) or a list (one request, batched)."""
-        body = _completion_body(
-            prompt, max_tokens, temperature, top_p, stop, seed, ignore_eos, routing=routing
-        )
+        """Complete one prompt or a list (one request, batched). One prompt gives a
+        Completion, or a list of ``n`` with ``n > 1``; a list of prompts gives a list, ``n``
+        per prompt in prompt order. ``sampling``: see :class:`~expertmesh.types.SamplingOptions`
+        (the server checks every key and answers a 400 that names a bad one)."""
+        body = _completion_body(prompt, sampling, routing=routing)
         data = self._request("POST", "/v1/completions", json=body)
         choices = sorted(data["choices"], key=lambda c: c["index"])
         outs = []
         for c in choices:
             routing_info = c.get("expertmesh_routing") or {}
+            lp = c.get("logprobs")
             outs.append(
                 Completion(
                     text=c["text"],
@@ -104,25 +97,17 @@ class HttpCluster:
                     token_ids=list(c.get("token_ids") or []),
                     expert_counts=routing_info.get("expert_counts"),
                     token_experts=routing_info.get("token_experts"),
+                    logprobs=None if lp is None else {k: lp[k] for k in _LOGPROB_KEYS},
                 )
             )
-        return outs[0] if isinstance(prompt, str) else outs
+        one = isinstance(prompt, str) and sampling.get("n", 1) == 1
+        return outs[0] if one else outs
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-    ) -> Iterator[str]:
-        """Yield the completion's text piece by piece as tokens are generated (SSE)."""
-        body = _completion_body(
-            prompt, max_tokens, temperature, top_p, stop, seed, ignore_eos, routing=False
-        )
+    def stream(self, prompt: str, **sampling: Unpack[SamplingOptions]) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are generated (SSE; one
+        sequence: no ``n``, ``best_of`` or ``logprobs``)."""
+        check_stream_options(sampling)
+        body = _completion_body(prompt, sampling, routing=False)
         body["stream"] = True
         try:
             with self._http.stream("POST", "/v1/completions", json=body) as resp:
@@ -164,28 +149,20 @@ class HttpCluster:
         return self._request("GET", "/api/health")
 
 
+_LOGPROB_KEYS = ("tokens", "token_logprobs", "top_logprobs")  # as the in-process SDK's
+
+
 def _completion_body(
-    prompt: str | list[str],
-    max_tokens: int,
-    temperature: float,
-    top_p: float,
-    stop: list[str] | None,
-    seed: int | None,
-    ignore_eos: bool,
-    *,
-    routing: bool,
+    prompt: str | list[str], sampling: SamplingOptions, *, routing: bool
 ) -> dict[str, Any]:
-    return {
-        "prompt": prompt,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "top_p": top_p,
-        "stop": list(stop) if stop else None,
-        "seed": seed,
-        "ignore_eos": ignore_eos,
-        "return_token_ids": True,
-        "expertmesh_routing": routing,
-    }
+    """The request body: the sampling options under their OpenAI names, as given over the
+    SDK's defaults where OpenAI's differ (greedy, 64 tokens); the server applies the rest and
+    refuses unknown or bad keys by name."""
+    body: dict[str, Any] = {"max_tokens": 64, "temperature": 0.0}
+    body |= {k: v for k, v in sampling.items() if v is not None}
+    if "stop" in body:
+        body["stop"] = list(body["stop"])
+    return body | {"prompt": prompt, "return_token_ids": True, "expertmesh_routing": routing}
 
 
 def iter_sse(lines: Iterator[str]) -> Iterator[str]:

@@ -9,16 +9,34 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Unpack
 
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import LocalRayOptions
-from expertmesh.types import ClusterError, Completion, RouterTuning
+from expertmesh.types import (
+    ClusterError,
+    Completion,
+    RouterTuning,
+    SamplingOptions,
+    check_stream_options,
+)
 
 if TYPE_CHECKING:
     from expertmesh.client import HttpCluster
     from expertmesh.jobs import JobClient, JobInfo
     from expertmesh.platform.lineage import VersionNode
+
+
+def _sampling_params(sampling: SamplingOptions) -> dict[str, Any]:
+    """The router's parameters for ``sampling``, checked; ConfigError names a bad key."""
+    known = SamplingOptions.__annotations__
+    if unknown := sorted(set(sampling) - set(known)):
+        raise ConfigError(unknown[0], f"unknown sampling option; known: {', '.join(known)}")
+    opts = dict(sampling)
+    if opts.get("stop") is not None:
+        opts["stop"] = tuple(opts["stop"])
+    return asdict(SamplingParams(**{k: v for k, v in opts.items() if v is not None}))
 
 
 class Cluster:
@@ -202,64 +220,35 @@ class Cluster:
             raise ClusterError("no model is deployed; call cluster.deploy(model) first") from None
 
     def generate(
-        self,
-        prompt: str | list[str],
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-        routing: bool = False,
+        self, prompt: str | list[str], *, routing: bool = False, **sampling: Unpack[SamplingOptions]
     ) -> Completion | list[Completion]:
-        """Complete one prompt (returns a Completion) or a list (all sent at once, batched)."""
+        """Complete one prompt or a list (all sent at once, batched). One prompt gives a
+        Completion, or a list of ``n`` with ``n > 1``; a list of prompts gives a list, ``n``
+        per prompt in prompt order. ``sampling``: see :class:`~expertmesh.types.SamplingOptions`.
+
+        Raises:
+            ConfigError: a bad or unknown sampling option, named.
+        """
         import ray
 
-        params = asdict(
-            SamplingParams(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=tuple(stop or ()),
-                seed=seed,
-                ignore_eos=ignore_eos,
-            )
-        )
+        params = _sampling_params(sampling)
         router = self._router()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         refs = [router.generate.remote(p, params, routing) for p in prompts]
         try:
-            # the router answers a list of n results; the SDK asks for n=1
-            outs = [Completion.from_dict(results[0]) for results in ray.get(refs)]
+            # the router answers the n results of each prompt
+            outs = [Completion.from_dict(r) for results in ray.get(refs) for r in results]
         except ray.exceptions.RayTaskError as exc:
             raise ClusterError(str(exc.cause if exc.cause else exc)) from None
-        return outs[0] if isinstance(prompt, str) else outs
+        return outs[0] if isinstance(prompt, str) and params["n"] == 1 else outs
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-    ) -> Iterator[str]:
-        """Yield the completion's text piece by piece as tokens are generated."""
+    def stream(self, prompt: str, **sampling: Unpack[SamplingOptions]) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are generated (one
+        sequence: no ``n``, ``best_of`` or ``logprobs``)."""
         import ray
 
-        sp = asdict(
-            SamplingParams(
-                max_tokens=max_tokens,
-                temperature=temperature,
-                top_p=top_p,
-                stop=tuple(stop or ()),
-                seed=seed,
-                ignore_eos=ignore_eos,
-            )
-        )
+        check_stream_options(sampling)
+        sp = _sampling_params(sampling)
         gen = self._router().generate_stream.options(num_returns="streaming").remote(prompt, sp)
         for ref in gen:
             yield ray.get(ref)["text"]

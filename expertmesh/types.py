@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypedDict, Unpack, runtime_checkable
 
 from expertmesh.platform.errors import ConfigError, ExpertmeshError
 
@@ -26,6 +26,36 @@ class UpgradeInProgressError(ClusterError):
     """A live upgrade was asked for while another one runs (HTTP 409)."""
 
 
+class SamplingOptions(TypedDict, total=False):
+    """How ``generate`` and ``stream`` pick tokens: the OpenAI completion parameters, with
+    vLLM's ``repetition_penalty`` and ``ignore_eos``. Every key is checked (an error names a
+    bad one); see :class:`expertmesh.platform.sampling.SamplingParams` for the defaults."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int
+    ignore_eos: bool
+    n: int  # sequences per prompt (generate only)
+    best_of: int  # candidates per prompt, the n most likely kept (generate only)
+    logprobs: int  # the chosen token's logprob and this many alternatives (generate only)
+    presence_penalty: float
+    frequency_penalty: float
+    repetition_penalty: float
+
+
+STREAM_REFUSES = ("n", "best_of", "logprobs")  # one streamed sequence, text only
+
+
+def check_stream_options(sampling: SamplingOptions) -> None:
+    """Refuse what a text stream cannot carry, rather than ignore it."""
+    for key in STREAM_REFUSES:
+        value = sampling.get(key)
+        if value is not None and not (key == "n" and value == 1):
+            raise ConfigError(key, f"streams one sequence of text; use generate() for {key}")
+
+
 @dataclass(kw_only=True, slots=True)
 class Completion:
     text: str
@@ -35,9 +65,18 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     expert_counts: list[list[int]] | None = None  # (MoE layer, expert) tokens served
     token_experts: list[list[list[int]]] | None = None  # per token, per MoE layer: experts
+    # with ``logprobs=N``: OpenAI's ``tokens``, ``token_logprobs`` and ``top_logprobs`` (per
+    # token, the N most likely alternatives as {token text: logprob})
+    logprobs: dict[str, list[Any]] | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Completion:
+        """From the router's result (its alternatives are ``[text, logprob]`` pairs)."""
+        lp = d.get("logprobs")
+        if lp is not None:
+            tops = [None if t is None else dict(map(tuple, t)) for t in lp["top_logprobs"]]
+            lp = {"tokens": lp["tokens"], "token_logprobs": lp["token_logprobs"]}
+            lp["top_logprobs"] = tops
         return cls(
             text=d["text"],
             finish_reason=d.get("finish_reason"),
@@ -46,6 +85,7 @@ class Completion:
             token_ids=list(d.get("token_ids", [])),
             expert_counts=d.get("expert_counts"),
             token_experts=d.get("token_experts"),
+            logprobs=lp,
         )
 
 
@@ -92,32 +132,16 @@ class ClusterHandle(Protocol):
     """
 
     def generate(
-        self,
-        prompt: str | list[str],
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-        routing: bool = False,
+        self, prompt: str | list[str], *, routing: bool = False, **sampling: Unpack[SamplingOptions]
     ) -> Completion | list[Completion]:
-        """Complete one prompt (returns a Completion) or a list (all sent at once, batched)."""
+        """Complete one prompt or a list (all sent at once, batched). One prompt gives a
+        Completion, or a list of ``n`` with ``n > 1``; a list of prompts gives a list, ``n``
+        per prompt in prompt order."""
         ...
 
-    def stream(
-        self,
-        prompt: str,
-        *,
-        max_tokens: int = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop: list[str] | None = None,
-        seed: int | None = None,
-        ignore_eos: bool = False,
-    ) -> Iterator[str]:
-        """Yield the completion's text piece by piece as tokens are generated."""
+    def stream(self, prompt: str, **sampling: Unpack[SamplingOptions]) -> Iterator[str]:
+        """Yield the completion's text piece by piece as tokens are generated (one
+        sequence: no ``n``, ``best_of`` or ``logprobs``)."""
         ...
 
     def status(self) -> dict[str, Any]:

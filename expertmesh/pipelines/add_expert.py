@@ -39,7 +39,7 @@ from expertmesh.platform.grow import (
 )
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.tracking import ModelVersionInfo, Tracker
-from expertmesh.platform.training import evaluate
+from expertmesh.platform.training import evaluate, register_checkpoint
 
 EVAL_BATCHES = 8
 
@@ -196,7 +196,7 @@ def add_expert(opts: AddExpertOptions) -> AddExpertResult:
             parent=parent_uri,
         )
         tags = record.tags() | {"added_experts": added_desc, "n_experts": str(child.cfg.n_experts)}
-        mv = tracker.register_version(name, source=uri, run_id=run_id, tags=tags)
+        mv = register_checkpoint(tracker, name, source=uri, run_id=run_id, tags=tags)
         tracker.set_tags({"registered_version": mv.version})
     return AddExpertResult(
         model_version=mv,

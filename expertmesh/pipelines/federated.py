@@ -61,6 +61,7 @@ from expertmesh.platform.federated.strategy import (
 )
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.tracking import ModelVersionInfo, Tracker
+from expertmesh.platform.training import register_checkpoint
 
 EVAL_KS = (1, 2, 4)
 MERGE_TOL = {"rtol": 1e-4, "atol": 1e-4}  # float32 (x A^T) B^T against x (W + B A)^T
@@ -486,7 +487,7 @@ def _federate(
             "client_scales": ",".join(f"{n}:{s:.4f}" for n, s in scales.items()),
             "n_experts": str(manifest.config.n_experts),
         }
-        mv = tracker.register_version(name, source=uri, run_id=run_id, tags=tags)
+        mv = register_checkpoint(tracker, name, source=uri, run_id=run_id, tags=tags)
         tracker.set_tags({"registered_version": mv.version})
     return FederatedResult(
         model_version=mv,

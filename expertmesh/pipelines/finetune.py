@@ -44,7 +44,7 @@ from expertmesh.platform.data_share import stage
 from expertmesh.platform.errors import ConfigError, DataError
 from expertmesh.platform.parts import Freezer, TrainedParts, parse_trained_parts, verify_frozen
 from expertmesh.platform.tracking import ModelVersionInfo, Tracker
-from expertmesh.platform.training import train
+from expertmesh.platform.training import register_checkpoint, train
 
 
 @dataclass(kw_only=True, slots=True)
@@ -199,7 +199,8 @@ def finetune(opts: FinetuneOptions) -> FinetuneResult:
                 lineage=record,
             )
         verify_frozen(parent_uri, result.checkpoint_uri, parts)
-        mv = tracker.register_version(
+        mv = register_checkpoint(
+            tracker,
             name,
             source=result.checkpoint_uri,
             run_id=run_id,

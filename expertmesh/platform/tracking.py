@@ -33,9 +33,6 @@ SERVING_ALIAS = "serving"  # the model-version alias of what a cluster serves
 MLFLOW_ARTIFACT_SCHEMES = ("mlflow-artifacts:", "runs:/")
 
 
-REFERENCE_ARTIFACT = "checkpoint-reference"  # see Tracker.register_version
-
-
 def is_mlflow_artifact_uri(uri: str) -> bool:
     return uri.startswith(MLFLOW_ARTIFACT_SCHEMES)
 
@@ -245,14 +242,10 @@ class Tracker:
     ) -> ModelVersionInfo:
         """Register ``source`` (a checkpoint) as a new version of registered model ``name``.
 
-        On an MLflow server, which registers no local path outside its artifact store, a
-        checkpoint on a local path (a shared mount) is registered through a reference to it
-        logged in the run's artifacts (:func:`checkpoint.write_reference`).
+        An MLflow server registers no local path outside its artifact store: register a
+        checkpoint on a mount with :func:`expertmesh.platform.training.register_checkpoint`.
         """
         from mlflow.exceptions import MlflowException
-
-        if self.uri.startswith(("http://", "https://")) and storage.local_path_of(source):
-            source = self._log_reference(source, run_id)
 
         try:
             self.client.create_registered_model(name, description="expertmesh MoE model")
@@ -267,21 +260,10 @@ class Tracker:
             name=name, version=str(mv.version), source=source, run_id=run_id, tags=str_tags
         )
 
-    def _log_reference(self, checkpoint: str, run_id: str | None) -> str:
-        import tempfile
-
-        from expertmesh.platform import checkpoint as ckpt
-
-        if run_id is None:
-            raise ConfigError(
-                "tracking_uri",
-                f"{self.uri} registers no local path ({checkpoint}) without a run to log it in",
-            )
-        with tempfile.TemporaryDirectory(prefix="expertmesh-ref-") as tmp:
-            ckpt.write_reference(checkpoint, f"{tmp}/{REFERENCE_ARTIFACT}")
-            self.client.log_artifacts(run_id, f"{tmp}/{REFERENCE_ARTIFACT}", REFERENCE_ARTIFACT)
-        root = self.client.get_run(run_id).info.artifact_uri
-        return f"{root.rstrip('/')}/{REFERENCE_ARTIFACT}"
+    @property
+    def is_server(self) -> bool:
+        """Whether the store is an MLflow server (rather than a database or folder)."""
+        return self.uri.startswith(("http://", "https://"))
 
     def latest_version(self, name: str) -> ModelVersionInfo | None:
         """Highest version of registered model ``name``, or None if it has none."""

@@ -29,7 +29,7 @@ from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.model.gates import balance_bias_step
 from expertmesh.platform.model.moe import LayerStats
-from expertmesh.platform.storage import checkpoint_root
+from expertmesh.platform.storage import checkpoint_root, local_path_of
 from expertmesh.platform.tracking import CHECKPOINT_ARTIFACT, ModelVersionInfo, Tracker
 
 if TYPE_CHECKING:
@@ -297,6 +297,28 @@ def register_model(
     )
     tracker.set_tags({"registered_version": mv.version})
     return mv
+
+
+REFERENCE_ARTIFACT = "checkpoint-reference"
+
+
+def register_checkpoint(
+    tracker: Tracker, name: str, *, source: str, run_id: str, tags: dict[str, str]
+) -> ModelVersionInfo:
+    """Register checkpoint ``source`` (written by a pipeline under the checkpoint root) as a
+    new version of ``name``.
+
+    An MLflow server registers no local path outside its artifact store, and a checkpoint on
+    a mount every node shares is a local path: there the version is registered from a
+    reference to it (:func:`checkpoint.write_reference`) logged in run ``run_id``'s artifacts.
+    """
+    if tracker.is_server and local_path_of(source):
+        with tempfile.TemporaryDirectory(prefix="expertmesh-ref-") as tmp:
+            ckpt.write_reference(source, f"{tmp}/{REFERENCE_ARTIFACT}")
+            tracker.client.log_artifacts(run_id, f"{tmp}/{REFERENCE_ARTIFACT}", REFERENCE_ARTIFACT)
+        root = tracker.client.get_run(run_id).info.artifact_uri
+        source = f"{root.rstrip('/')}/{REFERENCE_ARTIFACT}"
+    return tracker.register_version(name, source=source, run_id=run_id, tags=tags)
 
 
 def _find_resume(output_dir: str) -> str | None:

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 import expertmesh
 from expertmesh.platform.engine import Engine
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 from tests.integration.helpers import PROMPTS as ALL_PROMPTS
@@ -183,6 +185,20 @@ def test_sdk_over_http_equals_ray_native_sdk(served: Served) -> None:
     assert remote.status()["model"] == MODEL
     with pytest.raises(expertmesh.ClusterError, match="temperature"):
         remote.generate("hello", temperature=9.0)
+    # every sampling option, the same on both handles (one router, the same seeded draws)
+    rich = {"max_tokens": 6, "n": 2, "best_of": 3, "temperature": 0.8, "seed": 3, "logprobs": 2}
+    rich |= {"repetition_penalty": 1.3, "presence_penalty": 0.2, "frequency_penalty": 0.1}
+    native, over_http = (
+        served.cluster.generate(PROMPTS[0], **rich),
+        remote.generate(PROMPTS[0], **rich),
+    )
+    assert len(native) == len(over_http) == 2
+    for a, b in zip(native, over_http, strict=True):
+        assert a.token_ids == b.token_ids and a.logprobs["tokens"] == b.logprobs["tokens"]
+        torch.testing.assert_close(a.logprobs["token_logprobs"], b.logprobs["token_logprobs"])
+        assert a.logprobs["top_logprobs"] == b.logprobs["top_logprobs"]
+    with pytest.raises(ConfigError, match="n: streams one sequence"):
+        next(iter(remote.stream(PROMPTS[0], n=2)))
 
 
 def test_scale_shards_two_to_three(served: Served) -> None:

@@ -12,6 +12,7 @@ from ray.util.state import list_actors
 import expertmesh
 from expertmesh.actors import names
 from expertmesh.platform.engine import Engine
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import LocalRayOptions
@@ -114,6 +115,44 @@ def test_sampling_options(cluster) -> None:
     assert cut.finish_reason == "stop" and stop not in cut.text and full.text.startswith(cut.text)
     streamed = "".join(cluster.stream("To be", max_tokens=20, ignore_eos=True))
     assert streamed == full.text
+
+
+def test_every_sampling_option_is_served(cluster, checkpoint) -> None:
+    """n, best_of, logprobs and the penalties reach the router; none is dropped."""
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 2.0}
+    params = SamplingParams(max_tokens=24, ignore_eos=True, **penalties)
+    (want,) = in_process(checkpoint, ["To be"], params)
+    assert (
+        want != in_process(checkpoint, ["To be"], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    )
+    assert cluster.generate("To be", max_tokens=24, ignore_eos=True, **penalties).token_ids == want
+
+    three = cluster.generate("To be", max_tokens=8, temperature=1.0, seed=5, n=3)
+    assert len(three) == 3 and len({tuple(c.token_ids) for c in three}) > 1
+    again = cluster.generate("To be", max_tokens=8, temperature=1.0, seed=5, n=3)
+    assert [c.token_ids for c in again] == [c.token_ids for c in three]
+    pairs = cluster.generate(["To be", "Once"], max_tokens=4, n=2, best_of=3, temperature=1.0)
+    assert len(pairs) == 4  # n per prompt, in prompt order
+
+    # (not ignore_eos: it would mask EOS from the choice but not from the alternatives)
+    out = cluster.generate("To be", max_tokens=6, logprobs=2)
+    lp = out.logprobs
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == out.completion_tokens >= 1
+    for token, chosen, top in zip(*lp.values(), strict=True):
+        assert 1 <= len(top) <= 2 and chosen <= 0.0
+        # greedy picks the most likely token: no alternative beats it, and it is one of them
+        # (by text: OpenAI's dict keeps one of two tokens that decode alike, such as the
+        # partial UTF-8 bytes an untrained model emits, so its value may be the other's)
+        assert token in top and max(top.values()) <= chosen + 1e-5
+
+    with pytest.raises(ConfigError, match="n: streams one sequence"):
+        next(iter(cluster.stream("To be", n=2)))
+    with pytest.raises(ConfigError, match="logprobs: streams one sequence"):
+        next(iter(cluster.stream("To be", logprobs=1)))
+    with pytest.raises(ConfigError, match="best_ofs: unknown sampling option"):
+        cluster.generate("To be", best_ofs=2)
+    with pytest.raises(ConfigError, match="repetition_penalty"):
+        cluster.generate("To be", repetition_penalty=0.0)
 
 
 def test_bad_request_names_the_problem(cluster, checkpoint) -> None:
