@@ -10,14 +10,20 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import time
 from collections.abc import Iterator
-from typing import Any, Unpack
+from typing import TYPE_CHECKING, Any, Unpack
 
 import httpx
 
 from expertmesh import envs
 from expertmesh.types import ClusterError, Completion, SamplingOptions, check_stream_options
+
+if TYPE_CHECKING:
+    from expertmesh.jobs import JobInfo
+    from expertmesh.platform.lineage import VersionNode
 
 
 class HttpError(ClusterError):
@@ -145,11 +151,77 @@ class HttpCluster:
     def models(self) -> list[str]:
         return [m["id"] for m in self._request("GET", "/v1/models")["data"]]
 
+    def runs(self, experiment: str = "expertmesh", max_results: int = 20) -> list[dict[str, Any]]:
+        """Recent MLflow runs of ``experiment`` (the cluster's store, through the API)."""
+        # NOTE: the API lists every experiment's newest runs; ask for enough to fill this one
+        runs = self._request("GET", "/api/runs", params={"limit": 500})
+        return [r for r in runs if r["experiment"] == experiment][:max_results]
+
+    # ------------------------------------------------------------------ jobs and lineage
+    def submit(
+        self,
+        pipeline: str,
+        *,
+        wait: bool = False,
+        timeout_s: float = 3600.0,
+        poll_s: float = 2.0,
+        **args: Any,
+    ) -> JobInfo:
+        """Run ``expertmesh.pipelines.<pipeline>`` as a Ray job on the cluster behind the API
+        (``POST /api/jobs``); ``args`` become its flags as in :meth:`expertmesh.Cluster.submit`.
+        Uploading a working folder or setting its environment needs the Ray job server itself
+        (``expertmesh submit --address``), not this handle."""
+        body = {"pipeline": pipeline, "args": {k: v for k, v in args.items() if v is not None}}
+        job = _job(self._request("POST", "/api/jobs", json=body))
+        return self._wait_job(job.submission_id, timeout_s, poll_s) if wait else job
+
+    def _wait_job(self, job_id: str, timeout_s: float, poll_s: float) -> JobInfo:
+        deadline = time.monotonic() + timeout_s
+        while not (job := self.job(job_id)).done:
+            if time.monotonic() > deadline:
+                raise ClusterError(f"job {job_id} still {job.status} after {timeout_s:.0f} s")
+            time.sleep(poll_s)
+        return job
+
+    def jobs(self) -> list[JobInfo]:
+        """Every job of the cluster, newest first."""
+        listing = self._request("GET", "/api/jobs")
+        if not listing["job_server"]:
+            raise ClusterError(listing["message"])
+        return [_job(j) for j in listing["jobs"]]
+
+    def job(self, job_id: str) -> JobInfo:
+        for job in self.jobs():
+            if job.submission_id == job_id:
+                return job
+        raise ClusterError(f"no job {job_id!r} on the cluster behind {self.base_url}")
+
+    def job_logs(self, job_id: str) -> str:
+        return self._request("GET", f"/api/jobs/{job_id}/logs")["logs"]
+
+    def lineage(self, name: str) -> list[VersionNode]:
+        """Registered model ``name``'s versions as a tree (roots first), with their lineage."""
+        roots = self._request("GET", f"/api/models/{name}/versions")["versions"]
+        return [_version_node(v) for v in roots]
+
     def health(self) -> dict[str, Any]:
         return self._request("GET", "/api/health")
 
 
 _LOGPROB_KEYS = ("tokens", "token_logprobs", "top_logprobs")  # as the in-process SDK's
+
+
+def _job(d: dict[str, Any]) -> JobInfo:
+    from expertmesh.jobs import JobInfo
+
+    return JobInfo(**{f.name: d[f.name] for f in dataclasses.fields(JobInfo)})
+
+
+def _version_node(d: dict[str, Any]) -> VersionNode:
+    from expertmesh.platform.lineage import VersionNode
+
+    fields = {k: d[k] for k in VersionNode.__slots__ if k != "children"}
+    return VersionNode(**fields, children=[_version_node(c) for c in d["children"]])
 
 
 def _completion_body(

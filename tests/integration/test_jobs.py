@@ -186,3 +186,39 @@ def test_versions_route(cluster) -> None:
         (root,) = resp.json()["versions"]
         assert root["ref"] == f"{NAME}/1" and root["children"][0]["trained_parts"] == "router"
         assert http.get("/api/models/nope/versions", headers=auth).status_code == 404
+
+
+def test_the_http_handle_runs_jobs_and_reads_lineage(cluster) -> None:
+    """``expertmesh.connect(url)`` does over the API what the Ray-side handle does."""
+    import expertmesh
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    remote = expertmesh.connect(cluster.serve(port=port, token="jobs-token"), token="jobs-token")
+    job = remote.submit(
+        "finetune",
+        wait=True,
+        timeout_s=300,
+        poll_s=0.5,
+        model=f"{NAME}/1",
+        train="router",
+        steps=2,
+        batch_size=2,
+        seq_len=16,
+        domains=["shakespeare", "python"],  # a list: comma-joined, as the Ray-side handle does
+    )
+    assert job.status == "SUCCEEDED", remote.job_logs(job.submission_id)
+    assert job.pipeline == "finetune" and "--domains shakespeare,python" in job.entrypoint
+    assert job.submission_id in {j.submission_id for j in remote.jobs()}
+    assert remote.job(job.submission_id) == cluster.job(job.submission_id)
+    assert "registered:" in remote.job_logs(job.submission_id)
+    over_http, native = remote.lineage(NAME), cluster.lineage(NAME)
+    assert [n.to_dict() for n in over_http] == [n.to_dict() for n in native]
+    assert sorted(c.ref for c in over_http[0].children)[-1] == f"{NAME}/3"
+    runs = remote.runs("expertmesh", max_results=3)
+    assert [r["run_id"] for r in runs] == [r["run_id"] for r in cluster.runs("expertmesh", 3)]
+    with pytest.raises(expertmesh.ClusterError, match="no job 'nope'"):
+        remote.job("nope")
+    with pytest.raises(expertmesh.ClusterError, match="pipeline"):
+        remote.submit("no_such_pipeline")

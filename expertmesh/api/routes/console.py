@@ -102,8 +102,9 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pipeline: Pipeline
-    args: dict[str, str | int | float | bool] = Field(
-        default_factory=dict, description='flags: {"steps": 50} -> --steps 50'
+    args: dict[str, str | int | float | bool | list[str | int | float]] = Field(
+        default_factory=dict,
+        description='flags: {"steps": 50} -> --steps 50, a list comma-joined ("set" repeats)',
     )
 
 
