@@ -133,7 +133,7 @@ class EventLog:
         with self.lock:
             first = self.events[0]["seq"] if self.events else self.next_seq
             last = self.next_seq - 1
-            start = max(0, after_seq + 1 - first)
+            start = min(len(self.events), max(0, after_seq + 1 - first))
             tail = list(itertools.islice(self.events, start, None))
         out: list[dict[str, Any]] = []
         cursor, more = after_seq, False

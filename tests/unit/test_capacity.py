@@ -83,6 +83,7 @@ def test_pages_return_every_event_exactly_once(tmp_path) -> None:
         "last_seq": 25,
     }
     assert len(log.page(limit=10 * MAX_PAGE)["events"]) == 25
+    assert log.page(after_seq=2**70)["events"] == []  # a cursor from another session
     later = log.page(since=log.page()["events"][9]["ts"])["events"]
     assert [e["seq"] for e in later] == [
         e["seq"] for e in log.page()["events"] if e["ts"] > log.page()["events"][9]["ts"]
