@@ -104,3 +104,40 @@ def test_a_page_holds_at_least_one_event(tmp_path, limit: int) -> None:
     log.append("b", "y", {})
     page = log.page(limit=limit)
     assert len(page["events"]) == 1 and page["has_more"]
+
+
+def elasticity(tmp_path, **spec: object):
+    """The controller's elasticity part over a recorded spec; only its checks run (no Ray)."""
+    from expertmesh.actors.elastic import Elasticity
+    from expertmesh.actors.state import ControllerState, DeploymentSpec, LoadStats, StateStore
+
+    state = ControllerState(StateStore(str(tmp_path / "controller.json")), "s1")
+    state.spec = DeploymentSpec(model="m", checkpoint_uri="file:///nowhere", **spec)
+    return Elasticity(state, None, None, LoadStats(), settle_s=0.0, heartbeat_timeout_s=1.0)  # type: ignore[arg-type]
+
+
+def test_scale_refusals_name_the_limit_and_the_number_asked(tmp_path) -> None:
+    from expertmesh.platform.errors import ConfigError
+    from expertmesh.types import CapacityError
+
+    el = elasticity(tmp_path, shards=4, min_replicas=2, max_shards=8)
+    cap = Capacity(in_service=4, spares=1, room={"a": 1, "b": 0}, max_shards=8)
+    el.check(6, cap)  # 4 in service + 1 spare + room for 1
+    el.check(2, cap)  # shrinking needs no room
+    with pytest.raises(CapacityError, match=r"7 asked, but the cluster can place at most 6"):
+        el.check(7, cap)
+    with pytest.raises(ConfigError, match=r"9 asked, above this deployment's max_shards=8"):
+        el.check(9, cap)
+    with pytest.raises(ConfigError, match=r"min_replicas=2 needs at least 2 shards") as err:
+        el.check(1, cap)
+    assert err.value.field == "shards"
+    with pytest.raises(ConfigError, match="integer >= 1"):
+        el.check(0, cap)
+
+
+def test_max_shards_below_the_shards_deployed_is_refused() -> None:
+    from expertmesh.actors.state import DeploymentSpec
+    from expertmesh.platform.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_shards: must be >= shards \(4\), got 3"):
+        DeploymentSpec(model="m", checkpoint_uri="x", shards=4, max_shards=3)
