@@ -100,7 +100,15 @@ class ShardPool:
                 "cuda" if res.num_gpus > 0 else "cpu",  # Ray shows the actor its GPU alone
             )
             started.append((sid, handle))
-        ready = ray.get([h.stats.remote() for _, h in started], timeout=120)
+        try:
+            ready = ray.get([h.stats.remote() for _, h in started], timeout=120)
+        except Exception:
+            # NOTE: a shard Ray could not place (or that failed to start) would otherwise wait
+            # on, a named detached actor no record names, until a controller restart stops it
+            for _, handle in started:
+                with contextlib.suppress(Exception):
+                    ray.kill(handle, no_restart=True)
+            raise
         return [(sid, h, s["node_id"]) for (sid, h), s in zip(started, ready, strict=True)]
 
     def start(self, count: int, nodes: list[str] | None = None) -> list[pl.ShardInfo]:
