@@ -312,18 +312,6 @@ class Controller:
         """One page of the event log, oldest first (see :meth:`EventLog.page`)."""
         return self.state.log.page(after_seq=after_seq, limit=limit, since=since)
 
-    def capacity(self) -> dict[str, Any]:
-        """The shard pool's limits now (what a scale request is checked against)."""
-        cap = self.elastic.capacity()
-        return {
-            "in_service": cap.in_service,
-            "spares": cap.spares,
-            "room": cap.room,
-            "placeable": cap.placeable,
-            "max_shards": cap.max_shards,
-            "limit": cap.limit,
-        }
-
     def status(self) -> dict[str, Any]:
         st = self.state
         records = dict(st.shards)  # snapshot: the reconcile loop may change shards meanwhile
