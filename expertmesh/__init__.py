@@ -23,6 +23,8 @@ _EXPORTS: dict[str, str] = {
     "connect": "expertmesh.sdk",
     "Cluster": "expertmesh.sdk",
     "ClusterError": "expertmesh.types",
+    "CapacityError": "expertmesh.types",
+    "ScaleInProgressError": "expertmesh.types",
     "ClusterHandle": "expertmesh.types",
     "Completion": "expertmesh.types",
     "RouterTuning": "expertmesh.types",
@@ -36,6 +38,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = [
+    "CapacityError",
     "Cluster",
     "ClusterError",
     "ClusterHandle",
@@ -47,6 +50,7 @@ __all__ = [
     "ModelConfig",
     "RouterTuning",
     "SamplingParams",
+    "ScaleInProgressError",
     "TrainConfig",
     "__version__",
     "connect",
@@ -58,7 +62,14 @@ if TYPE_CHECKING:
     from expertmesh.platform.sampling import SamplingParams
     from expertmesh.runtime import LocalRayOptions
     from expertmesh.sdk import Cluster, connect
-    from expertmesh.types import ClusterError, ClusterHandle, Completion, RouterTuning
+    from expertmesh.types import (
+        CapacityError,
+        ClusterError,
+        ClusterHandle,
+        Completion,
+        RouterTuning,
+        ScaleInProgressError,
+    )
 
 
 def __getattr__(name: str) -> Any:

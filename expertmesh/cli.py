@@ -1,9 +1,10 @@
 """``expertmesh`` command line: a thin layer over the SDK and the pipelines.
 
-expertmesh up [--model NAME_OR_URI] [--shards 4] [--replicas 2] [--port 8000] [--foreground]
+expertmesh up [--model NAME_OR_URI] [--shards 4] [--replicas 2] [--max-shards N] [--port 8000]
+              [--foreground]
 expertmesh status [--json]
 expertmesh generate "prompt" [--max-tokens N] [--temperature T] [--stream] [--json]
-expertmesh scale N
+expertmesh scale N [--no-wait] [--timeout S]
 expertmesh upgrade NAME/VER
 expertmesh down
 expertmesh data prepare | train [--workers N]
@@ -52,6 +53,7 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
         shards=args.shards,
         replicas=args.replicas,
         warm_shards=args.warm_shards,
+        max_shards=args.max_shards,
         host=args.host,
         port=args.port,
         token=args.token,
@@ -105,7 +107,12 @@ def _generate(args: argparse.Namespace) -> int:
 def _scale(args: argparse.Namespace) -> int:
     from expertmesh import service
 
-    print(format_status(service.attach().scale(args.shards)))
+    out = service.attach().scale(args.shards, wait=not args.no_wait, timeout_s=args.timeout)
+    if args.no_wait:
+        print(f"{out['scale_id']}: {out['from']} -> {out['to']} shards started (see the events)")
+        return 0
+    print(f"{out['scale']['scale_id']}: {out['scale']['message']}")
+    print(format_status(out))
     return 0
 
 
@@ -206,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="spare shard actors kept started for fast scale-out and healing",
     )
+    up.add_argument(
+        "--max-shards",
+        type=int,
+        default=None,
+        help="most shards `scale` (and autoscaling) may ask for (default: what the cluster fits)",
+    )
     up.add_argument("--host", default="127.0.0.1", help="address the API binds (loopback)")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--token", default=None, help="API token (default: EXPERTMESH_TOKEN/random)")
@@ -239,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("scale", help="grow or shrink the expert shard pool, live")
     sc.add_argument("shards", type=int)
+    sc.add_argument(
+        "--no-wait", action="store_true", help="print the scale's id and return at once"
+    )
+    sc.add_argument(
+        "--timeout", type=float, default=600.0, help="seconds to wait for the scale to finish"
+    )
     sc.set_defaults(func=_scale)
 
     upg = sub.add_parser(

@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING, Any, Unpack
 import httpx
 
 from expertmesh import envs
-from expertmesh.types import ClusterError, Completion, SamplingOptions, check_stream_options
+from expertmesh.types import (
+    ClusterError,
+    Completion,
+    SamplingOptions,
+    check_stream_options,
+    iter_events,
+    wait_for_scale,
+)
 
 if TYPE_CHECKING:
     from expertmesh.jobs import JobInfo
@@ -135,14 +142,25 @@ class HttpCluster:
     def status(self) -> dict[str, Any]:
         return self._request("GET", "/api/cluster")
 
-    def events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        return self._request("GET", "/api/events", params={"since": since})
+    def events(self, since: float = 0.0, *, after_seq: int = 0) -> list[dict[str, Any]]:
+        """Every event newer than ``since`` with a ``seq`` above ``after_seq`` (paged)."""
+        return list(iter_events(lambda after: self._events_page(after, since), after_seq))
 
-    def scale(self, shards: int) -> dict[str, Any]:
-        """Grow or shrink the expert shard pool to ``shards`` actors, live."""
-        if shards < 1:
-            raise ClusterError(f"shards must be >= 1, got {shards}")
-        return self._request("PUT", "/api/shards", json={"shards": shards})
+    def _events_page(self, after_seq: int, since: float = 0.0) -> dict[str, Any]:
+        params = {"after_seq": after_seq, "since": since}
+        return self._request("GET", "/api/events", params=params)
+
+    def scale(self, shards: int, *, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Grow or shrink the expert shard pool to ``shards`` actors, live (``PUT /api/shards``,
+        then the events); as :meth:`expertmesh.sdk.Cluster.scale`. A refusal raises HttpError
+        with its status (400 or 409) and message."""
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ClusterError(f"shards must be an integer >= 1, got {shards!r}")
+        ticket = self._request("PUT", "/api/shards", json={"shards": shards})
+        if not wait:
+            return ticket
+        done = wait_for_scale(self._events_page, ticket, timeout_s)
+        return {**self.status(), "scale": done}
 
     def upgrade(self, model: str) -> dict[str, Any]:
         """Serve registered version ``model`` (``NAME/VER``) live (``PUT /api/model``)."""

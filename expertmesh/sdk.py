@@ -20,6 +20,8 @@ from expertmesh.types import (
     RouterTuning,
     SamplingOptions,
     check_stream_options,
+    iter_events,
+    wait_for_scale,
 )
 
 if TYPE_CHECKING:
@@ -84,6 +86,7 @@ class Cluster:
         resources: dict[str, float] | None = None,
         max_batch: int = 64,
         warm_shards: int = 1,
+        max_shards: int | None = None,
         advanced: RouterTuning | None = None,
     ) -> dict[str, Any]:
         """Serve ``model`` (a checkpoint URI, or an MLflow registry ``name[/version]``).
@@ -98,6 +101,8 @@ class Cluster:
             max_batch: most sequences the router runs in one step.
             warm_shards: more shard actors kept started (holding no experts), so that scaling
                 out and replacing a failed shard take an already running process.
+            max_shards: the most shards :meth:`scale` (and the autoscaler) may ask for; a
+                request above it is refused (None: only what the cluster can place bounds it).
             advanced: how the router runs (threads, micro-batches, transport to the shards);
                 see :class:`~expertmesh.types.RouterTuning`. The defaults suit most machines.
 
@@ -135,6 +140,7 @@ class Cluster:
             ),
             max_batch=max_batch,
             warm_shards=warm_shards,
+            max_shards=max_shards,
             router=advanced,
         )
         out = self._call("deploy", spec)
@@ -144,11 +150,38 @@ class Cluster:
             Tracker().set_alias(resolved.name, SERVING_ALIAS, resolved.version.version)
         return out
 
-    def scale(self, shards: int) -> dict[str, Any]:
-        """Grow or shrink the expert shard pool to ``shards`` actors, live."""
-        if shards < 1:
-            raise ClusterError(f"shards must be >= 1, got {shards}")
-        return self._call("scale", shards)
+    def scale(self, shards: int, *, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Grow or shrink the expert shard pool to ``shards`` actors, live.
+
+        The controller starts the scale and answers at once; a scale it cannot do is refused
+        before anything starts. With ``wait`` this returns the status once the scale finished
+        (its ``scale_finished`` event under ``"scale"``); else at once
+        ``{"scale_id", "from", "to", "seq"}``: follow it with :meth:`events` ``(after_seq=seq - 1)``.
+
+        Raises:
+            ConfigError: below the deployment's ``min_replicas`` or above its ``max_shards``.
+            CapacityError: more shards than the cluster can place now (the message says how
+                many it can).
+            ScaleInProgressError, UpgradeInProgressError: another scale or an upgrade runs.
+            ClusterError: the scale failed, or did not finish within ``timeout_s``.
+
+        Example::
+
+            cluster.scale(6)  # returns once the 6 shards serve
+            ticket = cluster.scale(2, wait=False)  # {"scale_id": "scale-...", "from": 6, ...}
+        """
+        import ray
+
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ClusterError(f"shards must be an integer >= 1, got {shards!r}")
+        try:
+            ticket = self._call("scale", shards)
+        except ray.exceptions.RayTaskError as exc:  # the controller's own error, as raised
+            raise (exc.cause if exc.cause is not None else exc) from None
+        if not wait:
+            return ticket
+        done = wait_for_scale(self._events_page, ticket, timeout_s)
+        return {**self.status(), "scale": done}
 
     def upgrade(self, model: str) -> dict[str, Any]:
         """Serve another registered version of the deployed model live, with no failed request.
@@ -257,8 +290,13 @@ class Cluster:
     def status(self) -> dict[str, Any]:
         return self._call("status")
 
-    def events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        return self._call("get_events", since)
+    def events(self, since: float = 0.0, *, after_seq: int = 0) -> list[dict[str, Any]]:
+        """The controller's events (persisted, bounded), oldest first: those newer than Unix
+        time ``since`` and with a ``seq`` above ``after_seq``."""
+        return list(iter_events(lambda after: self._events_page(after, since), after_seq))
+
+    def _events_page(self, after_seq: int, since: float = 0.0) -> dict[str, Any]:
+        return self._call("get_events", since, after_seq)
 
     def runs(self, experiment: str = "expertmesh", max_results: int = 20) -> list[dict[str, Any]]:
         """Recent MLflow runs of ``experiment``."""

@@ -35,6 +35,7 @@ class UpOptions:
     shards: int = 4
     replicas: int = 2
     warm_shards: int = 1
+    max_shards: int | None = None  # most shards a scale may ask for; None: what fits
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
@@ -133,7 +134,11 @@ def run_foreground(opts: UpOptions) -> int:
             f"deploying {opts.model}: {opts.shards} shards x {opts.replicas} replicas", flush=True
         )
         cluster.deploy(
-            opts.model, shards=opts.shards, replicas=opts.replicas, warm_shards=opts.warm_shards
+            opts.model,
+            shards=opts.shards,
+            replicas=opts.replicas,
+            warm_shards=opts.warm_shards,
+            max_shards=opts.max_shards,
         )
         if not stop.is_set():
             url = cluster.serve(host=opts.host, port=opts.port, token=opts.token)
@@ -166,6 +171,8 @@ def start_background(opts: UpOptions) -> info.ApiInfo:
     argv = ["up", "--model", opts.model, "--shards", str(opts.shards)]
     argv += ["--replicas", str(opts.replicas), "--warm-shards", str(opts.warm_shards)]
     argv += ["--host", opts.host, "--port", str(opts.port)]
+    if opts.max_shards is not None:
+        argv += ["--max-shards", str(opts.max_shards)]
     if opts.dashboard_port is not None:
         argv += ["--dashboard-port", str(opts.dashboard_port)]
     env = dict(os.environ)

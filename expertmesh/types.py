@@ -8,7 +8,8 @@ the Ray-side :class:`~expertmesh.sdk.Cluster` and the HTTP-side
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, TypedDict, Unpack, runtime_checkable
 
@@ -54,6 +55,57 @@ def check_stream_options(sampling: SamplingOptions) -> None:
         value = sampling.get(key)
         if value is not None and not (key == "n" and value == 1):
             raise ConfigError(key, f"streams one sequence of text; use generate() for {key}")
+
+
+class CapacityError(ClusterError):
+    """A scale asks for more shards than the cluster can place now (HTTP 409)."""
+
+
+class ScaleInProgressError(ClusterError):
+    """A scale was asked for while another one runs (HTTP 409); the message names it."""
+
+
+EventPage = Callable[[int], dict[str, Any]]  # after_seq -> one page of GET /api/events
+
+
+def iter_events(page: EventPage, after_seq: int = 0) -> Iterator[dict[str, Any]]:
+    """Every event after ``after_seq``, page by page, each once."""
+    while True:
+        out = page(after_seq)
+        yield from out["events"]
+        if not out["has_more"]:
+            return
+        after_seq = out["next"]
+
+
+def wait_for_scale(page: EventPage, ticket: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """The ``scale_finished`` event of the scale ``ticket`` names (what starting it returned),
+    read from the events after its ``scale_started``.
+
+    Raises:
+        ClusterError: the scale failed (its ``scale_failed`` event's message), or it did not
+            end within ``timeout_s`` (it goes on; its events will say how it ended).
+    """
+    deadline = time.monotonic() + timeout_s
+    cursor = ticket["seq"]
+    while True:
+        out = page(cursor)
+        for ev in out["events"]:
+            if ev.get("scale_id") != ticket["scale_id"]:
+                continue
+            if ev["kind"] == "scale_finished":
+                return ev
+            if ev["kind"] == "scale_failed":
+                raise ClusterError(f"scale {ticket['scale_id']} failed: {ev['message']}")
+        cursor = out["next"]
+        if out["has_more"]:
+            continue
+        if time.monotonic() > deadline:
+            raise ClusterError(
+                f"scale {ticket['scale_id']} ({ticket['from']} -> {ticket['to']} shards) did "
+                f"not finish within {timeout_s:.0f}s; it goes on: watch its events"
+            )
+        time.sleep(0.2)
 
 
 @dataclass(kw_only=True, slots=True)
@@ -148,12 +200,16 @@ class ClusterHandle(Protocol):
         """Model, shards, placement, nodes, load and router statistics."""
         ...
 
-    def events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        """The controller's events (failures, recoveries, scaling) after ``since``."""
+    def events(self, since: float = 0.0, *, after_seq: int = 0) -> list[dict[str, Any]]:
+        """The controller's events (failures, recoveries, scaling), oldest first: those newer
+        than Unix time ``since`` and with a ``seq`` above ``after_seq``."""
         ...
 
-    def scale(self, shards: int) -> dict[str, Any]:
-        """Grow or shrink the expert shard pool to ``shards`` actors, live."""
+    def scale(self, shards: int, *, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
+        """Grow or shrink the expert shard pool to ``shards`` actors, live.
+
+        ``wait``: return the status once the scale finished (its ``scale_finished`` event under
+        ``"scale"``); else at once ``{"scale_id", "from", "to", "seq"}``."""
         ...
 
     def upgrade(self, model: str) -> dict[str, Any]:

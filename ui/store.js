@@ -1,12 +1,14 @@
 // Live cluster data, polled from /api/cluster and /api/events. The history (throughput,
 // latency, per-expert load) is kept here, in the page: the server holds no per-session state.
+// Events are followed by seq: each poll asks for the pages after the last event it has.
 import { useEffect, useState } from "preact/hooks";
 import { api } from "./api.js";
 
 const POLL_MS = 2000;
 const KEEP = 300; // samples (10 minutes at 2 s)
+const KEEP_EVENTS = 500;
 
-const state = { status: null, events: [], history: [], error: null, lastEventTs: 0 };
+const state = { status: null, events: [], history: [], error: null, lastSeq: 0 };
 const listeners = new Set();
 let timer = null;
 
@@ -34,17 +36,27 @@ function sample(status, prev) {
   return s;
 }
 
+async function newEvents() {
+  let out = [];
+  for (;;) {
+    const page = await api.get(`/api/events?after_seq=${state.lastSeq}`);
+    if (page.last_seq < state.lastSeq) {
+      // a new cluster numbers its events from 1 again: start over
+      Object.assign(state, { events: [], lastSeq: 0 });
+      out = [];
+      continue;
+    }
+    out = [...out, ...page.events].slice(-KEEP_EVENTS);
+    state.lastSeq = page.next;
+    if (!page.has_more) return out;
+  }
+}
+
 async function poll() {
   try {
-    const [status, events] = await Promise.all([
-      api.get("/api/cluster"),
-      api.get(`/api/events?since=${state.lastEventTs}`),
-    ]);
+    const [status, events] = await Promise.all([api.get("/api/cluster"), newEvents()]);
     state.status = status;
-    if (events.length) {
-      state.events = [...state.events, ...events].slice(-500);
-      state.lastEventTs = events[events.length - 1].ts;
-    }
+    if (events.length) state.events = [...state.events, ...events].slice(-KEEP_EVENTS);
     const prev = state.history[state.history.length - 1];
     state.history = [...state.history, sample(status, prev)].slice(-KEEP);
     state.error = null;
@@ -63,7 +75,7 @@ export function startPolling() {
 export function stopPolling() {
   clearInterval(timer);
   timer = null;
-  Object.assign(state, { status: null, events: [], history: [], error: null, lastEventTs: 0 });
+  Object.assign(state, { status: null, events: [], history: [], error: null, lastSeq: 0 });
 }
 
 export const refreshNow = poll;

@@ -27,6 +27,7 @@ import ray
 
 from expertmesh.actors import names, nodes
 from expertmesh.actors.elastic import Elasticity
+from expertmesh.actors.events import MAX_PAGE
 from expertmesh.actors.health import Health
 from expertmesh.actors.metrics import ControllerMetrics
 from expertmesh.actors.router import RouterService
@@ -45,6 +46,7 @@ from expertmesh.actors.upgrades import Upgrades
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
 from expertmesh.platform.autoscale import AutoscaleConfig
+from expertmesh.types import ScaleInProgressError
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +135,7 @@ class Controller:
         st.spec = DeploymentSpec.from_dict(record["spec"])
         st.table = pl.PlacementTable.from_json(json.dumps(record["table"]))
         st.next_shard = record["next_shard"]
-        st.events.extend(record.get("events", []))
+        st.scale = record.get("scale")
         st.restore_versions(record)
         for s in record["shards"]:
             rec = ShardRecord(**s)
@@ -157,6 +159,7 @@ class Controller:
             "controller_restarted",
             f"rebuilt state: {len(st.shards)} shards, table v{st.table.version}",
         )
+        self.elastic.resolve_interrupted()
         self.upgrades.resume()
 
     def _stop_orphans(self) -> None:
@@ -252,15 +255,26 @@ class Controller:
             return self.status()
 
     def scale(self, shards: int) -> dict[str, Any]:
-        """Grow or shrink the shard pool to ``shards``, live (see :meth:`Elasticity.scale`)."""
+        """Start growing or shrinking the shard pool to ``shards``, live; returns at once
+        ``{"scale_id", "from", "to", "seq"}`` (see :meth:`Elasticity.start_scale`); the events
+        with that ``scale_id`` say how it goes and ``scale_finished``/``scale_failed`` ends it.
+
+        Raises (before anything starts): ConfigError for a count against the deployment
+        (below ``min_replicas``, above ``max_shards``), CapacityError beyond what the cluster
+        can place now, ScaleInProgressError / UpgradeInProgressError while one runs."""
+        self.state.require_spec()
         self.upgrades.refuse_if_running()
-        self.elastic.scale(shards)
-        return self.status()
+        return self.elastic.start_scale(shards, source="request")
 
     def upgrade(self, ref: str) -> dict[str, Any]:
         """Serve registered version ``ref`` live (see :meth:`Upgrades.upgrade`); returns the
         status after it with what the upgrade did under ``"upgraded"`` (the status's own
         ``"upgrade"`` is the upgrade in progress: None by then)."""
+        running = self.state.scale
+        if running is not None:  # the upgrade would wait for the scale's lock; say so at once
+            raise ScaleInProgressError(
+                f"scale {running['id']} is running; upgrade once its scale_finished event came"
+            )
         summary = self.upgrades.upgrade(ref)
         return {**self.status(), "upgraded": summary}
 
@@ -292,8 +306,11 @@ class Controller:
             "others": others,
         }
 
-    def get_events(self, since: float = 0.0) -> list[dict[str, Any]]:
-        return [e for e in list(self.state.events) if e["ts"] > since]
+    def get_events(
+        self, since: float = 0.0, after_seq: int = 0, limit: int = MAX_PAGE
+    ) -> dict[str, Any]:
+        """One page of the event log, oldest first (see :meth:`EventLog.page`)."""
+        return self.state.log.page(after_seq=after_seq, limit=limit, since=since)
 
     def status(self) -> dict[str, Any]:
         st = self.state
@@ -350,6 +367,8 @@ class Controller:
             "version": None if spec is None else spec.version,
             "versions": versions,  # live model versions (two while an upgrade drains)
             "upgrade": st.upgrade,  # the upgrade in progress, if any
+            "scale": st.scale,  # the scale in progress, if any
+            "max_shards": None if spec is None else spec.max_shards,
             "checkpoint_uri": None if spec is None else spec.checkpoint_uri,
             "min_replicas": None if spec is None else spec.min_replicas,
             "placement_version": st.table.version,

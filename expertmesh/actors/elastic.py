@@ -1,9 +1,18 @@
-"""Elasticity for the controller: scale out/in, spread over nodes, follow load, autoscale."""
+"""Elasticity for the controller: scale out/in, spread over nodes, follow load, autoscale.
+
+A scale runs in a thread of the controller, one at a time: :meth:`Elasticity.start_scale`
+checks the request against the limits (refusing it before anything starts), records it and
+returns its id at once; the events ``scale_started``, the shards' own events carrying its
+``scale_id``, then ``scale_finished`` or ``scale_failed`` say how it goes.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -13,7 +22,12 @@ from expertmesh.actors.spares import SparePool
 from expertmesh.actors.state import ControllerState, LoadStats
 from expertmesh.platform import placement as pl
 from expertmesh.platform.autoscale import AutoscaleConfig, AutoscaleState, LoadSnapshot, autoscale
+from expertmesh.platform.capacity import Capacity
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.placement import ExpertKey
+from expertmesh.types import CapacityError, ScaleInProgressError
+
+log = logging.getLogger(__name__)
 
 
 class Elasticity:
@@ -46,6 +60,116 @@ class Elasticity:
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.autoscale_cfg: AutoscaleConfig | None = None
         self.autoscale_state = AutoscaleState()
+        # NOTE: apart from state.lock, which a running scale holds throughout: a second request
+        # must be answered (refused) at once, not wait for the first to end
+        self.scale_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ limits
+    def capacity(self) -> Capacity:
+        """The pool's limits now: shards in service, spares, room per node, configured max."""
+        st = self.state
+        spec = st.require_spec()
+        return Capacity(
+            in_service=len(st.infos()),
+            spares=len(st.spares),
+            room=self.shard_pool.room(),
+            max_shards=spec.max_shards,
+        )
+
+    def check(self, shards: int, cap: Capacity) -> None:
+        """Refuse a shard count outside the limits: ConfigError (HTTP 400) against the
+        deployment's configuration, CapacityError (409) beyond what the cluster can place."""
+        spec = self.state.require_spec()
+        if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+            raise ConfigError("shards", f"must be an integer >= 1, got {shards!r}")
+        if shards < spec.min_replicas:
+            raise ConfigError(
+                "shards",
+                f"{shards} asked, but min_replicas={spec.min_replicas} needs at least "
+                f"{spec.min_replicas} shards (an expert's replicas sit on different shards)",
+            )
+        if spec.max_shards is not None and shards > spec.max_shards:
+            raise ConfigError(
+                "shards", f"{shards} asked, above this deployment's max_shards={spec.max_shards}"
+            )
+        placeable = cap.placeable
+        if placeable is not None and shards > max(placeable, cap.in_service):
+            res = spec.shard_resources
+            each = {"CPU": res.num_cpus, "GPU": res.num_gpus, **(res.resources or {})}
+            room = sum((cap.room or {}).values())
+            raise CapacityError(
+                f"shards: {shards} asked, but the cluster can place at most {placeable} shards "
+                f"now ({cap.in_service} in service, {cap.spares} warm spare(s), room for "
+                f"{room} more, each asking {each}); add nodes or ask for fewer"
+            )
+
+    # ------------------------------------------------------------------ asynchronous scale
+    def start_scale(self, shards: int, *, source: str) -> dict[str, Any]:
+        """Check ``shards`` against the limits, record the scale and run it in a thread.
+
+        Returns ``{"scale_id", "from", "to", "seq"}`` (``seq``: its ``scale_started`` event's).
+        Raises ScaleInProgressError while another scale runs, and what :meth:`check` raises."""
+        st = self.state
+        with self.scale_lock:
+            running = st.scale
+            if running is not None:
+                raise ScaleInProgressError(
+                    f"scale {running['id']} ({running['from']} -> {running['to']} shards) is "
+                    "running; wait for its scale_finished event, then ask again"
+                )
+            self.check(shards, self.capacity())
+            current = len(st.infos())
+            ticket = {"id": f"scale-{uuid.uuid4().hex[:12]}", "from": current, "to": shards}
+            st.scale = {**ticket, "source": source}
+            st.save()  # written down before acting: a restarted controller reports it
+            ev = st.event(
+                "scale_started",
+                f"{current} -> {shards} shards ({source})",
+                scale_id=ticket["id"],
+                **{"from": current, "to": shards},
+            )
+        threading.Thread(target=self._run_scale, args=(ticket,), daemon=True, name="scale").start()
+        return {"scale_id": ticket["id"], "from": current, "to": shards, "seq": ev["seq"]}
+
+    def _run_scale(self, ticket: dict[str, Any]) -> None:
+        st = self.state
+        t0 = time.time()
+        kind, message = "scale_finished", ""
+        try:
+            with st.tagged(scale_id=ticket["id"]):
+                self.scale(ticket["to"])
+            message = f"{ticket['from']} -> {len(st.infos())} shards in {time.time() - t0:.2f}s"
+        except Exception as exc:
+            log.exception("scale %s failed", ticket["id"])
+            kind, message = "scale_failed", f"{type(exc).__name__}: {exc}"
+        # NOTE: under scale_lock: whoever sees the end event and asks again finds no scale
+        # running (start_scale waits for the lock instead of refusing)
+        with self.scale_lock:
+            st.event(kind, message, scale_id=ticket["id"], shards=len(st.infos()))
+            st.scale = None
+            st.save()
+
+    def resolve_interrupted(self) -> None:
+        """After a restart: the scale the record names ran in the controller that died; end it
+        with ``scale_failed`` (unless it ended just before) so that no one waits for it."""
+        st = self.state
+        running = st.scale
+        if running is None:
+            return
+        st.scale = None
+        ended = any(
+            e.get("scale_id") == running["id"] and e["kind"] in ("scale_finished", "scale_failed")
+            for e in st.log.page(after_seq=st.log.next_seq - 1000)["events"]
+        )
+        if not ended:
+            st.event(
+                "scale_failed",
+                f"the controller restarted during scale {running['id']} ({running['from']} -> "
+                f"{running['to']}); {len(st.infos())} shards in service now: ask again",
+                scale_id=running["id"],
+                shards=len(st.infos()),
+            )
+        st.save()
 
     def scale(self, shards: int) -> None:
         """Grow or shrink the shard pool to ``shards``: new shards get the hottest experts first;
@@ -206,23 +330,32 @@ class Elasticity:
         """Ask the autoscaling policy for a shard count and scale to it."""
         cfg = self.autoscale_cfg
         spec = self.state.spec
-        if cfg is None or spec is None:
+        if cfg is None or spec is None or self.state.scale is not None:
             return
         current = self.state.infos()
         snapshot = LoadSnapshot(
             num_shards=len(current),
             shard_load={s.shard_id: self.load.shard_busy.get(s.shard_id, 0.0) for s in current},
             num_experts=len(self.state.table.replicas),
+            capacity=self.capacity().limit,
         )
         target, self.autoscale_state = autoscale(snapshot, self.autoscale_state, cfg, now)
+        wanted = self.autoscale_state.wanted or target
+        if wanted != len(current):
+            res = spec.shard_resources
+            # the unclamped wish: Ray's autoscaler (KubeRay) adds nodes, and a later tick
+            # scales onto them; only meaningful where an autoscaler runs
+            with contextlib.suppress(Exception):
+                from ray.autoscaler.sdk import request_resources
+
+                bundle = {"CPU": res.num_cpus, **(res.resources or {})}
+                request_resources(bundles=[bundle] * wanted)
         if target == len(current):
             return
         self.state.event(
             "autoscale", f"{len(current)} -> {target} shards: {self.autoscale_state.reason}"
         )
-        res = spec.shard_resources
-        with contextlib.suppress(Exception):  # only meaningful where an autoscaler runs (KubeRay)
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=[{"CPU": res.num_cpus, **(res.resources or {})}] * target)
-        self.scale(target)
+        try:
+            self.start_scale(target, source="autoscale")
+        except (CapacityError, ConfigError, ScaleInProgressError) as exc:
+            self.state.event("autoscale", f"not scaled to {target}: {exc}")

@@ -11,6 +11,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from expertmesh.actors import names
 from expertmesh.actors.expert_shard import ExpertShard
 from expertmesh.actors.state import ControllerState, ShardRecord
+from expertmesh.platform import capacity
 from expertmesh.platform import placement as pl
 from expertmesh.platform.placement import ExpertKey
 
@@ -35,17 +36,34 @@ class ShardPool:
             if n["Alive"] and n.get("Resources", {}).get("CPU", 0) > 0
         ]
 
+    def room(self) -> dict[str, int] | None:
+        """Node id -> how many more shards fit there now (None: shards ask for no resources)."""
+        # NOTE: a Ray DeveloperAPI: the one call that reports free (not total) resources per
+        # node, i.e. after the router, controller, API, shards and spares took theirs
+        from ray._private.state import available_resources_per_node
+
+        res = self.state.require_spec().shard_resources
+        need = capacity.shard_demand(res.num_cpus, res.num_gpus, res.resources)
+        alive = set(self.alive_nodes())
+        free = {n: r for n, r in available_resources_per_node().items() if n in alive}
+        return capacity.room_per_node(free, need)
+
     def choose_nodes(self, count: int) -> list[str]:
-        """Nodes for ``count`` new shards: the ones holding fewest shards first (spread)."""
+        """Nodes for ``count`` new shards: the ones holding fewest shards first (spread), among
+        those with room for one (all of them when none has)."""
         nodes = self.alive_nodes()
+        room = self.room()
         per_node = {n: 0 for n in nodes}
         for s in list(self.state.shards.values()):
             if s.node_id in per_node:
                 per_node[s.node_id] += 1
         out = []
         for _ in range(count):
-            node = min(nodes, key=lambda n: (per_node[n], nodes.index(n)))
+            fits = [n for n in nodes if room is None or room.get(n, 0) > 0] or nodes
+            node = min(fits, key=lambda n: (per_node[n], nodes.index(n)))
             per_node[node] += 1
+            if room is not None and room.get(node, 0) > 0:
+                room[node] -= 1
             out.append(node)
         return out
 
@@ -82,7 +100,15 @@ class ShardPool:
                 "cuda" if res.num_gpus > 0 else "cpu",  # Ray shows the actor its GPU alone
             )
             started.append((sid, handle))
-        ready = ray.get([h.stats.remote() for _, h in started], timeout=120)
+        try:
+            ready = ray.get([h.stats.remote() for _, h in started], timeout=120)
+        except Exception:
+            # NOTE: a shard Ray could not place (or that failed to start) would otherwise wait
+            # on, a named detached actor no record names, until a controller restart stops it
+            for _, handle in started:
+                with contextlib.suppress(Exception):
+                    ray.kill(handle, no_restart=True)
+            raise
         return [(sid, h, s["node_id"]) for (sid, h), s in zip(started, ready, strict=True)]
 
     def start(self, count: int, nodes: list[str] | None = None) -> list[pl.ShardInfo]:

@@ -111,6 +111,13 @@ class SparePool:
             want = st.spec.warm_shards - len(st.spares)
             if want <= 0:
                 return
+            # only what fits now: a spare Ray cannot place would wait, unnamed in the record,
+            # for resources that a scale counted as free
+            room = self.shard_pool.room()
+            if room is not None:
+                want = min(want, sum(room.values()))
+                if want <= 0:
+                    return
             self.refilling = True
             generation = st.generation
         threading.Thread(

@@ -2,29 +2,31 @@
 
 :class:`ControllerState` is the one object the controller's parts (shard pool, spares,
 elasticity, health) receive to read and change the deployment; :class:`LoadStats` is the load
-the health part measures and elasticity follows. The record is one JSON document written
-atomically via pyarrow.fs (:class:`StateStore`).
+the health part measures and elasticity follows. The record is one small JSON document written
+atomically via pyarrow.fs (:class:`StateStore`); the events go to their own persisted, bounded
+log beside it (:class:`~expertmesh.actors.events.EventLog`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
-import time
 import uuid
-from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import ray
 from pyarrow import fs
 
+from expertmesh.actors.events import EventLog
 from expertmesh.actors.expert_shard import ShardResources
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
+from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.placement import ExpertKey
 from expertmesh.types import RouterTuning
 
@@ -44,6 +46,10 @@ class StateStore:
             return None
         with self.fs.open_input_stream(self.path) as f:
             return json.loads(f.read())
+
+    def event_log(self, session: str) -> EventLog:
+        """The event log kept beside the record (``controller.json`` -> ``controller-events/``)."""
+        return EventLog(self.fs, f"{self.path.rsplit('.', 1)[0]}-events", session)
 
     def write(self, record: dict[str, Any]) -> None:
         tmp = f"{self.path}.{uuid.uuid4().hex}.tmp"
@@ -67,6 +73,13 @@ class DeploymentSpec:
     max_batch: int = 64
     call_timeout_s: float = 2.0
     warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
+    max_shards: int | None = None  # most shards a scale (or the autoscaler) may ask for
+
+    def __post_init__(self) -> None:
+        if self.max_shards is not None and not self.max_shards >= max(1, self.shards):
+            raise ConfigError(
+                "max_shards", f"must be >= shards ({self.shards}), got {self.max_shards}"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DeploymentSpec:
@@ -116,7 +129,8 @@ class ControllerState:
         self.store = store
         self.session = session
         self.lock = threading.RLock()
-        self.events: deque[dict[str, Any]] = deque(maxlen=2000)
+        self.log = store.event_log(session)
+        self._tags = threading.local()  # fields added to the events of one thread (a scale's id)
         self.spec: DeploymentSpec | None = None
         self.shards: dict[str, ShardRecord] = {}  # in service
         self.handles: dict[str, ray.actor.ActorHandle] = {}  # of the shards in service
@@ -129,14 +143,26 @@ class ControllerState:
         self.other_tables: dict[int, pl.PlacementTable] = {}  # the others' placement
         self.next_version = 1
         self.upgrade: dict[str, Any] | None = None  # the upgrade in progress, as recorded
+        self.scale: dict[str, Any] | None = None  # the scale in progress, as recorded
         self.router: ray.actor.ActorHandle | None = None
         self.next_shard = 0  # the next shard id's number: ids are never reused
         self.generation = 0  # bumped by every teardown: stale spare refills are discarded
 
-    def event(self, kind: str, message: str, **fields: Any) -> None:
-        ev = {"ts": time.time(), "kind": kind, "message": message, **fields}
-        self.events.append(ev)
+    def event(self, kind: str, message: str, **fields: Any) -> dict[str, Any]:
+        """Record an event (persisted before this returns); returns it with its ``seq``."""
+        ev = self.log.append(kind, message, {**getattr(self._tags, "fields", {}), **fields})
         log.info("%s: %s", kind, message)
+        return ev
+
+    @contextlib.contextmanager
+    def tagged(self, **fields: Any) -> Iterator[None]:
+        """Add ``fields`` to every event this thread records meanwhile (a scale's id on the
+        shards it starts and stops, deep in the shard and spare pools)."""
+        self._tags.fields = fields
+        try:
+            yield
+        finally:
+            self._tags.fields = {}
 
     def save(self) -> None:
         record = {
@@ -146,12 +172,12 @@ class ControllerState:
             "spares": list(self.spares),
             "table": json.loads(self.table.to_json()),
             "next_shard": self.next_shard,
-            "events": list(self.events)[-200:],
             "serving": self.serving,
             "versions": [asdict(v) for v in self.versions.values()],
             "other_tables": {str(n): json.loads(t.to_json()) for n, t in self.other_tables.items()},
             "next_version": self.next_version,
             "upgrade": self.upgrade,
+            "scale": self.scale,
         }
         self.store.write(record)
 

@@ -20,7 +20,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from expertmesh.actors import names
 from expertmesh.api.errors import ApiError
 from expertmesh.platform.errors import CheckpointError, ConfigError
-from expertmesh.types import UpgradeInProgressError
+from expertmesh.types import CapacityError, ScaleInProgressError, UpgradeInProgressError
 
 NO_MODEL = (
     "no model is deployed; start one with `expertmesh up --model NAME_OR_URI` or "
@@ -157,8 +157,10 @@ def as_api_error(exc: BaseException) -> ApiError:
         return exc
     if isinstance(exc, ConfigError):
         return ApiError(400, str(exc), param=exc.field)
-    if isinstance(exc, UpgradeInProgressError):
+    if isinstance(exc, UpgradeInProgressError | ScaleInProgressError):
         return ApiError(409, str(exc))
+    if isinstance(exc, CapacityError):
+        return ApiError(409, str(exc), param="shards")
     if isinstance(exc, LookupError):  # a registered model or version that does not exist
         return ApiError(404, str(exc).strip("'\""), param="model")
     if isinstance(exc, CheckpointError):

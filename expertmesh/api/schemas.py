@@ -285,5 +285,37 @@ class Health(BaseModel):
     model_ready: bool
 
 
+class ScaleAccepted(BaseModel):
+    """``PUT /api/shards`` (202): the scale started; its events carry ``scale_id``."""
+
+    scale_id: str
+    from_: int = Field(alias="from", description="shards in service when it started")
+    to: int = Field(description="the shard count asked for")
+    seq: int = Field(description="its scale_started event's seq: page events after seq - 1")
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+
+class EventRecord(BaseModel):
+    """One controller event; kinds add their own fields (``shard``, ``scale_id``, ...)."""
+
+    seq: int = Field(description="one higher than the event before, across controller restarts")
+    ts: float = Field(description="Unix time")
+    kind: str
+    message: str
+
+    model_config = ConfigDict(extra="allow")
+
+
+class EventsPage(BaseModel):
+    """``GET /api/events``: one page of the controller's persisted event log, oldest first."""
+
+    events: list[EventRecord]
+    next: int = Field(description="after_seq for the next page (the last event looked at)")
+    has_more: bool = Field(description="whether the next page has events already")
+    first_seq: int = Field(description="the oldest event kept (the log is bounded)")
+    last_seq: int = Field(description="the newest event; 0 when there is none")
+
+
 ClusterStatus = dict[str, Any]  # the controller's status() record, passed through as is
 Event = dict[str, Any]

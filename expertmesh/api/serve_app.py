@@ -49,7 +49,7 @@ class ServeAppArgs:
     resources: dict[str, float] = field(default_factory=dict)
     warm_shards: int = 1
     autoscale: bool = False
-    max_shards: int = 16
+    max_shards: int = 16  # most shards the autoscaler or a scale request may ask for
     # training and serving start together; serving waits this long for training to register
     model_wait_s: float = 0.0
     max_body_bytes: int = 1024 * 1024
@@ -136,6 +136,7 @@ def build_app(args: dict[str, Any]) -> Application:
             num_gpus=opts.num_gpus,
             resources=opts.resources or None,
             warm_shards=opts.warm_shards,
+            max_shards=opts.max_shards,  # bounds scale requests too, not only the autoscaler
         )
     cluster.autoscale(
         enabled=opts.autoscale,

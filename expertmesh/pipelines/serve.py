@@ -28,7 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="API bind address (0.0.0.0 in a pod)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--autoscale", action="store_true", help="size the shard pool from load")
-    p.add_argument("--max-shards", type=int, default=16)
+    p.add_argument(
+        "--max-shards",
+        type=int,
+        default=16,
+        help="most shards a scale request or the autoscaler may ask for",
+    )
     return p
 
 
@@ -40,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         cluster.deploy(
-            args.model, shards=args.shards, replicas=args.replicas, num_gpus=args.num_gpus
+            args.model,
+            shards=args.shards,
+            replicas=args.replicas,
+            num_gpus=args.num_gpus,
+            max_shards=args.max_shards,
         )
         if args.autoscale:
             cluster.autoscale(min_shards=args.replicas, max_shards=args.max_shards)

@@ -15,7 +15,11 @@ How the target is chosen:
   (downscaling is the slower of the two by default);
 * the target stays within [``min_shards``, ``max_shards``] and never below the shards needed to
   hold ``min_replicas`` of every expert (that floor beats ``max_shards``, and a pool below it
-  or above ``max_shards`` is corrected at once, cooldowns or not).
+  or above ``max_shards`` is corrected at once, cooldowns or not);
+* the target never grows past ``LoadSnapshot.capacity``, the shards the cluster can place now
+  (the deployment's own ``max_shards`` included): the unclamped wish is kept in
+  ``AutoscaleState.wanted``, which the controller asks Ray's autoscaler (KubeRay) for, so that
+  the cluster grows and a later call can scale further.
 """
 
 from __future__ import annotations
@@ -91,8 +95,11 @@ class LoadSnapshot:
     shard_load: Mapping[str, float] = field(default_factory=dict)  # busy fraction or tokens/s
     queue_depth: float = 0.0  # work waiting for any shard, in the unit of target_queue_per_shard
     num_experts: int = 0
+    capacity: int | None = None  # most shards the cluster can place now; None: unbounded
 
     def __post_init__(self) -> None:
+        if self.capacity is not None and self.capacity < 0:
+            raise AutoscaleError(f"LoadSnapshot.capacity must be >= 0, got {self.capacity}")
         for name in ("num_shards", "num_experts", "queue_depth"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -112,6 +119,7 @@ class AutoscaleState:
     up_since: float | None = None  # start of the current uninterrupted wish to scale up
     down_since: float | None = None
     reason: str = ""  # why the last decision was taken, for logs and the console
+    wanted: int | None = None  # the target before the capacity clamp (what to ask Ray for)
 
 
 def required_shards(num_experts: int, min_replicas: int, experts_per_shard: int | None) -> int:
@@ -133,6 +141,23 @@ def autoscale(
         state = AutoscaleState()
         target, state = autoscale(LoadSnapshot(num_shards=4, shard_load=busy), state, cfg, time())
     """
+    n, cap = snapshot.num_shards, snapshot.capacity
+    target, new = _decide(snapshot, state, cfg, now)
+    if cap is None or target <= max(n, cap):
+        return target, replace(new, wanted=target)
+    clamped = max(n, cap)
+    why = f"{new.reason}; held at {clamped}: the cluster can place {cap} shards now"
+    if clamped == n:  # nothing changes: no cooldown starts, the wish to grow goes on
+        up_since = now if state.up_since is None else state.up_since
+        kept = AutoscaleState(last_scaled_at=state.last_scaled_at, up_since=up_since)
+        return n, replace(kept, wanted=target, reason=why)
+    return clamped, replace(new, wanted=target, reason=why)
+
+
+def _decide(
+    snapshot: LoadSnapshot, state: AutoscaleState, cfg: AutoscaleConfig, now: float
+) -> tuple[int, AutoscaleState]:
+    """:func:`autoscale` before the capacity clamp."""
     n = snapshot.num_shards
     floor = required_shards(snapshot.num_experts, cfg.min_replicas, cfg.experts_per_shard)
     lo, hi = max(cfg.min_shards, floor), max(cfg.max_shards, floor)

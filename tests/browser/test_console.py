@@ -206,6 +206,7 @@ def test_scaling_from_the_console_changes_the_shard_count(live: Live, watched: W
         timeout=WAIT_MS,
     )
     assert state.inner_text() == f"done: {before + 1} shards"
+    assert page.get_by_test_id("scale-id").inner_text().startswith("scale-")
     assert len(live.http.get("/api/cluster").json()["shards"]) == before + 1
     page.locator('[data-testid=scale-progress] li:has-text("scaled_out")').wait_for(timeout=WAIT_MS)
     shot(watched, live, "scale")

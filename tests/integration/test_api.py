@@ -162,10 +162,11 @@ def test_cluster_status_and_events(served: Served) -> None:
     assert len(status["placement"]) == 16  # 2 MoE layers x 8 experts, 1 replica each
     assert status["router"]["tokens_generated"] > 0
     assert sum(status["expert_load"].values()) > 0
-    events = served.http.get("/api/events", headers=AUTH).json()
-    assert any(e["kind"] == "deployed" for e in events)
-    last = max(e["ts"] for e in events)
-    assert served.http.get("/api/events", params={"since": last}, headers=AUTH).json() == []
+    page = served.http.get("/api/events", headers=AUTH).json()
+    assert any(e["kind"] == "deployed" for e in page["events"])
+    last = max(e["ts"] for e in page["events"])
+    later = served.http.get("/api/events", params={"since": last}, headers=AUTH).json()
+    assert later["events"] == [] and later["next"] == page["next"]
 
 
 def test_health_needs_no_token(served: Served) -> None:
@@ -201,13 +202,121 @@ def test_sdk_over_http_equals_ray_native_sdk(served: Served) -> None:
         next(iter(remote.stream(PROMPTS[0], n=2)))
 
 
+def events_after(s: Served, after_seq: int, limit: int = 1000) -> list[dict]:
+    """Every event with a higher seq, read page by page (``limit`` each) over HTTP."""
+    out = []
+    while True:
+        page = s.http.get(
+            "/api/events", params={"after_seq": after_seq, "limit": limit}, headers=AUTH
+        ).json()
+        out += page["events"]
+        after_seq = page["next"]
+        if not page["has_more"]:
+            return out
+
+
+def wait_scale_end(s: Served, ticket: dict, timeout_s: float = 120.0) -> list[dict]:
+    """The scale's own events (its scale_id), up to its scale_finished or scale_failed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        mine = [
+            e for e in events_after(s, ticket["seq"] - 1) if e.get("scale_id") == ticket["scale_id"]
+        ]
+        if mine and mine[-1]["kind"] in ("scale_finished", "scale_failed"):
+            return mine
+        time.sleep(0.2)
+    raise AssertionError(f"scale {ticket} did not end within {timeout_s}s")
+
+
+def named_shard_actors() -> set[str]:
+    import ray
+
+    from expertmesh.actors import names
+
+    entries = ray.util.list_named_actors(all_namespaces=True)
+    return {e["name"] for e in entries if names.shard_id_of(e["name"]) is not None}
+
+
 def test_scale_shards_two_to_three(served: Served) -> None:
     resp = served.http.put("/api/shards", json={"shards": 3}, headers=AUTH)
-    assert resp.status_code == 200, resp.text
-    assert len(resp.json()["shards"]) == 3
-    assert any(e["kind"] == "scaled_out" for e in served.cluster.events())
+    assert resp.status_code == 202, resp.text
+    ticket = resp.json()
+    assert ticket["scale_id"].startswith("scale-") and (ticket["from"], ticket["to"]) == (2, 3)
+    mine = wait_scale_end(served, ticket)
+    kinds = [e["kind"] for e in mine]
+    assert kinds[0] == "scale_started" and kinds[-1] == "scale_finished", kinds
+    assert "shard_started" in kinds and "scaled_out" in kinds  # progress carries the id
+    assert len(served.http.get("/api/cluster", headers=AUTH).json()["shards"]) == 3
     after = complete(served, prompt=PROMPTS[0], max_tokens=6, temperature=0, ignore_eos=True)
     assert after.json()["choices"][0]["text"] == oracle(served, PROMPTS[:1], 6)[0]
+
+
+def test_scale_beyond_what_the_cluster_can_place_is_409_and_starts_nothing(
+    served: Served,
+) -> None:
+    """Issue 23 §3: 1023 shards on a small machine hung and killed the controller."""
+    before = named_shard_actors()
+    last = served.http.get("/api/events", headers=AUTH).json()["last_seq"]
+    resp = served.http.put("/api/shards", json={"shards": 1023}, headers=AUTH)
+    assert resp.status_code == 409, resp.text
+    err = error_of(resp)
+    assert err["param"] == "shards" and "1023 asked" in err["message"]
+    assert "the cluster can place at most" in err["message"], err
+    assert named_shard_actors() == before
+    assert not any(e["kind"] == "scale_started" for e in events_after(served, last))
+    assert served.http.get("/api/cluster", headers=AUTH).json()["scale"] is None
+    # the SDK gets the same refusal as an exception
+    with pytest.raises(expertmesh.CapacityError, match="1023 asked"):
+        served.cluster.scale(1023)
+    with pytest.raises(expertmesh.ClusterError, match="HTTP 409: shards: 1023"):
+        expertmesh.connect(served.url, token=TOKEN).scale(1023)
+
+
+def test_a_second_scale_while_one_runs_is_409_naming_it(served: Served) -> None:
+    shards = len(served.http.get("/api/cluster", headers=AUTH).json()["shards"])
+    first = served.http.put("/api/shards", json={"shards": shards - 1}, headers=AUTH).json()
+    # NOTE: a scale-in waits for the routers' table refresh (a second) before it stops a shard,
+    # so the first scale is still running when this request arrives
+    second = served.http.put("/api/shards", json={"shards": shards}, headers=AUTH)
+    assert second.status_code == 409, second.text
+    assert first["scale_id"] in error_of(second)["message"]
+    assert wait_scale_end(served, first)[-1]["kind"] == "scale_finished"
+    # the SDK waits for the end and returns the status after it
+    remote = expertmesh.connect(served.url, token=TOKEN)
+    st = remote.scale(shards)
+    assert len(st["shards"]) == shards and st["scale"]["kind"] == "scale_finished"
+    ticket = served.cluster.scale(shards, wait=False)
+    assert set(ticket) == {"scale_id", "from", "to", "seq"}
+    assert wait_scale_end(served, ticket)[-1]["kind"] == "scale_finished"
+
+
+def test_event_pages_return_every_event_exactly_once(served: Served) -> None:
+    whole = events_after(served, 0)
+    paged = events_after(served, 0, limit=3)
+    assert [e["seq"] for e in paged] == [e["seq"] for e in whole]
+    assert [e["seq"] for e in whole] == list(range(whole[0]["seq"], whole[-1]["seq"] + 1))
+    assert served.cluster.events() == whole  # the Ray-side SDK reads the same log
+
+
+def test_the_event_log_survives_a_controller_restart(served: Served) -> None:
+    import ray
+
+    from expertmesh.actors import names
+
+    before = events_after(served, 0)
+    ray.kill(served.cluster.controller, no_restart=False)  # Ray restarts it (detached)
+    deadline = time.monotonic() + 60
+    while True:
+        after = events_after(served, 0)
+        if any(e["kind"] == "controller_restarted" for e in after[len(before) :]):
+            break
+        assert time.monotonic() < deadline, "no controller_restarted event"
+        time.sleep(0.2)
+    assert after[: len(before)] == before  # the events from before, in order
+    seqs = [e["seq"] for e in after]
+    assert seqs == sorted(set(seqs))  # no duplicate seq; numbering went on
+    assert served.http.get("/api/cluster", headers=AUTH).json()["model"] == MODEL
+    assert ray.get_actor(names.CONTROLLER, namespace=names.NAMESPACE) is not None
 
 
 # ---------------------------------------------------------------------- errors
@@ -303,8 +412,8 @@ def test_chat_without_a_template_is_400(served: Served) -> None:
 
 
 def test_unknown_query_parameter_is_400_naming_it(served: Served) -> None:
-    resp = served.http.get("/api/events", params={"since": 0, "limit": 5}, headers=AUTH)
-    assert resp.status_code == 400 and error_of(resp)["param"] == "limit"
+    resp = served.http.get("/api/events", params={"since": 0, "until": 5}, headers=AUTH)
+    assert resp.status_code == 400 and error_of(resp)["param"] == "until"
 
 
 def test_invalid_scale_and_events_params_are_400(served: Served) -> None:
@@ -312,6 +421,13 @@ def test_invalid_scale_and_events_params_are_400(served: Served) -> None:
     assert resp.status_code == 400 and error_of(resp)["param"] == "shards"
     resp = served.http.get("/api/events", params={"since": "yesterday"}, headers=AUTH)
     assert resp.status_code == 400 and error_of(resp)["param"] == "since"
+    for params, param in (
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"after_seq": -1}, "after_seq"),
+    ):
+        resp = served.http.get("/api/events", params=params, headers=AUTH)
+        assert resp.status_code == 400 and error_of(resp)["param"] == param, resp.text
 
 
 def test_oversized_body_is_413(served: Served) -> None:

@@ -111,8 +111,8 @@ def test_integral_floats_and_bad_scale_values(api_url: str) -> None:
     says); out-of-range, fractional and unknown fields are 400 naming the field."""
     with httpx.Client(base_url=api_url, headers=AUTH, timeout=120) as http:
         ok = http.put("/api/shards", json={"shards": 2.0})
-        assert ok.status_code == 200, ok.text
-        assert len(ok.json()["shards"]) == 2
+        assert ok.status_code == 202, ok.text
+        assert ok.json()["to"] == 2
         for body, param in (
             ({"shards": 2.5}, "shards"),
             ({"shards": 1025}, "shards"),
@@ -142,4 +142,4 @@ def test_cluster_routes_ride_out_a_controller_restart(api_url: str) -> None:
         events = http.get("/api/events", params={"since": 0})
     assert status.status_code == 200, status.text
     assert status.json()["model"] == "v1"
-    assert events.status_code == 200 and events.json(), events.text
+    assert events.status_code == 200 and events.json()["events"], events.text

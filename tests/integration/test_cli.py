@@ -1,4 +1,4 @@
-"""`expertmesh up | status | generate | down` as a user runs them: real subprocesses, a real local
+"""`expertmesh up | status | generate | scale | down` as a user runs them: real subprocesses, a real local
 Ray cluster started in the background, answers checked against the in-process engine."""
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def test_up_status_generate_down(home: Path) -> None:
     nothing = cli(home, "status")
     assert nothing.returncode == 2 and "expertmesh up" in nothing.stderr
 
-    up_args = ["--model", uri, "--shards", "2", "--replicas", "1", "--port", str(free_port())]
+    up_args = ["--model", uri, "--shards", "2", "--replicas", "1", "--max-shards", "3"]
+    up_args += ["--port", str(free_port())]
     up = cli(home, "up", *up_args, timeout=240)
     record_path = home / "cluster.json"
     record = json.loads(record_path.read_text()) if record_path.exists() else None
@@ -94,6 +95,16 @@ def test_up_status_generate_down(home: Path) -> None:
         streamed = cli(home, "generate", prompt, "--max-tokens", "8", "--ignore-eos", "--stream")
         assert streamed.returncode == 0, streamed.stderr
         assert streamed.stdout == expected.text + "\n"
+
+        grown = cli(home, "scale", "3", timeout=150)  # waits for the scale to finish
+        assert grown.returncode == 0, grown.stderr
+        assert grown.stdout.startswith("scale-") and "2 -> 3 shards" in grown.stdout
+        refused = cli(home, "scale", "4")
+        assert refused.returncode == 2
+        assert "HTTP 400: shards: 4 asked, above this deployment's max_shards=3" in refused.stderr
+        started = cli(home, "scale", "2", "--no-wait")
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith("scale-") and "3 -> 2 shards started" in started.stdout
 
         down = cli(home, "down", timeout=150)
         assert down.returncode == 0, down.stderr

@@ -538,6 +538,28 @@ def test_autoscale_respects_min_max_and_replica_floor() -> None:
     assert target == 8 and "replica floor 8" in state.reason  # the floor beats max_shards
 
 
+def test_autoscale_never_grows_past_what_the_cluster_can_place() -> None:
+    def busy(n: int, capacity: int) -> LoadSnapshot:
+        return LoadSnapshot(
+            num_shards=n, shard_load={f"s{i}": 0.9 for i in range(n)}, capacity=capacity
+        )
+
+    target, state = autoscale(busy(4, 6), AutoscaleState(), CFG, now=0.0)
+    assert target == 6 and state.wanted == 8  # 7.2 shards of demand, room for 6
+    assert "can place 6" in state.reason
+    # at the capacity: nothing changes and no cooldown starts, the wish to grow stays
+    target, held = autoscale(busy(6, 6), state, CFG, now=CFG.upscale_cooldown_s + 1)
+    assert target == 6 and held.wanted == 11 and held.last_scaled_at == 0.0
+    # the cluster grew (KubeRay added a node): the next call scales at once
+    target, _ = autoscale(busy(6, 20), held, CFG, now=CFG.upscale_cooldown_s + 2)
+    assert target == 11
+    # a capacity below the replica floor does not make the pool shrink
+    target, _ = autoscale(busy(2, 1), AutoscaleState(), CFG, now=0.0)
+    assert target == 2
+    with pytest.raises(ValueError, match="capacity"):
+        LoadSnapshot(num_shards=1, capacity=-1)
+
+
 def test_autoscale_queue_depth_drives_scale_up() -> None:
     cfg = AutoscaleConfig(max_shards=64, target_queue_per_shard=4.0)
     target, _ = autoscale(snap(4, 0.3, queue=40.0), AutoscaleState(), cfg, now=0.0)

@@ -8,6 +8,7 @@ export const EVENT_COLOURS = {
   shard_started: "#2a7", spare_ready: "#2a7", node_joined: "#2a7",
   scaled_out: "#36c", scaled_in: "#36c", shard_stopped: "#36c",
   rebalanced: "#93c", upgrade_started: "#c60", router_switched: "#c60", upgrade_finished: "#c60",
+  scale_started: "#36c", scale_finished: "#36c", scale_failed: "#d33",
 };
 
 function eventsPlugin(getEvents) {

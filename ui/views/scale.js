@@ -3,7 +3,15 @@ import { api, fmt, html } from "../api.js";
 import { refreshNow } from "../store.js";
 import { Confirm } from "./confirm.js";
 
-const SCALE_EVENTS = new Set(["scaled_out", "scaled_in", "shard_started", "shard_stopped", "spare_ready", "warning"]);
+const ENDS = new Set(["scale_finished", "scale_failed"]);
+
+// A scale runs in the controller: PUT /api/shards answers at once with its id, and the events
+// carrying that scale_id (from the store's poll) show its progress and how it ended.
+function scaleState(ticket, mine) {
+  const end = mine.find((e) => ENDS.has(e.kind));
+  if (!end) return `scaling ${ticket.from} → ${ticket.to} shards…`;
+  return end.kind === "scale_finished" ? `done: ${end.shards} shards` : `failed: ${end.message}`;
+}
 
 export function ScaleView({ snap }) {
   const st = snap.status;
@@ -11,10 +19,10 @@ export function ScaleView({ snap }) {
   const [target, setTarget] = useState(null);
   const [plan, setPlan] = useState(null);
   const [asking, setAsking] = useState(false);
-  const [since, setSince] = useState(null);
-  const [state, setState] = useState("");
+  const [ticket, setTicket] = useState(null);
   const [error, setError] = useState("");
   const want = target ?? current;
+  const running = st && st.scale;
   const preview = async () => {
     setError("");
     try {
@@ -25,31 +33,29 @@ export function ScaleView({ snap }) {
   };
   const apply = async () => {
     setAsking(false);
-    setSince(Date.now() / 1000 - 1);
-    setState(`scaling to ${want} shards…`);
+    setError("");
     try {
-      const out = await api.put("/api/shards", { shards: want });
-      setState(`done: ${out.shards.length} shards`);
+      setTicket(await api.put("/api/shards", { shards: want }));
       setPlan(null);
       refreshNow();
     } catch (e) {
-      setState("");
-      setError(e.message);
+      setError(e.message); // refused before anything started: the message names the limit
     }
   };
-  const progress = since ? snap.events.filter((e) => e.ts >= since && SCALE_EVENTS.has(e.kind)) : [];
+  const mine = ticket ? snap.events.filter((e) => e.scale_id === ticket.scale_id) : [];
   const adds = plan ? plan.moves.filter((m) => m.kind === "add") : [];
   const drops = plan ? plan.moves.filter((m) => m.kind === "drop") : [];
   return html`
     <section class="card">
-      <h3>Shards: <span data-testid="scale-current">${current}</span> now</h3>
+      <h3>Shards: <span data-testid="scale-current">${current}</span> now${st && st.max_shards ? html` (at most ${st.max_shards})` : ""}</h3>
+      ${running && html`<p class="small" data-testid="scale-running">Scale ${running.id} (${running.from} → ${running.to}, ${running.source}) is running.</p>`}
       <div class="row">
         <label>Target shard count <input type="number" min="1" max="1024" value=${want} data-testid="scale-target"
           onInput=${(e) => { setTarget(Number(e.target.value)); setPlan(null); }} /></label>
         <button onClick=${preview} data-testid="scale-preview">Preview placement</button>
-        <button onClick=${() => setAsking(true)} disabled=${!plan || want === current} data-testid="scale-apply">Scale to ${want}</button>
+        <button onClick=${() => setAsking(true)} disabled=${!plan || want === current || running} data-testid="scale-apply">Scale to ${want}</button>
       </div>
-      ${error && html`<p class="error">${error}</p>`}
+      ${error && html`<p class="error" data-testid="scale-error">${error}</p>`}
     </section>
     ${plan && html`
       <section class="card" data-testid="scale-plan">
@@ -63,11 +69,11 @@ export function ScaleView({ snap }) {
         </div>
         ${plan.warnings.map((w) => html`<p class="error small">${w}</p>`)}
       </section>`}
-    ${since && html`
+    ${ticket && html`
       <section class="card" data-testid="scale-progress">
-        <h3>Progress</h3>
-        <p data-testid="scale-state">${state}</p>
-        <ul>${progress.map((e) => html`<li>${fmt.time(e.ts)} <b>${e.kind}</b> ${e.message}</li>`)}</ul>
+        <h3>Progress of <code data-testid="scale-id">${ticket.scale_id}</code></h3>
+        <p data-testid="scale-state">${scaleState(ticket, mine)}</p>
+        <ul>${mine.map((e) => html`<li>${fmt.time(e.ts)} <b>${e.kind}</b> ${e.message}</li>`)}</ul>
       </section>`}
     ${asking && html`<${Confirm} text="Scale from ${current} to ${want} shards? ${adds.length} replicas load, ${drops.length} drop." onYes=${apply} onNo=${() => setAsking(false)} />`}`;
 }
