@@ -26,6 +26,7 @@ _EXPORTS: dict[str, str] = {
     "ClusterHandle": "expertmesh.types",
     "Completion": "expertmesh.types",
     "RouterTuning": "expertmesh.types",
+    "Overloaded": "expertmesh.types",
     "HttpCluster": "expertmesh.client",
     "SamplingParams": "expertmesh.platform.sampling",
     "ModelConfig": "expertmesh.platform.config",
@@ -45,6 +46,7 @@ __all__ = [
     "HttpCluster",
     "LocalRayOptions",
     "ModelConfig",
+    "Overloaded",
     "RouterTuning",
     "SamplingParams",
     "TrainConfig",
@@ -58,7 +60,7 @@ if TYPE_CHECKING:
     from expertmesh.platform.sampling import SamplingParams
     from expertmesh.runtime import LocalRayOptions
     from expertmesh.sdk import Cluster, connect
-    from expertmesh.types import ClusterError, ClusterHandle, Completion, RouterTuning
+    from expertmesh.types import ClusterError, ClusterHandle, Completion, Overloaded, RouterTuning
 
 
 def __getattr__(name: str) -> Any:

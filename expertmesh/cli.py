@@ -19,6 +19,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from expertmesh.types import DEFAULT_MAX_QUEUED
+
 if TYPE_CHECKING:
     from expertmesh.service import UpOptions
 
@@ -52,6 +54,8 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
         shards=args.shards,
         replicas=args.replicas,
         warm_shards=args.warm_shards,
+        max_queued=args.max_queued,
+        max_concurrent_per_token=args.max_concurrent_per_token,
         host=args.host,
         port=args.port,
         token=args.token,
@@ -175,6 +179,20 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Elastic MoE on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -205,6 +223,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=1,
         help="spare shard actors kept started for fast scale-out and healing",
+    )
+    up.add_argument(
+        "--max-queued",
+        type=_non_negative,
+        default=DEFAULT_MAX_QUEUED,
+        help="sequences that may wait for a router slot; beyond, requests get 429 + Retry-After",
+    )
+    up.add_argument(
+        "--max-concurrent-per-token",
+        type=_positive,
+        default=None,
+        help="completion requests one API token may have in flight; beyond: 429 (default: no "
+        "limit)",
     )
     up.add_argument("--host", default="127.0.0.1", help="address the API binds (loopback)")
     up.add_argument("--port", type=int, default=8000)
