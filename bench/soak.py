@@ -77,8 +77,8 @@ class SoakReport:
 
     def rss_after_warmup(self, warmup_s: float) -> tuple[dict[str, int], dict[str, int]]:
         """RSS per process at the first sample after the warm-up and at the last one."""
-        later = [r for t, r in self.rss if t >= warmup_s] or self.rss[-1:]
-        return later[0][1], later[-1][1]
+        later = [r for t, r in self.rss if t >= warmup_s] or [r for _, r in self.rss[-1:]]
+        return later[0], later[-1]
 
 
 # ------------------------------------------------------------------------------ memory
@@ -218,7 +218,8 @@ def greedy_outputs(url: str, token: str, cfg: SoakConfig) -> dict[str, list[int]
 
 def run_soak(cluster, url: str, token: str, cfg: SoakConfig) -> SoakReport:
     """The load, the shard killer and the RSS sampler for ``warmup_s + seconds``; returns
-    once the router holds no request (what a hung-up client left has stopped)."""
+    once the router holds no request (what hung-up clients left has stopped), or after a
+    minute of waiting for that."""
     expected = greedy_outputs(url, token, cfg)
     report, stop = SoakReport(), threading.Event()
     t0 = time.monotonic()
@@ -237,8 +238,13 @@ def run_soak(cluster, url: str, token: str, cfg: SoakConfig) -> SoakReport:
         stop.set()
         for t in threads:
             t.join()
+    # a cancel ends its caller's wait at once; the sequence leaves its slot when the step
+    # that runs meanwhile ends
     wait_s = time.monotonic() + 60
-    while (router := cluster.status()["router"])["in_flight"] and time.monotonic() < wait_s:
+    while time.monotonic() < wait_s:
+        router = cluster.status()["router"]
+        if router["in_flight"] == router["running"] == router["waiting"] == 0:
+            break
         time.sleep(0.1)
     report.router = router
     report.rss.append((time.monotonic() - t0, sample_rss()))

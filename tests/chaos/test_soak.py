@@ -29,10 +29,10 @@ LONG_LIVED = ("router", "controller", "api replica", "serve controller", "raylet
 
 def test_soak_short(state_home, checkpoint) -> None:
     cfg = soak.SoakConfig(
-        seconds=25,
-        warmup_s=8,
+        seconds=20,
+        warmup_s=6,
         clients=4,
-        kill_every=8,
+        kill_every=7,
         sample_every=2,
         long_tokens=64,
         hang_up_tokens=180,  # the test model's context is 256 tokens
@@ -42,6 +42,7 @@ def test_soak_short(state_home, checkpoint) -> None:
         url,
     ):
         report = soak.run_soak(cluster, url, TOKEN, cfg)
+    soak.print_report(report, cfg)  # shown when an assertion fails
     assert report.failures == [], report.failures[:3]
     assert report.wrong == 0
     assert report.heal_times, "no shard was killed"
