@@ -135,10 +135,10 @@ async def streamed(http: httpx.AsyncClient, prompt: str, tokens: int, events: in
         async for line in resp.aiter_lines():
             if not line:
                 continue
-            if '"error"' in line:
-                raise RuntimeError(f"error event: {line[:200]}")
             if line == "data: [DONE]":
                 return
+            if "error" in json.loads(line.removeprefix("data: ")):
+                raise RuntimeError(f"error event: {line[:200]}")
             seen += 1
             if events is not None and seen >= events:
                 return  # leaving the block closes the connection: the client hangs up
