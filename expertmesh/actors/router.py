@@ -340,16 +340,24 @@ class RouterService:
         self.max_queued = check_max_queued(max_queued)
         return {"max_batch": self.max_batch, "max_queued": self.max_queued}
 
-    def _check_admission(self, sampling: SamplingParams, k: int, request_id: str | None) -> None:
-        """Raise unless ``k`` more sequences fit (event loop: ``waiters`` changes only there)."""
+    def _check_admission(
+        self, sampling: SamplingParams, k: int, request_id: str | None, total: int | None
+    ) -> None:
+        """Raise unless ``k`` more sequences fit (event loop: ``waiters`` changes only there).
+
+        ``total``: the sequences of the whole request this call is part of (its prompts'
+        candidates); one that could never fit is a ConfigError, not a retry-later."""
         if request_id is not None and request_id in self.cancelled_early:
             raise Cancelled(f"request {request_id} was cancelled")
-        if k > self.capacity:
-            field = "best_of" if sampling.candidates > sampling.n else "n"
+        total = max(k, total or 0)
+        if total > self.capacity:
+            prompts = total // sampling.candidates
+            field = "prompt" if prompts > 1 else "best_of" if sampling.best_of else "n"
             raise ConfigError(
                 field,
-                f"{k} sequences in one request; this deployment holds at most {self.capacity} "
-                f"at once (max_batch {self.max_batch} + max_queued {self.max_queued})",
+                f"{total} sequences in one request ({prompts} prompt(s) x {sampling.candidates} "
+                f"candidate(s)); this deployment holds at most {self.capacity} at once (max_batch "
+                f"{self.max_batch} + max_queued {self.max_queued}): send fewer",
             )
         if len(self.waiters) + k > self.capacity:
             self.rejected += 1
@@ -410,11 +418,12 @@ class RouterService:
         stream: bool = False,
         indices: range = range(1),
         request_id: str | None = None,
+        total: int | None = None,
     ) -> tuple[list[tuple[Sequence, asyncio.Queue]], Engine]:
         """Queue one sequence per index (candidates of one request) on the current engine,
         if admission lets them in."""
         self._ensure_tasks()
-        self._check_admission(sampling, len(indices), request_id)
+        self._check_admission(sampling, len(indices), request_id, total)
         # NOTE: the engine is chosen and the requests queued under one lock, so that a switch
         # cannot slip in between and retire the engine they were made for
         with self.has_pending:
@@ -461,11 +470,13 @@ class RouterService:
         params: dict[str, Any],
         routing: bool = False,
         request_id: str | None = None,
+        total: int | None = None,
     ) -> list[dict[str, Any]]:
         """Complete ``prompt``: a list of ``params["n"]`` results (the best of ``best_of``
         candidates by cumulative logprob), best first when some were dropped.
 
-        ``request_id`` lets the caller :meth:`cancel` it. Raises :class:`Overloaded` when the
+        ``request_id`` lets the caller :meth:`cancel` it; ``total`` counts the sequences of the
+        whole request when this call is one of its prompts. Raises :class:`Overloaded` when the
         router is full, :class:`Cancelled` when it was cancelled."""
         t0 = time.perf_counter()
         sampling = SamplingParams(**params)
@@ -475,6 +486,7 @@ class RouterService:
             trace=routing,
             indices=range(sampling.candidates),
             request_id=request_id,
+            total=total,
         )
 
         async def drain(seq: Sequence, q: asyncio.Queue) -> None:
@@ -493,19 +505,26 @@ class RouterService:
         index: int = 0,
         request_id: str | None = None,
         ack: bool = False,
+        total: int | None = None,
     ):
         """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token
         (with ``"logprobs"`` for that token when asked). One sequence: a stream of ``n`` choices
         is ``n`` of these, ``index`` 0..n-1 (it seeds the sequence ``seed + index``).
 
-        ``request_id`` lets the caller :meth:`cancel` it; with ``ack`` the first item is
+        ``request_id`` lets the caller :meth:`cancel` it, ``total`` is as in :meth:`generate`;
+        with ``ack`` the first item is
         ``{"admitted": True}``, sent once admission let the request in (the API waits for it
         before it answers 200, so that a full router is a 429, not an error mid-stream)."""
         sampling = SamplingParams(**params)
         if sampling.candidates != sampling.n:
             raise ConfigError("best_of", "cannot be streamed: it ranks finished candidates")
         [(seq, q)], engine = self._submit(
-            prompt, sampling, stream=True, indices=range(index, index + 1), request_id=request_id
+            prompt,
+            sampling,
+            stream=True,
+            indices=range(index, index + 1),
+            request_id=request_id,
+            total=total,
         )
         if ack:
             yield {"admitted": True}

@@ -109,12 +109,15 @@ class Services:
             headers={"Retry-After": "2"},
         )
 
-    async def stream(self, prompt: str, params: dict[str, Any], index: int, request_id: str) -> Any:
+    async def stream(
+        self, prompt: str, params: dict[str, Any], index: int, request_id: str, total: int
+    ) -> Any:
         """The router's per-token generator (an async iterator of object refs) for choice
-        ``index`` of ``prompt``; its first item says the router admitted it."""
+        ``index`` of ``prompt``, one of ``total`` sequences of the request; its first item says
+        the router admitted it."""
         handle = await self._actor(names.ROUTER)
         gen = handle.generate_stream.options(num_returns="streaming")
-        return gen.remote(prompt, params, index, request_id, True)
+        return gen.remote(prompt, params, index, request_id, True, total)
 
     def cancel(self, request_id: str) -> None:
         """Tell the router to stop ``request_id``'s sequences (its client went away).

@@ -55,6 +55,11 @@ GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def candidates(params: dict[str, Any]) -> int:
+    """Sequences the router runs per prompt: ``best_of``, else ``n``."""
+    return params.get("best_of") or params.get("n", 1)
+
+
 def finish_reason(reason: str | None) -> str | None:
     """The engine says "eos" where OpenAI says "stop"."""
     return "stop" if reason == "eos" else reason
@@ -92,9 +97,10 @@ async def generate(
 
     If one prompt fails (the router refused it: full) or the client goes away (Serve cancels
     this coroutine), the router stops the request's other sequences at once."""
+    total = len(prompts) * candidates(params)
     calls = [
         asyncio.ensure_future(
-            services.call(names.ROUTER, "generate", p, params, routing, request_id)
+            services.call(names.ROUTER, "generate", p, params, routing, request_id, total)
         )
         for p in prompts
     ]
@@ -172,14 +178,15 @@ async def open_stream(
     refusal of those arrives in the stream.
     """
     n = params.get("n", 1)
-    ranked = (params.get("best_of") or n) > n
+    ranked = candidates(params) > n
+    total = len(prompts) * candidates(params)
     queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
     admitted: asyncio.Queue[BaseException | None] = asyncio.Queue()  # one item per choice
 
     async def pump(i: int, prompt: str, j: int) -> None:
         gen, acked = None, False
         try:
-            gen = await services.stream(prompt, params, j, request_id)
+            gen = await services.stream(prompt, params, j, request_id, total)
             first = True
             async for ref in gen:
                 item = await ref
@@ -213,7 +220,7 @@ async def open_stream(
     async def whole(i: int, prompt: str) -> None:
         try:
             results = await services.call(
-                names.ROUTER, "generate", prompt, params, False, request_id
+                names.ROUTER, "generate", prompt, params, False, request_id, total
             )
         except Exception as exc:
             await queue.put(exc)

@@ -30,7 +30,7 @@ from ray.serve import Application
 
 from expertmesh import envs
 from expertmesh.platform.errors import ConfigError
-from expertmesh.types import DEFAULT_MAX_QUEUED
+from expertmesh.types import DEFAULT_MAX_QUEUED, ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +147,10 @@ def build_app(args: dict[str, Any]) -> Application:
             max_queued=opts.max_queued,
         )
     else:  # the same model: only the queue bound may have changed
-        cluster.set_max_queued(opts.max_queued)
+        try:
+            cluster.set_max_queued(opts.max_queued)
+        except ClusterError as exc:  # no router: nothing to bound
+            log.warning("max_queued not applied: %s", exc)
     cluster.autoscale(
         enabled=opts.autoscale,
         min_shards=min(opts.replicas, opts.shards),

@@ -154,11 +154,23 @@ def test_a_token_over_its_concurrency_limit_gets_429(load: Load) -> None:
     assert complete(load, **SHORT).status_code == 200
 
 
-def test_more_sequences_than_the_deployment_holds_is_400(load: Load) -> None:
-    resp = complete(load, **SHORT, n=3, best_of=5)
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"n": 3, "best_of": 5}, "best_of"),
+        ({"n": 5, "stream": True}, "n"),  # a stream's choices are counted together
+        ({"prompt": ["To be", "def main(", "for line"], "n": 2}, "prompt"),
+    ],
+)
+def test_more_sequences_than_the_deployment_holds_is_400(
+    load: Load, body: dict, param: str
+) -> None:
+    """A request that could never fit is refused as such, not told to retry."""
+    resp = complete(load, **(SHORT | body))
     assert resp.status_code == 400, resp.text
     err = resp.json()["error"]
-    assert err["param"] == "best_of" and "at most 4" in err["message"]
+    assert err["param"] == param and "holds at most 4 at once" in err["message"], err
+    assert load.wait_router("nothing left", lambda r: r["in_flight"] == 0)
 
 
 def test_closing_an_sdk_stream_stops_its_generation(load: Load) -> None:
