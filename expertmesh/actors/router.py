@@ -43,6 +43,8 @@ from expertmesh.types import DEFAULT_MAX_QUEUED, Cancelled, Overloaded, Transpor
 
 log = logging.getLogger(__name__)
 
+CANCELLED_EARLY = 4096  # cancelled ids remembered for calls that have not arrived yet
+
 
 def token_logprobs(
     tokenizer: Tokenizer,
@@ -138,8 +140,9 @@ class RouterService:
         # a caller's request id -> its live sequences (several calls may share one id: the
         # prompts and choices of one HTTP request), for cancel()
         self.requests: dict[str, list[tuple[Engine, Sequence]]] = {}
-        # ids cancelled before their call arrived (a cancel may overtake it): refused on arrival
-        self.cancelled_early: deque[str] = deque(maxlen=4096)
+        # ids cancelled before their call arrived (a cancel may overtake it): refused on arrival;
+        # the last CANCELLED_EARLY of them, oldest first (a dict: looked up per request)
+        self.cancelled_early: dict[str, None] = {}
         self.cancelled = 0  # sequences stopped because their caller went away
         self.rejected = 0  # requests refused at admission (Overloaded)
         # recently cancelled sequences with their output length when the cancel came: once
@@ -384,7 +387,9 @@ class RouterService:
         remembered, so that a call overtaken by its cancel is refused when it arrives."""
         entries = self.requests.get(request_id)
         if not entries:
-            self.cancelled_early.append(request_id)
+            self.cancelled_early[request_id] = None
+            if len(self.cancelled_early) > CANCELLED_EARLY:
+                del self.cancelled_early[next(iter(self.cancelled_early))]
             return 0
         stopped = 0
         for engine, seq in list(entries):
