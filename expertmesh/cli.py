@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+from expertmesh.types import DEFAULT_MAX_QUEUED
+
 if TYPE_CHECKING:
     from expertmesh.service import UpOptions
 
@@ -54,6 +56,8 @@ def _up_options(args: argparse.Namespace) -> UpOptions:
         replicas=args.replicas,
         warm_shards=args.warm_shards,
         max_shards=args.max_shards,
+        max_queued=args.max_queued,
+        max_concurrent_per_token=args.max_concurrent_per_token,
         host=args.host,
         port=args.port,
         token=args.token,
@@ -182,6 +186,20 @@ def format_status(status: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="expertmesh", description="Elastic MoE on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -218,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="most shards `scale` (and autoscaling) may ask for (default: what the cluster fits)",
+    )
+    up.add_argument(
+        "--max-queued",
+        type=_non_negative,
+        default=DEFAULT_MAX_QUEUED,
+        help="sequences that may wait for a router slot; beyond, requests get 429 + Retry-After",
+    )
+    up.add_argument(
+        "--max-concurrent-per-token",
+        type=_positive,
+        default=None,
+        help="completion requests one API token may have in flight; beyond: 429 (default: no "
+        "limit)",
     )
     up.add_argument("--host", default="127.0.0.1", help="address the API binds (loopback)")
     up.add_argument("--port", type=int, default=8000)

@@ -22,6 +22,7 @@ from expertmesh import envs
 from expertmesh.types import (
     ClusterError,
     Completion,
+    Overloaded,
     SamplingOptions,
     check_stream_options,
     iter_events,
@@ -83,7 +84,7 @@ class HttpCluster:
                 f"cannot reach the expertmesh API at {self.base_url}: {exc}"
             ) from None
         if resp.status_code >= 400:
-            raise _error(resp.status_code, resp.text)
+            raise _error(resp.status_code, resp.text, resp.headers.get("retry-after"))
         return resp.json()
 
     # ------------------------------------------------------------------ generation
@@ -125,7 +126,8 @@ class HttpCluster:
         try:
             with self._http.stream("POST", "/v1/completions", json=body) as resp:
                 if resp.status_code >= 400:
-                    raise _error(resp.status_code, resp.read().decode(errors="replace"))
+                    text = resp.read().decode(errors="replace")
+                    raise _error(resp.status_code, text, resp.headers.get("retry-after"))
                 for event in iter_sse(resp.iter_lines()):
                     if event == "[DONE]":
                         return
@@ -269,10 +271,22 @@ def iter_sse(lines: Iterator[str]) -> Iterator[str]:
         yield "\n".join(data)
 
 
-def _error(status: int, text: str) -> HttpError:
-    """A ClusterError carrying the server's message and the HTTP status."""
+class HttpOverloaded(HttpError, Overloaded):
+    """429: the deployment's queue or the token's concurrency limit is full."""
+
+    def __init__(self, status: int, message: str, retry_after: int = 1) -> None:
+        HttpError.__init__(self, status, message)
+        self.retry_after = retry_after
+
+
+def _error(status: int, text: str, retry_after: str | None = None) -> HttpError:
+    """A ClusterError carrying the server's message and the HTTP status (for 429 also an
+    :class:`~expertmesh.types.Overloaded` with the ``Retry-After`` seconds)."""
     try:
         message = json.loads(text)["error"]["message"]
     except (ValueError, KeyError, TypeError):
         message = text.strip() or "no message"
+    if status == 429:
+        seconds = int(retry_after) if retry_after and retry_after.isdigit() else 1
+        return HttpOverloaded(status, message, seconds)
     return HttpError(status, message)

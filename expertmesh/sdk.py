@@ -15,8 +15,10 @@ from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.sampling import SamplingParams
 from expertmesh.runtime import LocalRayOptions
 from expertmesh.types import (
+    DEFAULT_MAX_QUEUED,
     ClusterError,
     Completion,
+    Overloaded,
     RouterTuning,
     SamplingOptions,
     check_stream_options,
@@ -85,6 +87,7 @@ class Cluster:
         num_gpus: float = 0.0,
         resources: dict[str, float] | None = None,
         max_batch: int = 64,
+        max_queued: int = DEFAULT_MAX_QUEUED,
         warm_shards: int = 1,
         max_shards: int | None = None,
         advanced: RouterTuning | None = None,
@@ -99,6 +102,9 @@ class Cluster:
             num_gpus: GPUs each shard asks Ray for; > 0 runs its experts on the GPU.
             resources: custom Ray resources each shard asks for.
             max_batch: most sequences the router runs in one step.
+            max_queued: most sequences that wait for one of those slots; a request beyond
+                ``max_batch + max_queued`` is refused at once (:class:`~expertmesh.Overloaded`,
+                HTTP 429 with ``Retry-After``), never left to hang.
             warm_shards: more shard actors kept started (holding no experts), so that scaling
                 out and replacing a failed shard take an already running process.
             max_shards: the most shards :meth:`scale` (and the autoscaler) may ask for; a
@@ -122,6 +128,8 @@ class Cluster:
             raise ClusterError(f"replicas must be >= 1, got {replicas}")
         if warm_shards < 0:
             raise ClusterError(f"warm_shards must be >= 0, got {warm_shards}")
+        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
+            raise ClusterError(f"max_queued must be an integer >= 0, got {max_queued!r}")
         if advanced is None:
             advanced = RouterTuning()
         elif not isinstance(advanced, RouterTuning):
@@ -139,6 +147,7 @@ class Cluster:
                 num_cpus=num_cpus, num_gpus=num_gpus, resources=resources
             ),
             max_batch=max_batch,
+            max_queued=max_queued,
             warm_shards=warm_shards,
             max_shards=max_shards,
             router=advanced,
@@ -149,6 +158,15 @@ class Cluster:
 
             Tracker().set_alias(resolved.name, SERVING_ALIAS, resolved.version.version)
         return out
+
+    def set_max_queued(self, max_queued: int) -> None:
+        """Change the deployed router's queue bound (``deploy``'s ``max_queued``), live; a
+        router the controller restarts takes the deployment's again."""
+        import ray
+
+        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 0:
+            raise ClusterError(f"max_queued must be an integer >= 0, got {max_queued!r}")
+        ray.get(self._router().set_admission.remote(max_queued))
 
     def scale(self, shards: int, *, wait: bool = True, timeout_s: float = 600.0) -> dict[str, Any]:
         """Grow or shrink the expert shard pool to ``shards`` actors, live.
@@ -261,30 +279,59 @@ class Cluster:
 
         Raises:
             ConfigError: a bad or unknown sampling option, named.
+            Overloaded: the router's queue is full (``retry_after`` says when to retry).
         """
+        import uuid
+
         import ray
 
         params = _sampling_params(sampling)
         router = self._router()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        refs = [router.generate.remote(p, params, routing) for p in prompts]
+        request_id = f"sdk-{uuid.uuid4().hex}"
+        refs = [router.generate.remote(p, params, routing, request_id) for p in prompts]
         try:
             # the router answers the n results of each prompt
             outs = [Completion.from_dict(r) for results in ray.get(refs) for r in results]
         except ray.exceptions.RayTaskError as exc:
+            router.cancel.remote(request_id)  # the other prompts' sequences
+            if isinstance(exc.cause, Overloaded):
+                raise exc.cause from None
             raise ClusterError(str(exc.cause if exc.cause else exc)) from None
+        except BaseException:  # KeyboardInterrupt: stop generating for it
+            router.cancel.remote(request_id)
+            raise
         return outs[0] if isinstance(prompt, str) and params["n"] == 1 else outs
 
     def stream(self, prompt: str, **sampling: Unpack[SamplingOptions]) -> Iterator[str]:
         """Yield the completion's text piece by piece as tokens are generated (one
-        sequence: no ``n``, ``best_of`` or ``logprobs``)."""
+        sequence: no ``n``, ``best_of`` or ``logprobs``); closing the generator early (or
+        Ctrl-C) stops the generation."""
+        import uuid
+
         import ray
 
         check_stream_options(sampling)
         sp = _sampling_params(sampling)
-        gen = self._router().generate_stream.options(num_returns="streaming").remote(prompt, sp)
-        for ref in gen:
-            yield ray.get(ref)["text"]
+        router = self._router()
+        request_id = f"sdk-{uuid.uuid4().hex}"
+        gen = router.generate_stream.options(num_returns="streaming").remote(
+            prompt, sp, 0, request_id
+        )
+        finished = False
+        try:
+            for ref in gen:
+                try:
+                    item = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    if isinstance(exc.cause, Overloaded):
+                        raise exc.cause from None
+                    raise
+                yield item["text"]
+            finished = True
+        finally:
+            if not finished:  # closed early, Ctrl-C or an error: stop generating for it
+                router.cancel.remote(request_id)
 
     # ------------------------------------------------------------------ state
     def status(self) -> dict[str, Any]:
@@ -364,12 +411,24 @@ class Cluster:
             raise ClusterError(f"no registered model named {name!r}")
         return lineage_tree(versions)
 
-    def serve(self, *, host: str = "127.0.0.1", port: int = 8000, token: str | None = None) -> str:
-        """Start the HTTP API (Ray Serve) for this cluster; returns its base URL."""
+    def serve(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        token: str | None = None,
+        max_concurrent_per_token: int | None = None,
+    ) -> str:
+        """Start the HTTP API (Ray Serve) for this cluster; returns its base URL.
+
+        ``max_concurrent_per_token`` bounds the completion requests one API token may have in
+        flight (more get 429 with ``Retry-After``); None: no bound."""
         from expertmesh.api import info
         from expertmesh.api.app import start_api
 
-        self._serve_url = start_api(host=host, port=port, token=token)
+        self._serve_url = start_api(
+            host=host, port=port, token=token, max_concurrent_per_token=max_concurrent_per_token
+        )
         saved = info.read_info(info.api_file())
         self.api_token = (
             saved.token if saved is not None and saved.url == self._serve_url else token

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from expertmesh import envs
 from expertmesh.api import info
-from expertmesh.types import ClusterError
+from expertmesh.types import DEFAULT_MAX_QUEUED, ClusterError
 
 if TYPE_CHECKING:
     from expertmesh.client import HttpCluster
@@ -36,6 +36,8 @@ class UpOptions:
     replicas: int = 2
     warm_shards: int = 1
     max_shards: int | None = None  # most shards a scale may ask for; None: what fits
+    max_queued: int = DEFAULT_MAX_QUEUED  # sequences waiting for a router slot; more: 429
+    max_concurrent_per_token: int | None = None  # requests in flight per API token; more: 429
     host: str = "127.0.0.1"
     port: int = 8000
     token: str | None = None
@@ -139,9 +141,15 @@ def run_foreground(opts: UpOptions) -> int:
             replicas=opts.replicas,
             warm_shards=opts.warm_shards,
             max_shards=opts.max_shards,
+            max_queued=opts.max_queued,
         )
         if not stop.is_set():
-            url = cluster.serve(host=opts.host, port=opts.port, token=opts.token)
+            url = cluster.serve(
+                host=opts.host,
+                port=opts.port,
+                token=opts.token,
+                max_concurrent_per_token=opts.max_concurrent_per_token,
+            )
             token = cluster.api_token or ""  # serve() read back the token the API uses
             info.write_info(
                 info.cluster_file(), info.ApiInfo(url=url, token=token, pid=os.getpid())
@@ -170,9 +178,11 @@ def start_background(opts: UpOptions) -> info.ApiInfo:
     check_port_free(opts.host, opts.port)
     argv = ["up", "--model", opts.model, "--shards", str(opts.shards)]
     argv += ["--replicas", str(opts.replicas), "--warm-shards", str(opts.warm_shards)]
-    argv += ["--host", opts.host, "--port", str(opts.port)]
+    argv += ["--host", opts.host, "--port", str(opts.port), "--max-queued", str(opts.max_queued)]
     if opts.max_shards is not None:
         argv += ["--max-shards", str(opts.max_shards)]
+    if opts.max_concurrent_per_token is not None:
+        argv += ["--max-concurrent-per-token", str(opts.max_concurrent_per_token)]
     if opts.dashboard_port is not None:
         argv += ["--dashboard-port", str(opts.dashboard_port)]
     env = dict(os.environ)

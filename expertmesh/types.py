@@ -108,6 +108,34 @@ def wait_for_scale(page: EventPage, ticket: dict[str, Any], timeout_s: float) ->
         time.sleep(0.2)
 
 
+# Sequences a router queues for a free slot beyond the ``max_batch`` it runs (Cluster.deploy's
+# ``max_queued``): 64 prompts of 16 candidates each, the largest completion request the API
+# takes by default, still fits.
+DEFAULT_MAX_QUEUED = 1024
+
+
+class Overloaded(ClusterError):
+    """The deployment is at an admission limit (its queue is full, or the API token has its
+    most requests in flight); nothing was run. The HTTP API answers 429 with ``Retry-After``.
+
+    Attributes:
+        retry_after: whole seconds after which a retry may be admitted (an estimate).
+    """
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+    def __reduce__(self) -> tuple[type, tuple[str, int]]:
+        # Ray pickles the error back from the router: replay both arguments
+        return (type(self), (self.message, self.retry_after))
+
+
+class Cancelled(ClusterError):
+    """The request was cancelled (its client went away) before it finished."""
+
+
 @dataclass(kw_only=True, slots=True)
 class Completion:
     text: str

@@ -229,6 +229,7 @@ class Controller:
                     spec.checkpoint_uri,
                     ray.get_runtime_context().current_actor,
                     max_batch=spec.max_batch,
+                    max_queued=spec.max_queued,
                     threads=spec.router.threads,
                     micro_batches=spec.router.micro_batches,
                     call_timeout_s=spec.call_timeout_s,

@@ -9,12 +9,19 @@ stepped by the one stepping thread. New requests start on the newest version (:m
 a request stays on the engine it started on, so it runs on one version from its first step to
 its last; an older engine is retired once it has no work left, and the controller then drops
 the experts only it used.
+
+Admission and cancellation: the router holds at most ``max_batch + max_queued`` sequences
+(running and waiting for a slot); a request that would go beyond raises :class:`Overloaded`
+at once (the API's 429). A caller that goes away calls :meth:`cancel` with the request id it
+passed in (or has its Ray call cancelled): the sequences stop at the end of the step that is
+running, which frees their slots and KV cache.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import threading
 import time
@@ -32,9 +39,11 @@ from expertmesh.platform.engine import Engine, Sequence, StepOutput, best_of
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
-from expertmesh.types import Transport
+from expertmesh.types import DEFAULT_MAX_QUEUED, Cancelled, Overloaded, Transport
 
 log = logging.getLogger(__name__)
+
+CANCELLED_EARLY = 4096  # cancelled ids remembered for calls that have not arrived yet
 
 
 def token_logprobs(
@@ -99,15 +108,18 @@ class RouterService:
         refresh_s: float = 0.25,
         model_version: int = 0,
         label: str = "",
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
         """``model_version`` numbers the deployed version (its shards' calls carry it);
-        ``label`` is how status shows it (e.g. ``"name/3"``)."""
+        ``label`` is how status shows it (e.g. ``"name/3"``); ``max_queued``: sequences that
+        may wait for a slot beyond the ``max_batch`` running (see :meth:`set_admission`)."""
         torch.set_num_threads(max(1, threads))
         self.controller = controller
         self.dispatcher = RayDispatcher(
             PlacementView(), call_timeout_s=call_timeout_s, transport=transport
         )
         self.max_batch = max_batch
+        self.max_queued = check_max_queued(max_queued)
         self.micro_batches = micro_batches
         self.templates: dict[int, str | None] = {}  # chat template per model version
         # one engine per live model version; new requests go to ``current``'s
@@ -123,7 +135,19 @@ class RouterService:
         self.pending: deque[tuple[Engine, Sequence]] = deque()
         # guards pending, engines and current; the stepping thread waits on it
         self.has_pending = threading.Condition()
+        # one per live sequence (its drain removes it): their count is what admission bounds
         self.waiters: dict[str, asyncio.Queue[StepOutput]] = {}
+        # a caller's request id -> its live sequences (several calls may share one id: the
+        # prompts and choices of one HTTP request), for cancel()
+        self.requests: dict[str, list[tuple[Engine, Sequence]]] = {}
+        # ids cancelled before their call arrived (a cancel may overtake it): refused on arrival;
+        # the last CANCELLED_EARLY of them, oldest first (a dict: looked up per request)
+        self.cancelled_early: dict[str, None] = {}
+        self.cancelled = 0  # sequences stopped because their caller went away
+        self.rejected = 0  # requests refused at admission (Overloaded)
+        # recently cancelled sequences with their output length when the cancel came: once
+        # stopped, the difference is how far generation ran on for a gone caller
+        self.cancel_marks: deque[tuple[Sequence, int]] = deque(maxlen=256)
         self.stepper: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.refresh_task: asyncio.Task | None = None
@@ -262,10 +286,13 @@ class RouterService:
                     and not any(e.has_work() for e in self.engines.values())
                 ):
                     self.has_pending.wait()
-                new, self.pending = list(self.pending), deque()
+                # NOTE: handed over under the lock that _abort takes: a sequence cancelled while
+                # pending must not reach its engine
+                for engine, seq in self.pending:
+                    if not seq.finished:
+                        engine.enqueue(seq)
+                self.pending = deque()
                 engines = list(self.engines.values())
-            for engine, seq in new:
-                engine.enqueue(seq)
             # NOTE: during an upgrade both versions' engines step, one after the other
             for engine in engines:
                 if engine.has_work():
@@ -305,6 +332,89 @@ class RouterService:
             if q is not None:
                 q.put_nowait(exc)  # type: ignore[arg-type]
 
+    # ------------------------------------------------------------------ admission, cancellation
+    @property
+    def capacity(self) -> int:
+        """Most sequences the router holds at once: ``max_batch`` running + ``max_queued``."""
+        return self.max_batch + self.max_queued
+
+    def set_admission(self, max_queued: int) -> dict[str, int]:
+        """Bound the sequences that wait for a slot (``Cluster.deploy(max_queued=...)``)."""
+        self.max_queued = check_max_queued(max_queued)
+        return {"max_batch": self.max_batch, "max_queued": self.max_queued}
+
+    def _check_admission(
+        self, sampling: SamplingParams, k: int, request_id: str | None, total: int | None
+    ) -> None:
+        """Raise unless ``k`` more sequences fit (event loop: ``waiters`` changes only there).
+
+        ``total``: the sequences of the whole request this call is part of (its prompts'
+        candidates); one that could never fit is a ConfigError, not a retry-later."""
+        if request_id is not None and request_id in self.cancelled_early:
+            raise Cancelled(f"request {request_id} was cancelled")
+        total = max(k, total or 0)
+        if total > self.capacity:
+            prompts = total // sampling.candidates
+            field = "prompt" if prompts > 1 else "best_of" if sampling.best_of else "n"
+            raise ConfigError(
+                field,
+                f"{total} sequences in one request ({prompts} prompt(s) x {sampling.candidates} "
+                f"candidate(s)); this deployment holds at most {self.capacity} at once (max_batch "
+                f"{self.max_batch} + max_queued {self.max_queued}): send fewer",
+            )
+        if len(self.waiters) + k > self.capacity:
+            self.rejected += 1
+            raise Overloaded(
+                f"the model is at capacity: {len(self.waiters)} sequences in the router "
+                f"(max_batch {self.max_batch} running + max_queued {self.max_queued} waiting); "
+                "retry later",
+                retry_after=self._retry_after(),
+            )
+
+    def _retry_after(self) -> int:
+        """Whole seconds until slots are likely free: the median request latency, once per
+        batch's worth of sequences queued ahead (1..60)."""
+        lat = sorted(self.latencies)
+        median = lat[len(lat) // 2] if lat else 1.0
+        ahead = max(0, len(self.waiters) - self.max_batch) / self.max_batch
+        return int(min(60, max(1, math.ceil(median * (1 + ahead)))))
+
+    async def cancel(self, request_id: str) -> int:
+        """Stop the live sequences of ``request_id`` (the caller went away); returns how many.
+
+        They stop at the end of the step that runs now (their slots and KV cache are freed
+        there); their waiting calls end with :class:`Cancelled`. An id not (yet) here is
+        remembered, so that a call overtaken by its cancel is refused when it arrives."""
+        entries = self.requests.get(request_id)
+        if not entries:
+            self.cancelled_early[request_id] = None
+            if len(self.cancelled_early) > CANCELLED_EARLY:
+                del self.cancelled_early[next(iter(self.cancelled_early))]
+            return 0
+        stopped = 0
+        for engine, seq in list(entries):
+            if seq.finished:
+                continue
+            self._abort(engine, seq)
+            stopped += 1
+            q = self.waiters.get(seq.request_id)
+            if q is not None:
+                q.put_nowait(Cancelled(f"request {request_id} was cancelled"))  # type: ignore[arg-type]
+        return stopped
+
+    def _abort(self, engine: Engine, seq: Sequence) -> None:
+        """Stop a live sequence whose caller is gone, and count it."""
+        self.cancelled += 1
+        self.cancel_marks.append((seq, len(seq.output_ids)))
+        with self.has_pending:  # see _run_steps: not handed to the engine after this
+            engine.abort(seq)
+
+    def _cancel_overrun(self) -> int:
+        """Most tokens a recently cancelled sequence generated after its cancel (the step
+        running at the cancel may add one), over those that have stopped."""
+        done = [len(s.output_ids) - n for s, n in list(self.cancel_marks) if s.slot is None]
+        return max(done, default=0)
+
     def _submit(
         self,
         prompt: str | list[int],
@@ -312,9 +422,13 @@ class RouterService:
         trace: bool = False,
         stream: bool = False,
         indices: range = range(1),
+        request_id: str | None = None,
+        total: int | None = None,
     ) -> tuple[list[tuple[Sequence, asyncio.Queue]], Engine]:
-        """Queue one sequence per index (candidates of one request) on the current engine."""
+        """Queue one sequence per index (candidates of one request) on the current engine,
+        if admission lets them in."""
         self._ensure_tasks()
+        self._check_admission(sampling, len(indices), request_id, total)
         # NOTE: the engine is chosen and the requests queued under one lock, so that a switch
         # cannot slip in between and retire the engine they were made for
         with self.has_pending:
@@ -329,10 +443,14 @@ class RouterService:
                 self.waiters[seq.request_id] = q
                 self.pending.append((engine, seq))
                 out.append((seq, q))
+                if request_id is not None:
+                    self.requests.setdefault(request_id, []).append((engine, seq))
             self.has_pending.notify()
         return out, engine
 
-    async def _drain(self, seq: Sequence, q: asyncio.Queue, engine: Engine):
+    async def _drain(
+        self, seq: Sequence, q: asyncio.Queue, engine: Engine, request_id: str | None = None
+    ):
         try:
             while True:
                 item = await q.get()
@@ -343,22 +461,41 @@ class RouterService:
                     return
         finally:
             self.waiters.pop(seq.request_id, None)
-            if not seq.finished:
-                engine.abort(seq)
+            entries = self.requests.get(request_id) if request_id is not None else None
+            if entries is not None:
+                entries[:] = [(e, s) for e, s in entries if s is not seq]
+                if not entries:
+                    del self.requests[request_id]
+            if not seq.finished:  # the call was cancelled (by Ray): stop generating for it
+                self._abort(engine, seq)
 
     async def generate(
-        self, prompt: str | list[int], params: dict[str, Any], routing: bool = False
+        self,
+        prompt: str | list[int],
+        params: dict[str, Any],
+        routing: bool = False,
+        request_id: str | None = None,
+        total: int | None = None,
     ) -> list[dict[str, Any]]:
         """Complete ``prompt``: a list of ``params["n"]`` results (the best of ``best_of``
-        candidates by cumulative logprob), best first when some were dropped."""
+        candidates by cumulative logprob), best first when some were dropped.
+
+        ``request_id`` lets the caller :meth:`cancel` it; ``total`` counts the sequences of the
+        whole request when this call is one of its prompts. Raises :class:`Overloaded` when the
+        router is full, :class:`Cancelled` when it was cancelled."""
         t0 = time.perf_counter()
         sampling = SamplingParams(**params)
         subs, engine = self._submit(
-            prompt, sampling, trace=routing, indices=range(sampling.candidates)
+            prompt,
+            sampling,
+            trace=routing,
+            indices=range(sampling.candidates),
+            request_id=request_id,
+            total=total,
         )
 
         async def drain(seq: Sequence, q: asyncio.Queue) -> None:
-            async for _ in self._drain(seq, q, engine):
+            async for _ in self._drain(seq, q, engine, request_id):
                 pass
 
         await asyncio.gather(*(drain(seq, q) for seq, q in subs))
@@ -367,19 +504,37 @@ class RouterService:
         return [result_of(seq, routing, engine.tokenizer) for seq in chosen]
 
     async def generate_stream(
-        self, prompt: str | list[int], params: dict[str, Any], index: int = 0
+        self,
+        prompt: str | list[int],
+        params: dict[str, Any],
+        index: int = 0,
+        request_id: str | None = None,
+        ack: bool = False,
+        total: int | None = None,
     ):
         """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token
         (with ``"logprobs"`` for that token when asked). One sequence: a stream of ``n`` choices
-        is ``n`` of these, ``index`` 0..n-1 (it seeds the sequence ``seed + index``)."""
+        is ``n`` of these, ``index`` 0..n-1 (it seeds the sequence ``seed + index``).
+
+        ``request_id`` lets the caller :meth:`cancel` it, ``total`` is as in :meth:`generate`;
+        with ``ack`` the first item is
+        ``{"admitted": True}``, sent once admission let the request in (the API waits for it
+        before it answers 200, so that a full router is a 429, not an error mid-stream)."""
         sampling = SamplingParams(**params)
         if sampling.candidates != sampling.n:
             raise ConfigError("best_of", "cannot be streamed: it ranks finished candidates")
         [(seq, q)], engine = self._submit(
-            prompt, sampling, stream=True, indices=range(index, index + 1)
+            prompt,
+            sampling,
+            stream=True,
+            indices=range(index, index + 1),
+            request_id=request_id,
+            total=total,
         )
+        if ack:
+            yield {"admitted": True}
         n_lp, first = 0, True
-        async for out in self._drain(seq, q, engine):
+        async for out in self._drain(seq, q, engine, request_id):
             item = {
                 "text": out.text_delta,
                 "token_id": out.token_id,
@@ -454,6 +609,13 @@ class RouterService:
             "tokens_generated": self.tokens_out,
             "running": sum(v["running"] for v in live),
             "waiting": sum(v["waiting"] for v in live),
+            # admission: sequences held (running + waiting) against max_batch + max_queued
+            "in_flight": len(self.waiters),
+            "max_batch": self.max_batch,
+            "max_queued": self.max_queued,
+            "rejected": self.rejected,
+            "cancelled": self.cancelled,
+            "cancel_overrun_tokens": self._cancel_overrun(),
             "model_version": versions["current"],
             # label -> requests running and waiting on that version (two during an upgrade)
             "versions": {
@@ -478,3 +640,9 @@ class RouterService:
             "node_id": ray.get_runtime_context().get_node_id(),
             "model": asdict(self.engine.cfg),
         }
+
+
+def check_max_queued(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError("max_queued", f"must be an integer >= 0, got {value!r}")
+    return value

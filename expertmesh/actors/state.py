@@ -28,7 +28,7 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform import placement as pl
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.placement import ExpertKey
-from expertmesh.types import RouterTuning
+from expertmesh.types import DEFAULT_MAX_QUEUED, RouterTuning
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class DeploymentSpec:
     router_num_cpus: float = 0.25
     router: RouterTuning = field(default_factory=RouterTuning)  # threads, micro-batches, transport
     max_batch: int = 64
+    max_queued: int = DEFAULT_MAX_QUEUED  # sequences that may wait for a router slot
     call_timeout_s: float = 2.0
     warm_shards: int = 1  # spare shard actors kept started for fast scale-out and healing
     max_shards: int | None = None  # most shards a scale (or the autoscaler) may ask for

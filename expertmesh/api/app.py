@@ -68,7 +68,10 @@ def _version() -> str:
 @serve.deployment(
     name="ApiIngress",
     num_replicas=1,
-    max_ongoing_requests=256,  # streams and batched prompts wait on the router, not on CPU
+    # NOTE: streams and batched prompts wait on the router, not on CPU; and past this Serve
+    # would queue requests itself, without a bound or an answer, where the router's own
+    # admission (max_batch + max_queued sequences, then a 429) should answer them
+    max_ongoing_requests=4096,
     ray_actor_options={"num_cpus": 0.1},  # it waits on actors; shards need the CPUs
 )
 @serve.ingress()
@@ -108,6 +111,7 @@ def start_api(
     *,
     max_body_bytes: int = 1024 * 1024,
     max_prompts: int = 64,
+    max_concurrent_per_token: int | None = None,
 ) -> str:
     """Serve the API on ``host:port`` (loopback unless told otherwise); returns its base URL.
 
@@ -118,13 +122,18 @@ def start_api(
             random one. It is written to ``$EXPERTMESH_HOME/api.json`` (mode 0600).
         max_body_bytes: larger request bodies get 413.
         max_prompts: most prompts one completion request may carry.
+        max_concurrent_per_token: most completion and chat requests one API token may have in
+            flight; more get 429 with ``Retry-After``. None: no limit.
 
     Returns:
         The base URL, e.g. ``"http://127.0.0.1:8000"``.
     """
     token = token or envs.api_token() or secrets.token_urlsafe(24)
     settings = ApiSettings(
-        token_sha256=token_digest(token), max_body_bytes=max_body_bytes, max_prompts=max_prompts
+        token_sha256=token_digest(token),
+        max_body_bytes=max_body_bytes,
+        max_prompts=max_prompts,
+        max_concurrent_per_token=max_concurrent_per_token,
     )
     try:
         serve.start(http_options={"host": host, "port": port})

@@ -7,9 +7,11 @@ health's carries :func:`require_token`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import secrets
 import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -20,7 +22,12 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from expertmesh.actors import names
 from expertmesh.api.errors import ApiError
 from expertmesh.platform.errors import CheckpointError, ConfigError
-from expertmesh.types import CapacityError, ScaleInProgressError, UpgradeInProgressError
+from expertmesh.types import (
+    CapacityError,
+    Overloaded,
+    ScaleInProgressError,
+    UpgradeInProgressError,
+)
 
 NO_MODEL = (
     "no model is deployed; start one with `expertmesh up --model NAME_OR_URI` or "
@@ -46,6 +53,15 @@ class ApiSettings:
     max_body_bytes: int = 1024 * 1024
     max_prompts: int = 64  # prompts per completion request
     model_cache_s: float = 5.0  # how long a looked-up deployed model name is trusted
+    # completions and chat completions one API token may have in flight (None: no limit)
+    max_concurrent_per_token: int | None = None
+
+    def __post_init__(self) -> None:
+        limit = self.max_concurrent_per_token
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise ConfigError("max_concurrent_per_token", f"must be an integer, got {limit!r}")
+        if limit is not None and limit < 1:
+            raise ConfigError("max_concurrent_per_token", f"must be >= 1 or None, got {limit}")
 
 
 @dataclass(kw_only=True, slots=True)
@@ -68,6 +84,7 @@ class Services:
         self.settings = settings
         self._handles: dict[str, ray.actor.ActorHandle] = {}
         self._model: tuple[float, DeployedModel | None] | None = None
+        self.in_flight: dict[str, int] = {}  # token digest -> generation requests running
 
     async def _actor(self, name: str) -> ray.actor.ActorHandle:
         handle = self._handles.get(name)
@@ -97,12 +114,24 @@ class Services:
             headers={"Retry-After": "2"},
         )
 
-    async def stream(self, prompt: str, params: dict[str, Any], index: int = 0) -> Any:
+    async def stream(
+        self, prompt: str, params: dict[str, Any], index: int, request_id: str, total: int
+    ) -> Any:
         """The router's per-token generator (an async iterator of object refs) for choice
-        ``index`` of ``prompt``."""
+        ``index`` of ``prompt``, one of ``total`` sequences of the request; its first item says
+        the router admitted it."""
         handle = await self._actor(names.ROUTER)
         gen = handle.generate_stream.options(num_returns="streaming")
-        return gen.remote(prompt, params, index)
+        return gen.remote(prompt, params, index, request_id, True, total)
+
+    def cancel(self, request_id: str) -> None:
+        """Tell the router to stop ``request_id``'s sequences (its client went away).
+
+        Fire and forget: it runs while the caller is being cancelled, so it awaits nothing."""
+        handle = self._handles.get(names.ROUTER)
+        if handle is not None:
+            with contextlib.suppress(Exception):
+                handle.cancel.remote(request_id)
 
     async def has_router(self) -> bool:
         """Whether a router is up now (a fresh lookup: the cached handle may be of a dead one)."""
@@ -161,6 +190,8 @@ def as_api_error(exc: BaseException) -> ApiError:
         return ApiError(409, str(exc))
     if isinstance(exc, CapacityError):
         return ApiError(409, str(exc), param="shards")
+    if isinstance(exc, Overloaded):
+        return ApiError(429, str(exc), headers={"Retry-After": str(exc.retry_after)})
     if isinstance(exc, LookupError):  # a registered model or version that does not exist
         return ApiError(404, str(exc).strip("'\""), param="model")
     if isinstance(exc, CheckpointError):
@@ -176,8 +207,16 @@ def get_settings(request: Request) -> ApiSettings:
     return request.app.state.services.settings
 
 
+def after_response() -> Iterator[contextlib.ExitStack]:
+    """Callbacks to run once the response has been sent, or abandoned (the client went away
+    before or while it streamed): FastAPI closes this dependency after the response."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
 ServicesDep = Annotated[Services, Depends(get_services)]
 SettingsDep = Annotated[ApiSettings, Depends(get_settings)]
+AfterResponseDep = Annotated[contextlib.ExitStack, Depends(after_response)]
 
 HOW_TO_AUTH = (
     "send the API token as 'Authorization: Bearer <token>' (`expertmesh up` prints it; it is "
@@ -207,6 +246,37 @@ async def require_token(
     given = token_digest(token.strip())
     if not secrets.compare_digest(given, settings.token_sha256):
         raise ApiError(401, f"invalid API token: {HOW_TO_AUTH}", headers=challenge)
+
+
+async def token_slot(request: Request, services: ServicesDep) -> AsyncIterator[None]:
+    """Hold one of the token's ``max_concurrent_per_token`` generation slots for the request
+    (released once its response, streamed or not, has been sent); 429 if none is free.
+
+    NOTE: counted per API replica (the app runs one by default); the router's own queue bound
+    (``max_queued``) is the deployment-wide one."""
+    limit = services.settings.max_concurrent_per_token
+    if limit is None:
+        yield
+        return
+    # require_token ran first: the header holds a valid bearer token
+    key = token_digest(request.headers["authorization"].partition(" ")[2].strip())
+    held = services.in_flight.get(key, 0)
+    if held >= limit:
+        raise ApiError(
+            429,
+            f"this API token has {held} completion requests in flight, its limit "
+            f"(max_concurrent_per_token={limit}); wait for one to finish",
+            headers={"Retry-After": "1"},
+        )
+    services.in_flight[key] = held + 1
+    try:
+        yield
+    finally:
+        left = services.in_flight[key] - 1
+        if left:
+            services.in_flight[key] = left
+        else:
+            del services.in_flight[key]
 
 
 async def reject_unknown_query(request: Request) -> None:

@@ -25,6 +25,7 @@ ERROR_TYPES = {
     405: "invalid_request_error",
     409: "conflict_error",
     413: "request_too_large",
+    429: "rate_limit_exceeded",
     503: "service_unavailable",
 }
 

@@ -15,8 +15,9 @@ from typing import Any
 import ray
 
 from expertmesh.actors import names
-from expertmesh.api.deps import Services
+from expertmesh.api.deps import Services, as_api_error
 from expertmesh.api.errors import ApiError
+from expertmesh.api.schemas import ErrorResponse
 
 # The 200 response of a route that can stream: JSON, or server-sent events with ``stream``.
 STREAMABLE = {
@@ -36,6 +37,27 @@ STREAMABLE = {
         },
     }
 }
+
+
+# What a generation route answers beyond its 200: the router's or the token's limit is full.
+GENERATION_ERRORS: dict[int | str, dict[str, Any]] = {
+    429: {
+        "model": ErrorResponse,
+        "description": "Over an admission limit (the deployment's queue, max_queued, or the "
+        "API token's max_concurrent_per_token): nothing ran; retry after Retry-After seconds",
+        "headers": {
+            "Retry-After": {
+                "description": "whole seconds to wait before retrying",
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    }
+}
+
+
+def candidates(params: dict[str, Any]) -> int:
+    """Sequences the router runs per prompt: ``best_of``, else ``n``."""
+    return params.get("best_of") or params.get("n", 1)
 
 
 def finish_reason(reason: str | None) -> str | None:
@@ -65,14 +87,30 @@ async def validate_prompts(
 
 
 async def generate(
-    services: Services, prompts: list[str], params: dict[str, Any], routing: bool = False
+    services: Services,
+    prompts: list[str],
+    params: dict[str, Any],
+    request_id: str,
+    routing: bool = False,
 ) -> list[list[dict[str, Any]]]:
-    """Per prompt, the router's ``n`` results (all prompts at once: they share its steps)."""
-    return list(
-        await asyncio.gather(
-            *(services.call(names.ROUTER, "generate", p, params, routing) for p in prompts)
+    """Per prompt, the router's ``n`` results (all prompts at once: they share its steps).
+
+    If one prompt fails (the router refused it: full) or the client goes away (Serve cancels
+    this coroutine), the router stops the request's other sequences at once."""
+    total = len(prompts) * candidates(params)
+    calls = [
+        asyncio.ensure_future(
+            services.call(names.ROUTER, "generate", p, params, routing, request_id, total)
         )
-    )
+        for p in prompts
+    ]
+    try:
+        return list(await asyncio.gather(*calls))
+    except BaseException:
+        for c in calls:
+            c.cancel()
+        services.cancel(request_id)
+        raise
 
 
 @dataclass(kw_only=True, slots=True)
@@ -89,25 +127,73 @@ class Piece:
     first: bool = False
 
 
-async def stream_pieces(
-    services: Services, prompts: list[str], params: dict[str, Any]
-) -> AsyncIterator[Piece]:
-    """Every choice's pieces as they come, interleaved; raises the first failure.
+class PieceStream:
+    """Every choice's pieces as they come, interleaved (``async for``); raises the first
+    failure. :func:`open_stream` makes one; :meth:`close` stops what is left of it."""
+
+    def __init__(
+        self,
+        services: Services,
+        request_id: str,
+        queue: asyncio.Queue[Piece | BaseException | None],
+        tasks: list[asyncio.Task],
+        choices: int,
+    ) -> None:
+        self.services, self.request_id = services, request_id
+        self.queue, self.tasks, self.choices = queue, tasks, choices
+        self.done = False
+
+    async def __aiter__(self) -> AsyncIterator[Piece]:
+        try:
+            open_choices = self.choices
+            while open_choices:
+                item = await self.queue.get()
+                if item is None:
+                    open_choices -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+            self.done = True
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Cancel the choices' calls; unless all ended, the router stops the request too."""
+        for t in self.tasks:
+            t.cancel()
+        if not self.done:
+            self.done = True
+            self.services.cancel(self.request_id)
+
+
+async def open_stream(
+    services: Services, prompts: list[str], params: dict[str, Any], request_id: str
+) -> PieceStream:
+    """Start streaming every choice of ``prompts``; returns once the router admitted them all
+    (so that its refusal, e.g. a full queue, is raised here, before the response starts).
 
     With ``best_of > n`` the candidates must finish before they can be ranked, so each chosen
-    choice arrives as one piece (vLLM refuses such streams; this answers them, late).
+    choice arrives as one piece (vLLM refuses such streams; this answers them, late), and a
+    refusal of those arrives in the stream.
     """
     n = params.get("n", 1)
-    ranked = (params.get("best_of") or n) > n
+    ranked = candidates(params) > n
+    total = len(prompts) * candidates(params)
     queue: asyncio.Queue[Piece | BaseException | None] = asyncio.Queue()
+    admitted: asyncio.Queue[BaseException | None] = asyncio.Queue()  # one item per choice
 
     async def pump(i: int, prompt: str, j: int) -> None:
-        gen = None
+        gen, acked = None, False
         try:
-            gen = await services.stream(prompt, params, j)
+            gen = await services.stream(prompt, params, j, request_id, total)
             first = True
             async for ref in gen:
                 item = await ref
+                if not acked:  # the router's first item: it admitted the choice
+                    acked = True
+                    admitted.put_nowait(None)
+                    continue
                 await queue.put(
                     Piece(
                         index=i * n + j,
@@ -127,11 +213,15 @@ async def stream_pieces(
                     ray.cancel(gen)
             raise
         except Exception as exc:
-            await queue.put(exc)
+            if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+                exc = exc.cause
+            (queue if acked else admitted).put_nowait(exc)
 
     async def whole(i: int, prompt: str) -> None:
         try:
-            results = await services.call(names.ROUTER, "generate", prompt, params, False)
+            results = await services.call(
+                names.ROUTER, "generate", prompt, params, False, request_id, total
+            )
         except Exception as exc:
             await queue.put(exc)
             return
@@ -155,16 +245,13 @@ async def stream_pieces(
         tasks = [
             asyncio.create_task(pump(i, p, j)) for i, p in enumerate(prompts) for j in range(n)
         ]
+    stream = PieceStream(services, request_id, queue, tasks, len(prompts) * n)
     try:
-        open_choices = len(prompts) * n
-        while open_choices:
-            item = await queue.get()
-            if item is None:
-                open_choices -= 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-    finally:
-        for t in tasks:
-            t.cancel()
+        for _ in range(0 if ranked else len(tasks)):
+            refused = await admitted.get()
+            if refused is not None:
+                raise as_api_error(refused)
+    except BaseException:
+        stream.close()
+        raise
+    return stream

@@ -30,6 +30,7 @@ from ray.serve import Application
 
 from expertmesh import envs
 from expertmesh.platform.errors import ConfigError
+from expertmesh.types import DEFAULT_MAX_QUEUED, ClusterError
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class ServeAppArgs:
     model_wait_s: float = 0.0
     max_body_bytes: int = 1024 * 1024
     max_prompts: int = 64
+    max_queued: int = DEFAULT_MAX_QUEUED  # sequences waiting for a router slot; beyond: 429
+    max_concurrent_per_token: int | None = None  # requests in flight per API token; beyond: 429
 
     def __post_init__(self) -> None:
         if not self.model or "/" in self.model or ":" in self.model:
@@ -65,6 +68,11 @@ class ServeAppArgs:
             raise ConfigError("max_shards", f"must be >= shards ({self.shards})")
         if self.num_cpus < 0 or self.num_gpus < 0 or self.model_wait_s < 0:
             raise ConfigError("num_cpus/num_gpus/model_wait_s", "must be >= 0")
+        if self.max_queued < 0:
+            raise ConfigError("max_queued", f"must be >= 0, got {self.max_queued}")
+        limit = self.max_concurrent_per_token
+        if limit is not None and limit < 1:
+            raise ConfigError("max_concurrent_per_token", f"must be >= 1 or null, got {limit}")
         if self.version is not None:
             self.version = str(self.version)
 
@@ -137,7 +145,13 @@ def build_app(args: dict[str, Any]) -> Application:
             resources=opts.resources or None,
             warm_shards=opts.warm_shards,
             max_shards=opts.max_shards,  # bounds scale requests too, not only the autoscaler
+            max_queued=opts.max_queued,
         )
+    else:  # the same model: only the queue bound may have changed
+        try:
+            cluster.set_max_queued(opts.max_queued)
+        except ClusterError as exc:  # no router: nothing to bound
+            log.warning("max_queued not applied: %s", exc)
     cluster.autoscale(
         enabled=opts.autoscale,
         min_shards=min(opts.replicas, opts.shards),
@@ -147,5 +161,6 @@ def build_app(args: dict[str, Any]) -> Application:
         token_sha256=token_digest(token),
         max_body_bytes=opts.max_body_bytes,
         max_prompts=opts.max_prompts,
+        max_concurrent_per_token=opts.max_concurrent_per_token,
     )
     return ApiIngress.bind(settings)

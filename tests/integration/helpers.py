@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import ModelConfig
 from expertmesh.platform.model import MoETransformer
+from expertmesh.runtime import free_port
 
 TEXT = [
     "To be, or not to be, that is the question: whether tis nobler in the mind to suffer",
@@ -71,3 +80,46 @@ def tiny_checkpoint(
     return ckpt.save_checkpoint(
         str(root), "v1", model, tokenizer_path=str(tok_path), chat_template=chat_template
     )
+
+
+@contextlib.contextmanager
+def api_cluster(
+    uri: str,
+    token: str,
+    *,
+    prefix: str = "emapi-",
+    deploy: dict[str, Any] | None = None,
+    serve: dict[str, Any] | None = None,
+) -> Iterator[tuple[Any, str]]:
+    """A local Ray cluster of its own serving ``uri`` (2 shards x 1 replica unless ``deploy``
+    says otherwise) and the HTTP API on a free port: ``(cluster, url)``; all stopped after."""
+    import expertmesh
+
+    # NOTE: Ray's own temp folder: in a shared one, ray.init() joins whatever cluster another
+    # session started there last (its ray_current_cluster file) instead of starting ours
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as ray_tmp,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)
+        cluster = expertmesh.connect()
+        try:
+            cluster.deploy(uri, **({"shards": 2, "replicas": 1} | (deploy or {})))
+            yield cluster, cluster.serve(port=free_port(), token=token, **(serve or {}))
+        finally:
+            cluster.shutdown()
+
+
+@contextlib.contextmanager
+def unread_request(url: str, token: str, path: str, body: dict[str, Any]) -> Iterator[None]:
+    """POST ``body`` on a raw socket and read nothing back; leaving the block hangs up (a
+    client that goes away mid-request, which httpx cannot do on purpose)."""
+    payload = json.dumps(body).encode()
+    u = httpx.URL(url)
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {u.host}\r\nAuthorization: Bearer {token}"
+        f"\r\nContent-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    with socket.create_connection((u.host, u.port)) as sock:
+        sock.sendall(head.encode() + payload)
+        yield

@@ -26,8 +26,8 @@ from schemathesis.specs.openapi.checks import (
 
 import expertmesh
 from expertmesh.platform import chat
+from expertmesh.runtime import free_port
 from tests.integration.helpers import tiny_checkpoint
-from tests.integration.test_api import free_port
 
 pytestmark = pytest.mark.integration
 

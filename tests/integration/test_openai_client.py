@@ -21,8 +21,8 @@ from expertmesh.platform.engine import Engine
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.sampling import SamplingParams
+from expertmesh.runtime import free_port
 from tests.integration.helpers import PROMPTS, tiny_checkpoint
-from tests.integration.test_api import free_port
 
 pytestmark = pytest.mark.integration
 

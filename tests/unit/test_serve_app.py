@@ -25,6 +25,8 @@ def test_args_as_a_serve_config_gives_them() -> None:
         ({"model": "m", "shards": 0}, "must be >= 1"),
         ({"model": "m", "shards": 8, "max_shards": 4}, "must be >= shards"),
         ({"model": "m", "num_gpus": -0.5}, "must be >= 0"),
+        ({"model": "m", "max_queued": -1}, "max_queued: must be >= 0"),
+        ({"model": "m", "max_concurrent_per_token": 0}, "max_concurrent_per_token: must be >= 1"),
     ],
 )
 def test_bad_args_fail_naming_the_field(args: dict, message: str) -> None:

@@ -15,9 +15,24 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from expertmesh.actors import names
-from expertmesh.api.deps import Services, ServicesDep, as_api_error, require_token
+from expertmesh.api.deps import (
+    AfterResponseDep,
+    Services,
+    ServicesDep,
+    as_api_error,
+    require_token,
+    token_slot,
+)
 from expertmesh.api.errors import ApiError, error_body
-from expertmesh.api.generation import STREAMABLE, finish_reason, generate, sse, stream_pieces
+from expertmesh.api.generation import (
+    GENERATION_ERRORS,
+    STREAMABLE,
+    PieceStream,
+    finish_reason,
+    generate,
+    open_stream,
+    sse,
+)
 from expertmesh.api.routes.completions import common_params
 from expertmesh.api.schemas import (
     ChatChoice,
@@ -83,26 +98,34 @@ async def chat_params(body: ChatCompletionRequest, services: Services) -> tuple[
     return prompt, params, rendered["prompt_tokens"]
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=STREAMABLE)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletionResponse,
+    responses=STREAMABLE | GENERATION_ERRORS,
+    dependencies=[Depends(token_slot)],
+)
 async def create_chat_completion(
-    body: ChatCompletionRequest, services: ServicesDep
+    body: ChatCompletionRequest, services: ServicesDep, after_response: AfterResponseDep
 ) -> ChatCompletionResponse | StreamingResponse:
-    """Answer a conversation (OpenAI ``chat.completion``); ``stream`` sends SSE chunks."""
+    """Answer a conversation (OpenAI ``chat.completion``); ``stream`` sends SSE chunks.
+
+    429 with ``Retry-After`` when the deployment's queue is full or the token has its most
+    requests in flight; a client that hangs up stops its generation."""
     model = await services.require_model(body.model)
     prompt, params, prompt_tokens = await chat_params(body, services)
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     head = ChatCompletionChunk(id=cid, created=int(time.time()), model=model.name, choices=[])
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = chat_events(
-            services, prompt, params, head, prompt_tokens if include_usage else None
-        )
+        pieces = await open_stream(services, [prompt], params, cid)
+        after_response.callback(pieces.close)
+        events = chat_events(pieces, head, prompt_tokens if include_usage else None)
         return StreamingResponse(
             events,
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    (results,) = await generate(services, [prompt], params)
+    (results,) = await generate(services, [prompt], params, cid)
     choices = [
         ChatChoice(
             index=j,
@@ -127,9 +150,7 @@ async def create_chat_completion(
 
 
 async def chat_events(
-    services: Services,
-    prompt: str,
-    params: dict[str, Any],
+    pieces: PieceStream,
     head: ChatCompletionChunk,
     prompt_tokens: int | None,
 ) -> AsyncIterator[bytes]:
@@ -140,7 +161,7 @@ async def chat_events(
 
     completion_tokens = 0
     try:
-        async for piece in stream_pieces(services, [prompt], params):
+        async for piece in pieces:
             if piece.first:
                 role = ChatDelta(role="assistant", content="")
                 yield chunk(ChatChunkChoice(index=piece.index, delta=role, finish_reason=None))

@@ -16,20 +16,23 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import StreamingResponse
 
 from expertmesh.api.deps import (
+    AfterResponseDep,
     ApiSettings,
-    Services,
     ServicesDep,
     SettingsDep,
     as_api_error,
     require_token,
+    token_slot,
 )
 from expertmesh.api.errors import ApiError, error_body
 from expertmesh.api.generation import (
+    GENERATION_ERRORS,
     STREAMABLE,
+    PieceStream,
     finish_reason,
     generate,
+    open_stream,
     sse,
-    stream_pieces,
     validate_prompts,
 )
 from expertmesh.api.schemas import (
@@ -124,11 +127,22 @@ def completion_logprobs(parts: list[dict[str, Any] | None], start: int = 0) -> C
     )
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=STREAMABLE)
+@router.post(
+    "/v1/completions",
+    response_model=CompletionResponse,
+    responses=STREAMABLE | GENERATION_ERRORS,
+    dependencies=[Depends(token_slot)],
+)
 async def create_completion(
-    body: CompletionRequest, services: ServicesDep, settings: SettingsDep
+    body: CompletionRequest,
+    services: ServicesDep,
+    settings: SettingsDep,
+    after_response: AfterResponseDep,
 ) -> CompletionResponse | StreamingResponse:
-    """Complete one prompt or a list (OpenAI ``text_completion``); ``stream`` sends SSE."""
+    """Complete one prompt or a list (OpenAI ``text_completion``); ``stream`` sends SSE.
+
+    429 with ``Retry-After`` when the deployment's queue is full or the token has its most
+    requests in flight; a client that hangs up stops its generation."""
     prompts = check_request(body, settings)
     model = await services.require_model(body.model)
     params = sampling_params(body)
@@ -137,11 +151,12 @@ async def create_completion(
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        pieces = await open_stream(services, prompts, params, cid)
+        after_response.callback(pieces.close)
         events = stream_events(
-            services,
+            pieces,
             body,
             prompts,
-            params,
             CompletionChunk(id=cid, created=created, model=model.name, choices=[]),
             prompt_tokens=prompt_tokens if include_usage else None,
         )
@@ -150,7 +165,7 @@ async def create_completion(
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    results = await generate(services, prompts, params, body.expertmesh_routing)
+    results = await generate(services, prompts, params, cid, body.expertmesh_routing)
     choices = []
     for i, (prompt, per_prompt) in enumerate(zip(prompts, results, strict=True)):
         for j, r in enumerate(per_prompt):
@@ -185,10 +200,9 @@ async def create_completion(
 
 
 async def stream_events(
-    services: Services,
+    pieces: PieceStream,
     body: CompletionRequest,
     prompts: list[str],
-    params: dict[str, Any],
     head: CompletionChunk,
     *,
     prompt_tokens: list[int] | None,
@@ -213,7 +227,7 @@ async def stream_events(
         return sse(head.model_copy(update={"choices": [choice]}).model_dump())
 
     try:
-        async for piece in stream_pieces(services, prompts, params):
+        async for piece in pieces:
             want_lp = body.logprobs is not None
             if piece.first and body.echo:
                 prompt = prompts[piece.index // body.n]
