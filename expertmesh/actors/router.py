@@ -511,10 +511,15 @@ class RouterService:
         request_id: str | None = None,
         ack: bool = False,
         total: int | None = None,
+        routing: bool = False,
     ):
         """Yields ``{"text": delta, "token_id": id, "finish_reason": ...}`` per generated token
         (with ``"logprobs"`` for that token when asked). One sequence: a stream of ``n`` choices
         is ``n`` of these, ``index`` 0..n-1 (it seeds the sequence ``seed + index``).
+
+        With ``routing`` each item carries ``"token_experts"``: the experts of the tokens fed
+        since the last item (the prompt's with the first), so that the items together hold
+        the non-streamed result's list; the last item adds ``"expert_counts"``.
 
         ``request_id`` lets the caller :meth:`cancel` it, ``total`` is as in :meth:`generate`;
         with ``ack`` the first item is
@@ -526,6 +531,7 @@ class RouterService:
         [(seq, q)], engine = self._submit(
             prompt,
             sampling,
+            trace=routing,
             stream=True,
             indices=range(index, index + 1),
             request_id=request_id,
@@ -533,7 +539,7 @@ class RouterService:
         )
         if ack:
             yield {"admitted": True}
-        n_lp, first = 0, True
+        n_lp, n_traced, first = 0, 0, True
         async for out in self._drain(seq, q, engine, request_id):
             item = {
                 "text": out.text_delta,
@@ -561,6 +567,14 @@ class RouterService:
                     seq.top_logprobs[n_lp : n_lp + len(ids)],
                 )
                 n_lp += len(ids)
+            if routing:
+                # NOTE: what was fed by now (a queued item may be sent a step late), so that
+                # no token's experts are sent twice or lost
+                traced = list(seq.token_experts)
+                item["token_experts"] = traced[n_traced:]
+                n_traced = len(traced)
+                if out.finished and seq.expert_counts is not None:
+                    item["expert_counts"] = seq.expert_counts.tolist()
             first = False
             yield item
 

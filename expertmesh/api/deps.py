@@ -115,14 +115,20 @@ class Services:
         )
 
     async def stream(
-        self, prompt: str, params: dict[str, Any], index: int, request_id: str, total: int
+        self,
+        prompt: str,
+        params: dict[str, Any],
+        index: int,
+        request_id: str,
+        total: int,
+        routing: bool = False,
     ) -> Any:
         """The router's per-token generator (an async iterator of object refs) for choice
         ``index`` of ``prompt``, one of ``total`` sequences of the request; its first item says
-        the router admitted it."""
+        the router admitted it. ``routing``: items carry the experts of their tokens."""
         handle = await self._actor(names.ROUTER)
         gen = handle.generate_stream.options(num_returns="streaming")
-        return gen.remote(prompt, params, index, request_id, True, total)
+        return gen.remote(prompt, params, index, request_id, True, total, routing)
 
     def cancel(self, request_id: str) -> None:
         """Tell the router to stop ``request_id``'s sequences (its client went away).

@@ -125,6 +125,9 @@ class Piece:
     logprobs: dict[str, Any] | None = None  # tokens / token_logprobs / top_logprobs
     prompt_logprobs: dict[str, Any] | None = None  # on a choice's first piece, when asked
     first: bool = False
+    # with routing: the experts of the tokens fed since the last piece; on the last, the counts
+    token_experts: list[list[list[int]]] | None = None
+    expert_counts: list[list[int]] | None = None
 
 
 class PieceStream:
@@ -168,14 +171,19 @@ class PieceStream:
 
 
 async def open_stream(
-    services: Services, prompts: list[str], params: dict[str, Any], request_id: str
+    services: Services,
+    prompts: list[str],
+    params: dict[str, Any],
+    request_id: str,
+    routing: bool = False,
 ) -> PieceStream:
     """Start streaming every choice of ``prompts``; returns once the router admitted them all
     (so that its refusal, e.g. a full queue, is raised here, before the response starts).
 
     With ``best_of > n`` the candidates must finish before they can be ranked, so each chosen
     choice arrives as one piece (vLLM refuses such streams; this answers them, late), and a
-    refusal of those arrives in the stream.
+    refusal of those arrives in the stream. ``routing``: pieces carry the experts of their
+    tokens (:meth:`RouterService.generate_stream`).
     """
     n = params.get("n", 1)
     ranked = candidates(params) > n
@@ -186,7 +194,7 @@ async def open_stream(
     async def pump(i: int, prompt: str, j: int) -> None:
         gen, acked = None, False
         try:
-            gen = await services.stream(prompt, params, j, request_id, total)
+            gen = await services.stream(prompt, params, j, request_id, total, routing)
             first = True
             async for ref in gen:
                 item = await ref
@@ -203,6 +211,8 @@ async def open_stream(
                         logprobs=item.get("logprobs"),
                         prompt_logprobs=item.get("prompt_logprobs"),
                         first=first,
+                        token_experts=item.get("token_experts"),
+                        expert_counts=item.get("expert_counts"),
                     )
                 )
                 first = False
@@ -220,7 +230,7 @@ async def open_stream(
     async def whole(i: int, prompt: str) -> None:
         try:
             results = await services.call(
-                names.ROUTER, "generate", prompt, params, False, request_id, total
+                names.ROUTER, "generate", prompt, params, routing, request_id, total
             )
         except Exception as exc:
             await queue.put(exc)
@@ -235,6 +245,8 @@ async def open_stream(
                     logprobs=r.get("logprobs"),
                     prompt_logprobs=r.get("prompt_logprobs"),
                     first=True,
+                    token_experts=r.get("token_experts"),
+                    expert_counts=r.get("expert_counts"),
                 )
             )
             await queue.put(None)

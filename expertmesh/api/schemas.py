@@ -110,7 +110,9 @@ class CompletionRequest(SamplingFields):
     )
     return_token_ids: StrictBool = False
     expertmesh_routing: StrictBool = Field(
-        False, description="report the experts that served each token; not with stream"
+        False,
+        description="report the experts that served each token (streamed: each chunk those "
+        "of its tokens, the last the counts)",
     )
 
     def prompts(self) -> list[str]:
@@ -164,6 +166,9 @@ class CompletionChunkChoice(BaseModel):
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
     token_ids: list[int] | None = None
+    # with expertmesh_routing: the experts of the tokens fed since the choice's last chunk
+    # (the prompt's with the first); expert_counts on its last chunk
+    expertmesh_routing: Routing | None = None
 
 
 class CompletionChunk(BaseModel):

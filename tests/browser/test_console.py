@@ -104,6 +104,11 @@ def test_load_heatmap_has_a_cell_per_expert_and_goes_live(live: Live, watched: W
 def test_playground_streams_and_its_trace_is_the_apis(live: Live, watched: Watched) -> None:
     sign_in(watched, live, "playground")
     page = watched.page
+    completions: list[dict] = []  # every completion request the page makes
+    page.on(
+        "request",
+        lambda r: r.url.endswith("/v1/completions") and completions.append(json.loads(r.post_data)),
+    )
     panels = [page.get_by_test_id("panel-a"), page.get_by_test_id("panel-b")]
     for panel in panels:
         panel.get_by_test_id("max-tokens").fill("8")
@@ -124,6 +129,9 @@ def test_playground_streams_and_its_trace_is_the_apis(live: Live, watched: Watch
         assert panel.get_by_test_id("output").inner_text().endswith(api["choices"][0]["text"])
         n_fed = len(routing["token_experts"])
         assert panel.get_by_test_id("trace-cell").count() == n_fed * len(routing["expert_counts"])
+    # one streamed request per panel, the trace its own: none asked again
+    assert len(completions) == 2
+    assert all(c["stream"] and c["expertmesh_routing"] for c in completions)
     shot(watched, live, "playground")
     watched.assert_clean()
 

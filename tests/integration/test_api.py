@@ -108,6 +108,30 @@ def test_routing_extension_reports_experts(served: Served) -> None:
     assert routing["token_experts"] and all(len(t) == 2 for t in routing["token_experts"])
 
 
+def test_routing_streams_with_the_tokens(served: Served) -> None:
+    """Streamed, each chunk carries its tokens' experts; together they are what the same
+    request reports non-streamed (the console's playground draws its trace from them)."""
+    request = {"model": MODEL, "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0}
+    request |= {"ignore_eos": True, "expertmesh_routing": True, "return_token_ids": True}
+    whole = served.http.post("/v1/completions", json=request, headers=AUTH).json()
+    want = whole["choices"][0]["expertmesh_routing"]
+    with served.http.stream(
+        "POST", "/v1/completions", json=request | {"stream": True}, headers=AUTH
+    ) as resp:
+        assert resp.status_code == 200
+        raw = resp.read().decode()
+    events = [e.removeprefix("data: ") for e in raw.split("\n\n") if e]
+    chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
+    # (by token: a stream holds back the bytes of an unfinished UTF-8 character at the end)
+    assert [t for c in chunks for t in c["token_ids"]] == whole["choices"][0]["token_ids"]
+    routings = [c["expertmesh_routing"] for c in chunks]
+    assert [t for r in routings for t in r["token_experts"]] == want["token_experts"]
+    # the prompt's tokens come with the first chunk; the counts only with the last
+    assert len(routings[0]["token_experts"]) >= whole["usage"]["prompt_tokens"]
+    assert [r["expert_counts"] for r in routings[:-1]] == [None] * (len(routings) - 1)
+    assert routings[-1]["expert_counts"] == want["expert_counts"]
+
+
 def test_stream_sends_sse_chunks_and_done(served: Served) -> None:
     body = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0}
     body |= {"stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}

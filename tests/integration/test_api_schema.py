@@ -36,9 +36,9 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_EXAMPLES = 12
 # 400s a schema-valid request may still get, because JSON Schema cannot say them: a prompt
 # longer than the model's context with max_tokens (param "prompt"), best_of < n ("best_of"),
-# max_tokens and max_completion_tokens both given, top_logprobs without logprobs, routing asked
-# of a stream. Each is described on its field in the schema.
-CROSS_FIELD = {"prompt", "best_of", "max_completion_tokens", "top_logprobs", "expertmesh_routing"}
+# max_tokens and max_completion_tokens both given, top_logprobs without logprobs. Each is
+# described on its field in the schema.
+CROSS_FIELD = {"prompt", "best_of", "max_completion_tokens", "top_logprobs"}
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,16 @@
 import { useState } from "preact/hooks";
-import { api, expertColour, headers, html, signOut } from "../api.js";
+import { expertColour, headers, html, signOut } from "../api.js";
 
-// POST /v1/completions with stream=true; calls onText(piece) per server-sent event
+// POST /v1/completions with stream=true and the routing extension; calls onText(piece) per
+// server-sent event. Returns the pieces, the experts of every fed token (each chunk brings its
+// tokens'; the last the per-expert counts) and the usage.
 async function stream(body, onText) {
   const resp = await fetch("/v1/completions", {
     method: "POST",
     headers: headers({ "Content-Type": "application/json" }),
-    body: JSON.stringify({ ...body, stream: true }),
+    body: JSON.stringify({
+      ...body, stream: true, expertmesh_routing: true, stream_options: { include_usage: true },
+    }),
   });
   if (!resp.ok) {
     const message = (await resp.json()).error.message;
@@ -15,7 +19,7 @@ async function stream(body, onText) {
   }
   const reader = resp.body.pipeThrough(new TextDecoderStream()).getReader();
   let buf = "";
-  const pieces = [];
+  const out = { pieces: [], trace: { token_experts: [], expert_counts: null }, usage: null };
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -24,16 +28,22 @@ async function stream(body, onText) {
     while ((cut = buf.indexOf("\n\n")) >= 0) {
       const line = buf.slice(0, cut).replace(/^data: /, "");
       buf = buf.slice(cut + 2);
-      if (line === "[DONE]") return pieces;
+      if (line === "[DONE]") return out;
       const chunk = JSON.parse(line);
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.usage) out.usage = chunk.usage;
       for (const c of chunk.choices) {
-        pieces.push(c.text);
+        out.pieces.push(c.text);
         onText(c.text);
+        const r = c.expertmesh_routing;
+        if (r) {
+          out.trace.token_experts.push(...r.token_experts);
+          if (r.expert_counts) out.trace.expert_counts = r.expert_counts;
+        }
       }
     }
   }
-  return pieces;
+  return out;
 }
 
 function TraceGrid({ trace, pieces, promptTokens, nExperts }) {
@@ -80,20 +90,16 @@ function Panel({ id, initial }) {
     const body = { prompt, ...params, ignore_eos: true };
     try {
       let acc = "";
-      const pieces = await stream(body, (t) => { acc += t; setText(acc); });
-      setState("tracing");
-      // NOTE: the API reports routing on non-streamed requests only; the same request (greedy
-      // or seeded) is asked again with expertmesh_routing to get which experts served each token
-      const out = await api.post("/v1/completions", { ...body, expertmesh_routing: true, return_token_ids: true });
-      const choice = out.choices[0];
-      setResult({ pieces, body, choice, same: choice.text === acc });
+      const out = await stream(body, (t) => { acc += t; setText(acc); });
+      // the trace is the streamed request's own: no second request
+      setResult({ pieces: out.pieces, body, trace: out.trace, promptTokens: out.usage.prompt_tokens });
       setState("done");
     } catch (e) {
       setError(e.message);
       setState("");
     }
   };
-  const trace = result && result.choice.expertmesh_routing;
+  const trace = result && result.trace;
   const nExperts = trace ? Math.max(...trace.expert_counts.map((l) => l.length)) : 0;
   return html`
     <section class="card panel" data-testid="panel-${id}">
@@ -103,16 +109,15 @@ function Panel({ id, initial }) {
         <label>temperature <input type="number" step="0.1" min="0" value=${params.temperature} onInput=${set("temperature")} /></label>
         <label>top p <input type="number" step="0.05" min="0" max="1" value=${params.top_p} onInput=${set("top_p")} /></label>
         <label>seed <input type="number" value=${params.seed} onInput=${set("seed")} /></label>
-        <button onClick=${run} disabled=${state === "streaming" || state === "tracing"} data-testid="run">Generate</button>
+        <button onClick=${run} disabled=${state === "streaming"} data-testid="run">Generate</button>
       </div>
       ${error && html`<p class="error">${error}</p>`}
       <pre class="output" data-testid="output" data-state=${state}><span class="muted">${prompt}</span>${text}</pre>
-      ${result && !result.same && html`<p class="error small">The traced request generated different text (sampling without a seed?).</p>`}
       ${trace && html`
         <h4>Expert histogram of this request</h4>
         <${Histogram} counts=${trace.expert_counts} nExperts=${nExperts} />
         <h4>Experts per token and layer (colour: first expert)</h4>
-        <${TraceGrid} trace=${trace} pieces=${result.pieces} promptTokens=${result.choice.prompt_tokens} nExperts=${nExperts} />
+        <${TraceGrid} trace=${trace} pieces=${result.pieces} promptTokens=${result.promptTokens} nExperts=${nExperts} />
         <pre hidden data-testid="trace-json">${JSON.stringify({ request: result.body, routing: trace })}</pre>`}
     </section>`;
 }

@@ -91,13 +91,6 @@ def check_request(body: CompletionRequest, settings: ApiSettings) -> list[str]:
             f"{settings.max_prompts}, so split them over several requests",
             param="prompt",
         )
-    if body.stream and body.expertmesh_routing:
-        raise ApiError(
-            400,
-            "expertmesh_routing: routing is reported by non-streamed requests only; "
-            "set stream=false",
-            param="expertmesh_routing",
-        )
     return prompts
 
 
@@ -151,7 +144,7 @@ async def create_completion(
     created = int(time.time())
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        pieces = await open_stream(services, prompts, params, cid)
+        pieces = await open_stream(services, prompts, params, cid, body.expertmesh_routing)
         after_response.callback(pieces.close)
         events = stream_events(
             pieces,
@@ -215,13 +208,16 @@ async def stream_events(
     completion_tokens = 0
     sent: dict[int, int] = {}  # choice -> characters of text sent (for text_offset)
 
-    def chunk(index: int, text: str, reason: str | None, logprobs, token_ids) -> bytes:
+    def chunk(
+        index: int, text: str, reason: str | None, logprobs, token_ids, routing=None
+    ) -> bytes:
         choice = CompletionChunkChoice(
             index=index,
             text=text,
             finish_reason=finish_reason(reason),
             logprobs=logprobs,
             token_ids=token_ids if body.return_token_ids else None,
+            expertmesh_routing=routing,
         )
         sent[index] = sent.get(index, 0) + len(text)
         return sse(head.model_copy(update={"choices": [choice]}).model_dump())
@@ -236,7 +232,12 @@ async def stream_events(
             completion_tokens += len(piece.token_ids)
             start = sent.get(piece.index, 0)
             lp = completion_logprobs([piece.logprobs], start) if want_lp else None
-            yield chunk(piece.index, piece.text, piece.finish_reason, lp, piece.token_ids)
+            routing = None
+            if body.expertmesh_routing:
+                routing = Routing(
+                    token_experts=piece.token_experts or [], expert_counts=piece.expert_counts
+                )
+            yield chunk(piece.index, piece.text, piece.finish_reason, lp, piece.token_ids, routing)
     except Exception as exc:
         err = as_api_error(getattr(exc, "cause", None) or exc)
         yield sse(error_body(err.status, err.message, err.param))
