@@ -12,7 +12,7 @@ the experts only it used.
 
 Admission and cancellation: the router holds at most ``max_batch + max_queued`` sequences
 (running and waiting for a slot); a request that would go beyond raises :class:`Overloaded`
-at once (the API's 429). A caller that goes away calls :meth:`cancel` with the request id it
+at once (the API's 429; :mod:`expertmesh.actors.admission`). A caller that goes away calls :meth:`cancel` with the request id it
 passed in (or has its Ray call cancelled): the sequences stop at the end of the step that is
 running, which frees their slots and KV cache.
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import threading
 import time
@@ -31,65 +30,18 @@ from typing import Any
 
 import ray
 import torch
-from tokenizers import Tokenizer
 
+from expertmesh.actors.admission import Admission
 from expertmesh.actors.remote_dispatch import PlacementView, RayDispatcher, VersionDispatcher
+from expertmesh.actors.results import result_of, token_logprobs
 from expertmesh.platform import chat
 from expertmesh.platform.engine import Engine, Sequence, StepOutput, best_of
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
-from expertmesh.types import DEFAULT_MAX_QUEUED, Cancelled, Overloaded, Transport
+from expertmesh.types import DEFAULT_MAX_QUEUED, Cancelled, Transport
 
 log = logging.getLogger(__name__)
-
-CANCELLED_EARLY = 4096  # cancelled ids remembered for calls that have not arrived yet
-
-
-def token_logprobs(
-    tokenizer: Tokenizer,
-    ids: list[int],
-    logprobs: list[float | None],
-    tops: list[list[tuple[int, float]] | None],
-) -> dict[str, Any]:
-    """Logprobs with token texts (each token decoded alone, as vLLM's OpenAI server does);
-    the alternatives as ``[text, logprob]`` pairs, most likely first (the completions API makes
-    a dict of them, in which tokens that decode alike collapse; the chat API keeps the list)."""
-    text = lambda i: tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
-    return {
-        "tokens": [text(i) for i in ids],
-        "token_logprobs": list(logprobs),
-        "top_logprobs": [None if top is None else [[text(i), lp] for i, lp in top] for top in tops],
-    }
-
-
-def result_of(seq: Sequence, with_routing: bool, tokenizer: Tokenizer) -> dict[str, Any]:
-    out: dict[str, Any] = {
-        "request_id": seq.request_id,
-        "text": seq.text,
-        "token_ids": list(seq.output_ids),
-        "finish_reason": seq.finish_reason,
-        "prompt_tokens": len(seq.prompt_ids),
-        "completion_tokens": len(seq.output_ids),
-        "cumulative_logprob": seq.cumulative_logprob,
-    }
-    p = seq.params
-    if p.logprobs is not None:
-        out["logprobs"] = token_logprobs(
-            tokenizer, seq.output_ids, list(seq.logprobs), list(seq.top_logprobs)
-        )
-    if p.prompt_logprobs is not None:
-        # the first prompt token has no context: no logprob (None), as in vLLM and OpenAI
-        out["prompt_logprobs"] = token_logprobs(
-            tokenizer,
-            seq.prompt_ids,
-            [None, *seq.prompt_logprobs],
-            [None, *seq.prompt_top_logprobs],
-        )
-    if with_routing and seq.expert_counts is not None:
-        out["expert_counts"] = seq.expert_counts.tolist()
-        out["token_experts"] = seq.token_experts
-    return out
 
 
 class RouterService:
@@ -119,7 +71,7 @@ class RouterService:
             PlacementView(), call_timeout_s=call_timeout_s, transport=transport
         )
         self.max_batch = max_batch
-        self.max_queued = check_max_queued(max_queued)
+        self.admission = Admission(max_batch, max_queued)
         self.micro_batches = micro_batches
         self.templates: dict[int, str | None] = {}  # chat template per model version
         # one engine per live model version; new requests go to ``current``'s
@@ -140,14 +92,6 @@ class RouterService:
         # a caller's request id -> its live sequences (several calls may share one id: the
         # prompts and choices of one HTTP request), for cancel()
         self.requests: dict[str, list[tuple[Engine, Sequence]]] = {}
-        # ids cancelled before their call arrived (a cancel may overtake it): refused on arrival;
-        # the last CANCELLED_EARLY of them, oldest first (a dict: looked up per request)
-        self.cancelled_early: dict[str, None] = {}
-        self.cancelled = 0  # sequences stopped because their caller went away
-        self.rejected = 0  # requests refused at admission (Overloaded)
-        # recently cancelled sequences with their output length when the cancel came: once
-        # stopped, the difference is how far generation ran on for a gone caller
-        self.cancel_marks: deque[tuple[Sequence, int]] = deque(maxlen=256)
         self.stepper: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.refresh_task: asyncio.Task | None = None
@@ -155,7 +99,6 @@ class RouterService:
         self.tokens_out = 0
         self.step_s = 0.0
         self.started = time.time()
-        self.latencies: deque[float] = deque(maxlen=2048)
         self._refresh_now()
 
     @property
@@ -333,51 +276,9 @@ class RouterService:
                 q.put_nowait(exc)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ admission, cancellation
-    @property
-    def capacity(self) -> int:
-        """Most sequences the router holds at once: ``max_batch`` running + ``max_queued``."""
-        return self.max_batch + self.max_queued
-
     def set_admission(self, max_queued: int) -> dict[str, int]:
         """Bound the sequences that wait for a slot (``Cluster.deploy(max_queued=...)``)."""
-        self.max_queued = check_max_queued(max_queued)
-        return {"max_batch": self.max_batch, "max_queued": self.max_queued}
-
-    def _check_admission(
-        self, sampling: SamplingParams, k: int, request_id: str | None, total: int | None
-    ) -> None:
-        """Raise unless ``k`` more sequences fit (event loop: ``waiters`` changes only there).
-
-        ``total``: the sequences of the whole request this call is part of (its prompts'
-        candidates); one that could never fit is a ConfigError, not a retry-later."""
-        if request_id is not None and request_id in self.cancelled_early:
-            raise Cancelled(f"request {request_id} was cancelled")
-        total = max(k, total or 0)
-        if total > self.capacity:
-            prompts = total // sampling.candidates
-            field = "prompt" if prompts > 1 else "best_of" if sampling.best_of else "n"
-            raise ConfigError(
-                field,
-                f"{total} sequences in one request ({prompts} prompt(s) x {sampling.candidates} "
-                f"candidate(s)); this deployment holds at most {self.capacity} at once (max_batch "
-                f"{self.max_batch} + max_queued {self.max_queued}): send fewer",
-            )
-        if len(self.waiters) + k > self.capacity:
-            self.rejected += 1
-            raise Overloaded(
-                f"the model is at capacity: {len(self.waiters)} sequences in the router "
-                f"(max_batch {self.max_batch} running + max_queued {self.max_queued} waiting); "
-                "retry later",
-                retry_after=self._retry_after(),
-            )
-
-    def _retry_after(self) -> int:
-        """Whole seconds until slots are likely free: the median request latency, once per
-        batch's worth of sequences queued ahead (1..60)."""
-        lat = sorted(self.latencies)
-        median = lat[len(lat) // 2] if lat else 1.0
-        ahead = max(0, len(self.waiters) - self.max_batch) / self.max_batch
-        return int(min(60, max(1, math.ceil(median * (1 + ahead)))))
+        return self.admission.set_max_queued(max_queued)
 
     async def cancel(self, request_id: str) -> int:
         """Stop the live sequences of ``request_id`` (the caller went away); returns how many.
@@ -387,9 +288,7 @@ class RouterService:
         remembered, so that a call overtaken by its cancel is refused when it arrives."""
         entries = self.requests.get(request_id)
         if not entries:
-            self.cancelled_early[request_id] = None
-            if len(self.cancelled_early) > CANCELLED_EARLY:
-                del self.cancelled_early[next(iter(self.cancelled_early))]
+            self.admission.cancelled_before_arrival(request_id)
             return 0
         stopped = 0
         for engine, seq in list(entries):
@@ -404,16 +303,9 @@ class RouterService:
 
     def _abort(self, engine: Engine, seq: Sequence) -> None:
         """Stop a live sequence whose caller is gone, and count it."""
-        self.cancelled += 1
-        self.cancel_marks.append((seq, len(seq.output_ids)))
+        self.admission.cancelling(seq)
         with self.has_pending:  # see _run_steps: not handed to the engine after this
             engine.abort(seq)
-
-    def _cancel_overrun(self) -> int:
-        """Most tokens a recently cancelled sequence generated after its cancel (the step
-        running at the cancel may add one), over those that have stopped."""
-        done = [len(s.output_ids) - n for s, n in list(self.cancel_marks) if s.slot is None]
-        return max(done, default=0)
 
     def _submit(
         self,
@@ -428,7 +320,8 @@ class RouterService:
         """Queue one sequence per index (candidates of one request) on the current engine,
         if admission lets them in."""
         self._ensure_tasks()
-        self._check_admission(sampling, len(indices), request_id, total)
+        # NOTE: on the event loop, where ``waiters`` (what admission bounds) changes
+        self.admission.check(sampling, len(indices), request_id, total, held=len(self.waiters))
         # NOTE: the engine is chosen and the requests queued under one lock, so that a switch
         # cannot slip in between and retire the engine they were made for
         with self.has_pending:
@@ -460,14 +353,20 @@ class RouterService:
                 if item.finished:
                     return
         finally:
-            self.waiters.pop(seq.request_id, None)
-            entries = self.requests.get(request_id) if request_id is not None else None
-            if entries is not None:
-                entries[:] = [(e, s) for e, s in entries if s is not seq]
-                if not entries:
-                    del self.requests[request_id]
-            if not seq.finished:  # the call was cancelled (by Ray): stop generating for it
-                self._abort(engine, seq)
+            self._release(seq, engine, request_id)
+
+    def _release(self, seq: Sequence, engine: Engine, request_id: str | None) -> None:
+        """Forget ``seq``'s waiter and request entry (what admission counts), and stop it if
+        it still runs: its call ended or was cancelled (by Ray, or its caller went away).
+        Idempotent: a stream's cleanup may come after its drain's."""
+        self.waiters.pop(seq.request_id, None)
+        entries = self.requests.get(request_id) if request_id is not None else None
+        if entries is not None:
+            entries[:] = [(e, s) for e, s in entries if s is not seq]
+            if not entries:
+                del self.requests[request_id]
+        if not seq.finished:
+            self._abort(engine, seq)
 
     async def generate(
         self,
@@ -499,7 +398,7 @@ class RouterService:
                 pass
 
         await asyncio.gather(*(drain(seq, q) for seq, q in subs))
-        self.latencies.append(time.perf_counter() - t0)
+        self.admission.latencies.append(time.perf_counter() - t0)
         chosen = best_of([seq for seq, _ in subs], sampling.n)
         return [result_of(seq, routing, engine.tokenizer) for seq in chosen]
 
@@ -537,8 +436,18 @@ class RouterService:
             request_id=request_id,
             total=total,
         )
-        if ack:
-            yield {"admitted": True}
+        try:
+            # NOTE: the caller may close the stream at this first yield (its other choice was
+            # refused), before the drain below, whose cleanup would then never run
+            if ack:
+                yield {"admitted": True}
+            async for item in self._stream_items(seq, q, engine, sampling, request_id, routing):
+                yield item
+        finally:
+            self._release(seq, engine, request_id)
+
+    async def _stream_items(self, seq, q, engine, sampling, request_id, routing):
+        """:meth:`generate_stream`'s items, one per output of ``seq``."""
         n_lp, n_traced, first = 0, 0, True
         async for out in self._drain(seq, q, engine, request_id):
             item = {
@@ -611,7 +520,7 @@ class RouterService:
         return {"prompt": prompt, "prompt_tokens": n, "context": self.engine.max_len}
 
     def stats(self) -> dict[str, Any]:
-        lat = sorted(self.latencies)
+        lat = sorted(self.admission.latencies)
         pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] if lat else 0.0  # noqa: E731
         d = self.dispatcher.stats
         versions = self.versions()
@@ -625,11 +534,7 @@ class RouterService:
             "waiting": sum(v["waiting"] for v in live),
             # admission: sequences held (running + waiting) against max_batch + max_queued
             "in_flight": len(self.waiters),
-            "max_batch": self.max_batch,
-            "max_queued": self.max_queued,
-            "rejected": self.rejected,
-            "cancelled": self.cancelled,
-            "cancel_overrun_tokens": self._cancel_overrun(),
+            **self.admission.stats(),
             "model_version": versions["current"],
             # label -> requests running and waiting on that version (two during an upgrade)
             "versions": {
@@ -654,9 +559,3 @@ class RouterService:
             "node_id": ray.get_runtime_context().get_node_id(),
             "model": asdict(self.engine.cfg),
         }
-
-
-def check_max_queued(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError("max_queued", f"must be an integer >= 0, got {value!r}")
-    return value

@@ -1,7 +1,7 @@
 """Admission control and cancellation over real HTTP on a real local Ray cluster.
 
 The deployment is small on purpose: 2 running slots (``max_batch``) and 2 queued
-(``max_queued``), 4 requests in flight per token. Long requests (2000 tokens, EOS ignored)
+(``max_queued``), 4 requests in flight per token. Long requests (16,000 tokens, EOS ignored)
 hold the slots while the test looks; they are sent on raw sockets and hung up on, which is how
 the test also checks that a gone client's generation stops.
 """
@@ -26,7 +26,8 @@ pytestmark = pytest.mark.integration
 TOKEN = "load-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MAX_BATCH, MAX_QUEUED, PER_TOKEN = 2, 2, 4
-LONG = {"prompt": "To be, or not", "max_tokens": 2000, "ignore_eos": True}
+# NOTE: far longer than any check takes: 2,000 tokens ran out mid-test on a loaded machine
+LONG = {"prompt": "To be, or not", "max_tokens": 16_000, "ignore_eos": True}
 SHORT = {"prompt": "def main(argv):", "max_tokens": 4, "ignore_eos": True}
 
 
@@ -62,7 +63,7 @@ class Load:
 @pytest.fixture(scope="module")
 def load(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Load]:
     # a context long enough that the held requests outlast every check made while they run
-    uri = tiny_checkpoint(tmp_path_factory.mktemp("load-model"), max_seq_len=2048)
+    uri = tiny_checkpoint(tmp_path_factory.mktemp("load-model"), max_seq_len=16_384)
     with (
         api_cluster(
             uri,
