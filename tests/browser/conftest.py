@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +23,6 @@ def chromium_path() -> str | None:
     return None
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Live:
     url: str
@@ -43,9 +35,8 @@ class Live:
 def live(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """Two registered versions (v2 fine-tuned from v1, each with an MLflow run), v1 deployed on
     2 shards x 1 replica, and the API with the console."""
-    import expertmesh
     from expertmesh.platform.tracking import Tracker
-    from tests.integration.helpers import tiny_checkpoint
+    from tests.integration.helpers import api_cluster, tiny_checkpoint
 
     v1 = tiny_checkpoint(tmp_path_factory.mktemp("console-v1"))
     v2 = tiny_checkpoint(tmp_path_factory.mktemp("console-v2"), seed=1)
@@ -59,21 +50,15 @@ def live(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         tracker.register_version(NAME, source=uri, run_id=run_id, tags=tags)
     shots = Path(os.environ.get("EXPERTMESH_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
     shots.mkdir(parents=True, exist_ok=True)
-    # NOTE: Ray's own temp folder: in a shared one ray.init() may join another session's cluster
+    auth = {"Authorization": f"Bearer {TOKEN}"}
     with (
-        tempfile.TemporaryDirectory(prefix="emui-") as ray_tmp,
-        pytest.MonkeyPatch.context() as mp,
+        api_cluster(f"{NAME}/1", TOKEN, prefix="emui-", deploy={"warm_shards": 0}) as (
+            cluster,
+            url,
+        ),
+        httpx.Client(base_url=url, timeout=120.0, headers=auth) as http,
     ):
-        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)
-        cluster = expertmesh.connect()
-        try:
-            cluster.deploy(f"{NAME}/1", shards=2, replicas=1, warm_shards=0)
-            url = cluster.serve(port=free_port(), token=TOKEN)
-            auth = {"Authorization": f"Bearer {TOKEN}"}
-            with httpx.Client(base_url=url, timeout=120.0, headers=auth) as http:
-                yield Live(url=url, http=http, cluster=cluster, shots=shots)
-        finally:
-            cluster.shutdown()
+        yield Live(url=url, http=http, cluster=cluster, shots=shots)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.browser.conftest import TOKEN, Live, Watched, free_port
+from expertmesh.runtime import free_port
+from tests.browser.conftest import TOKEN, Live, Watched
 from tests.browser.test_console import WAIT_MS, shot, sign_in
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -10,7 +10,6 @@ validation is checked by hand below.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,10 +23,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-import expertmesh
 from expertmesh.platform import chat
-from expertmesh.runtime import free_port
-from tests.integration.helpers import tiny_checkpoint
+from tests.integration.helpers import api_cluster, tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -47,17 +44,8 @@ def api_url(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
     uri = tiny_checkpoint(
         tmp_path_factory.mktemp("schema-model"), chat_template=chat.template_named("plain")
     )
-    with (
-        tempfile.TemporaryDirectory(prefix="emfuzz-") as ray_tmp,
-        pytest.MonkeyPatch.context() as mp,
-    ):
-        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)
-        cluster = expertmesh.connect()
-        try:
-            cluster.deploy(uri, shards=2, replicas=1)
-            yield cluster.serve(port=free_port(), token=TOKEN)
-        finally:
-            cluster.shutdown()
+    with api_cluster(uri, TOKEN, prefix="emfuzz-") as (_, url):
+        yield url
 
 
 def check_error_shape(response) -> dict:

@@ -5,7 +5,6 @@ plain forward pass of the same checkpoint (no Ray, no HTTP)."""
 from __future__ import annotations
 
 import math
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,14 +14,12 @@ import openai
 import pytest
 import torch
 
-import expertmesh
 from expertmesh.platform import chat
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.sampling import SamplingParams
-from expertmesh.runtime import free_port
-from tests.integration.helpers import PROMPTS, tiny_checkpoint
+from tests.integration.helpers import PROMPTS, api_cluster, tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -46,19 +43,9 @@ def live(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         tmp_path_factory.mktemp("openai-model"), chat_template=chat.template_named("plain")
     )
     model, tok = load_for_inference(uri)
-    with (
-        tempfile.TemporaryDirectory(prefix="emoai-") as ray_tmp,
-        pytest.MonkeyPatch.context() as mp,
-    ):
-        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)
-        cluster = expertmesh.connect()
-        try:
-            cluster.deploy(uri, shards=2, replicas=1)
-            url = cluster.serve(port=free_port(), token=TOKEN)
-            client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0)
-            yield Live(client=client, url=url, model=model, engine=Engine(model, tok))
-        finally:
-            cluster.shutdown()
+    with api_cluster(uri, TOKEN, prefix="emoai-") as (_, url):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=TOKEN, max_retries=0)
+        yield Live(client=client, url=url, model=model, engine=Engine(model, tok))
 
 
 def plain_logprobs(model: MoETransformer, ids: list[int]) -> list[float]:

@@ -7,8 +7,6 @@ the parent; bad targets are refused over HTTP with the serving version unchanged
 from __future__ import annotations
 
 import itertools
-import socket
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,7 +27,7 @@ from expertmesh.platform.sampling import SamplingParams
 from expertmesh.platform.storage import tracking_uri
 from expertmesh.platform.tracking import Tracker
 from expertmesh.types import UpgradeInProgressError
-from tests.integration.helpers import PROMPTS, tiny_checkpoint
+from tests.integration.helpers import PROMPTS, api_cluster, tiny_checkpoint
 
 pytestmark = pytest.mark.integration
 
@@ -71,12 +69,6 @@ def in_process(uri: str, prompts: list[str], max_tokens: int) -> list[list[int]]
     return [s.output_ids for s in Engine(model, tok).generate(prompts, params)]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Setup:
     cluster: expertmesh.Cluster
@@ -95,20 +87,12 @@ def setup(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     tracker = Tracker()
     for uri, parent in ((v1, None), (v2, f"{NAME}/1"), (wide, None)):
         tracker.register_version(NAME, source=uri, run_id=None, tags={"parent": parent or ""})
-    # NOTE: Ray's own temp folder: in a shared one ray.init() may join another session's cluster
+    deploy = {"shards": 4, "replicas": 2, "warm_shards": 0}
     with (
-        tempfile.TemporaryDirectory(prefix="emup-") as ray_tmp,
-        pytest.MonkeyPatch.context() as mp,
+        api_cluster(f"{NAME}/1", TOKEN, prefix="emup-", deploy=deploy) as (cluster, url),
+        httpx.Client(base_url=url, timeout=300.0, headers=AUTH) as http,
     ):
-        mp.setenv("EXPERTMESH_RAY_TMP", ray_tmp)
-        cluster = expertmesh.connect()
-        try:
-            cluster.deploy(f"{NAME}/1", shards=4, replicas=2, warm_shards=0)
-            url = cluster.serve(port=free_port(), token=TOKEN)
-            with httpx.Client(base_url=url, timeout=300.0, headers=AUTH) as http:
-                yield Setup(cluster=cluster, http=http, uris={"1": v1, "2": v2, "3": wide})
-        finally:
-            cluster.shutdown()
+        yield Setup(cluster=cluster, http=http, uris={"1": v1, "2": v2, "3": wide})
 
 
 @dataclass
