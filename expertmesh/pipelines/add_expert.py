@@ -28,6 +28,7 @@ from expertmesh.platform import lineage, storage
 from expertmesh.platform.config import TrainConfig, to_dict
 from expertmesh.platform.data import DOMAINS, TokenData, read_manifest
 from expertmesh.platform.data_share import stage
+from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.errors import ConfigError, DataError
 from expertmesh.platform.grow import (
     GrowConfig,
@@ -110,6 +111,7 @@ def add_expert(opts: AddExpertOptions) -> AddExpertResult:
     """Check every input, grow and train the model, verify it, register the result."""
     t0 = time.perf_counter()
     g = opts.grow
+    device = resolve_device(g.device)  # a missing GPU fails here, before any work
     tracker = Tracker(opts.tracking_uri)
     tracker.check_reachable()
     try:
@@ -156,6 +158,7 @@ def add_expert(opts: AddExpertOptions) -> AddExpertResult:
             {f"grow.{k}": v for k, v in to_dict(g).items()}
             | {"parent_checkpoint": parent_uri, "base_domains": ",".join(base_domains)}
             | {"added_experts": added_desc, "replay_share": _replay_share(g)}
+            | {"grow.resolved_device": str(device)}
             | record.tags()
         )
         tracker.log_dataset(
@@ -171,13 +174,15 @@ def add_expert(opts: AddExpertOptions) -> AddExpertResult:
             if (step + 1) % opts.log_every == 0 or step + 1 == g.steps:
                 tracker.log_metrics(metrics, step + 1)
 
+        # statistics and surgery ran on the CPU (a few batches); training moves the child
         train_new_experts(child, added, new_train, base_train, g, on_step=log)
-        verify_unchanged(parent_model, child, added)
         val_after = evaluate(child, val, eval_cfg)
         shares = {}
         for d in val.domains:
             one = TokenData.load(data_dir, [d], "validation")
             shares[d] = new_expert_share(child, _batches(one, 2, g.seq_len, 7), added)
+        child = child.cpu()
+        verify_unchanged(parent_model, child, added)
         tracker.log_metrics(
             val_after
             | {
@@ -245,6 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--device",
+        default=defaults.device,
+        help="where the new experts train: auto (a CUDA GPU if PyTorch sees one), cpu, cuda[:N]",
+    )
     p.add_argument("--data", default=None, help="prepared data dir (default: the parent's)")
     p.add_argument("--base-domains", default=None, help="default: the parent's domains")
     p.add_argument("--register-as", default=None, help="registered model name (default: parent's)")
@@ -267,6 +277,7 @@ def options_from_args(args: argparse.Namespace) -> AddExpertOptions:
         lr=args.lr,
         leak_weight=args.leak_weight,
         seed=args.seed,
+        device=args.device,
     )
     base = (
         [d.strip() for d in args.base_domains.split(",") if d.strip()]

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from expertmesh.platform.config import ModelConfig
+from expertmesh.platform.config import ModelConfig, check_device_name
 from expertmesh.platform.data import TokenData
+from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.errors import ConfigError
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.model.transformer import ModelOutput
@@ -49,6 +50,8 @@ class GrowConfig:
     leak_weight: float = 1.0
     stats_batches: int = 4  # batches per domain for the initialisation's statistics
     seed: int = 0
+    # where the new experts train: auto (the first CUDA GPU, else the CPU), cpu, cuda, cuda:N
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("per_layer", "steps", "batch_size", "seq_len", "stats_batches"):
@@ -62,6 +65,7 @@ class GrowConfig:
                 raise ConfigError(name, f"must be positive, got {getattr(self, name)!r}")
         if not self.leak_weight >= 0:
             raise ConfigError("leak_weight", f"must be >= 0, got {self.leak_weight!r}")
+        check_device_name(self.device)
         if self.layers is not None:
             self.layers = tuple(sorted(set(self.layers)))
 
@@ -251,15 +255,17 @@ def new_expert_share(
 ) -> dict[int, float]:
     """Per grown layer, the share of the batches' tokens whose top-k includes a new expert."""
     model.eval()
+    device = next(model.parameters()).device
+    new_by_layer = {layer: torch.tensor(es, device=device) for layer, es in added.items()}
     hits = dict.fromkeys(added, 0)
     total = 0
     for tokens_BT in batches:
-        out = model(tokens_BT, return_routing=True)
+        out = model(tokens_BT.to(device), return_routing=True)
         total += tokens_BT.numel()
         for st in out.layer_stats:
             if st.layer in added:
                 r = st.router
-                new_A = torch.isin(r.expert_idx_A, torch.tensor(added[st.layer]))
+                new_A = torch.isin(r.expert_idx_A, new_by_layer[st.layer])
                 hits[st.layer] += int(torch.unique(r.token_idx_A[new_A]).numel())
     return {layer: h / max(total, 1) for layer, h in hits.items()}
 
@@ -310,8 +316,10 @@ def train_new_experts(
     on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train the new experts and gate rows: cross-entropy on new-domain batches and on replayed
-    base-domain batches, plus ``leak_weight`` times :func:`leak` on the replayed tokens.
+    base-domain batches, plus ``leak_weight`` times :func:`leak` on the replayed tokens. The
+    model moves to ``cfg.device`` and stays there; batches follow it.
     ``on_step(step, metrics)``, if given, is called after every step. Returns the metrics."""
+    model.to(resolve_device(cfg.device))
     params, hooks = freeze_all_but_new(model, added)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -328,14 +336,16 @@ def train_new_experts(
 
 
 def _train_loop(model, added, new, base, cfg, params, optimizer, gen, history, on_step) -> None:
+    device = next(model.parameters()).device
     for step in range(cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = _lr(step, cfg)
         parts = [new.sample(cfg.batch_size, cfg.seq_len, gen)]
         if cfg.replay_rows:
             parts.append(replay_batch(base, cfg.replay_rows, cfg.seq_len, gen))
-        batch_BT1 = torch.cat(parts)
-        base_B = torch.arange(batch_BT1.shape[0]) >= cfg.batch_size
+        # sampled on the CPU (the generator's stream does not depend on the device), then moved
+        batch_BT1 = torch.cat(parts).to(device, non_blocking=True)
+        base_B = torch.arange(batch_BT1.shape[0], device=device) >= cfg.batch_size
         model.train()
         out = model(batch_BT1[:, :-1])
         ce_BT = F.cross_entropy(

@@ -15,6 +15,7 @@ from mlflow import MlflowClient
 
 from expertmesh.pipelines import add_expert, train
 from expertmesh.platform import checkpoint as ckpt
+from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
@@ -70,6 +71,9 @@ def test_add_expert_grows_trains_and_registers(
     assert {"val_loss/legal", "parent_val_loss/legal", "new_expert_share/python/L1"} <= set(
         run.data.metrics
     )
+    # --device defaults to auto: the experts trained where resolve_device put them
+    assert run.data.params["grow.device"] == "auto"
+    assert run.data.params["grow.resolved_device"] == str(resolve_device("auto"))
     # layer 1 grew to 5 experts, layer 0 kept 4; only the new expert and the dense part
     # (whose gate grew) were written, everything else is referenced in the parent
     child_uri = ckpt.resolve(mv.source)
@@ -94,6 +98,9 @@ def test_add_expert_grows_trains_and_registers(
         (["--domain", "python"], "domain: 'python' is one of the base domains"),
         (["--domain", "legal", "--layers", "7"], "layers: [7] are not MoE layers"),
         (["--domain", "legal", "--per-layer", "0"], "per_layer: must be a positive integer"),
+        (["--domain", "legal", "--device", "tpu"], "device: must be auto, cpu, cuda or cuda:N"),
+        # no GPU here, or not 100 of them on a GPU machine: refused before any work either way
+        (["--domain", "legal", "--device", "cuda:99"], "device: 'cuda:99': "),
     ],
 )
 def test_bad_input_is_refused_and_nothing_registered(

@@ -160,7 +160,12 @@ def test_leak_is_the_new_experts_probability_on_base_rows() -> None:
 
 @pytest.mark.parametrize(
     "kwargs,field",
-    [({"per_layer": 0}, "per_layer"), ({"leak_weight": -1.0}, "leak_weight"), ({"lr": 0}, "lr")],
+    [
+        ({"per_layer": 0}, "per_layer"),
+        ({"leak_weight": -1.0}, "leak_weight"),
+        ({"lr": 0}, "lr"),
+        ({"device": "tpu"}, "device"),
+    ],
 )
 def test_bad_grow_settings_name_the_field(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError) as err:

@@ -350,9 +350,13 @@ def test_gpu_overlay_trains_and_serves_on_gpu_workers() -> None:
                 assert spec["nodeSelector"]
     jobs = {o["metadata"]["name"]: o["spec"] for o in objs if o["kind"] == "RayJob"}
     # the drivers ask for a GPU, so Ray places them on the GPU worker, never on the head
-    for name in ("expertmesh-train", "expertmesh-finetune"):
+    for name in ("expertmesh-train", "expertmesh-finetune", "expertmesh-add-expert"):
         assert jobs[name]["entrypointNumGpus"] >= 1
+        assert jobs[name]["rayClusterSpec"]["workerGroupSpecs"], name
+    for name in ("expertmesh-train", "expertmesh-finetune"):
         assert "train.device=cuda" in jobs[name]["entrypoint"]
+    argv = shlex.split(jobs["expertmesh-add-expert"]["entrypoint"])
+    assert importlib.import_module(argv[2]).build_parser().parse_args(argv[3:]).device == "cuda"
     # the federated clients ask for GPU shares that fit the job's GPU workers together
     argv = shlex.split(jobs["expertmesh-federated"]["entrypoint"])
     args = importlib.import_module(argv[2]).build_parser().parse_args(argv[3:])
