@@ -5,8 +5,6 @@ shard cards link to the Ray dashboard."""
 from __future__ import annotations
 
 import os
-import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,49 +21,21 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 @pytest.fixture(scope="module")
 def live(state_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     """A head with its dashboard (the job server), a 1-shard deployment and the API."""
-    import ray
-    from ray.cluster_utils import Cluster as RayTestCluster
-
     import expertmesh
     from expertmesh import published
-    from tests.integration.helpers import tiny_checkpoint
+    from tests.integration.helpers import job_server_head, tiny_checkpoint
 
     uri = tiny_checkpoint(tmp_path_factory.mktemp("console-jobs"))
     shots = Path(os.environ.get("EXPERTMESH_SCREENSHOTS") or tmp_path_factory.mktemp("shots"))
-    dash_port = free_port()
-    with (
-        tempfile.TemporaryDirectory(prefix="emuij-") as ray_tmp,
-        pytest.MonkeyPatch.context() as mp,
-    ):
-        # a job's driver runs `python` from the raylet's PATH: this venv's
-        mp.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
-        # NOTE: ray.cluster_utils rather than ray.init: only it takes the dashboard agent's
-        # port, whose default another Ray on a shared machine may hold (then no job can run)
-        head = RayTestCluster(
-            initialize_head=True,
-            head_node_args={
-                "node_ip_address": "127.0.0.1",
-                "temp_dir": ray_tmp,
-                "num_cpus": 4,
-                "include_dashboard": True,
-                "dashboard_host": "127.0.0.1",
-                "dashboard_port": dash_port,
-                "dashboard_agent_listen_port": free_port(),
-            },
-        )
-        try:
-            ray.init(address=head.address, _node_ip_address="127.0.0.1", namespace="expertmesh")
-            cluster = expertmesh.connect()
-            published.ensure(job_server=f"http://127.0.0.1:{dash_port}")
-            cluster.deploy(uri, shards=1, replicas=1, warm_shards=0)
-            url = cluster.serve(port=free_port(), token=TOKEN)
-            auth = {"Authorization": f"Bearer {TOKEN}"}
-            with httpx.Client(base_url=url, timeout=120.0, headers=auth) as http:
-                yield Live(url=url, http=http, cluster=cluster, shots=shots)
-            cluster.shutdown()
-        finally:
-            ray.shutdown()
-            head.shutdown()
+    with job_server_head(prefix="emuij-") as dashboard:
+        cluster = expertmesh.connect()
+        published.ensure(job_server=dashboard)
+        cluster.deploy(uri, shards=1, replicas=1, warm_shards=0)
+        url = cluster.serve(port=free_port(), token=TOKEN)
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        with httpx.Client(base_url=url, timeout=120.0, headers=auth) as http:
+            yield Live(url=url, http=http, cluster=cluster, shots=shots)
+        cluster.shutdown()
 
 
 def test_a_pipeline_submitted_from_the_console_runs_as_a_ray_job(

@@ -111,6 +111,47 @@ def api_cluster(
 
 
 @contextlib.contextmanager
+def job_server_head(*, prefix: str, num_cpus: int = 4) -> Iterator[str]:
+    """A local Ray head of its own with its dashboard (Ray's job server) on free ports, this
+    process connected to it; yields the dashboard's URL. Everything stops after.
+
+    ray.cluster_utils rather than ``ray.init``: only it takes the dashboard agent's port, whose
+    default (52365) another Ray on the machine may hold; then no agent can run jobs ("No
+    available agent to submit job")."""
+    import os
+    import sys
+
+    import ray
+    from ray.cluster_utils import Cluster as RayTestCluster
+
+    dash_port = free_port()
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as ray_tmp,
+        pytest.MonkeyPatch.context() as mp,
+    ):
+        # a job's driver runs `python` from the raylet's PATH: this venv's
+        mp.setenv("PATH", os.pathsep.join([os.path.dirname(sys.executable), os.environ["PATH"]]))
+        head = RayTestCluster(
+            initialize_head=True,
+            head_node_args={
+                "node_ip_address": "127.0.0.1",
+                "temp_dir": ray_tmp,
+                "num_cpus": num_cpus,
+                "include_dashboard": True,
+                "dashboard_host": "127.0.0.1",
+                "dashboard_port": dash_port,
+                "dashboard_agent_listen_port": free_port(),
+            },
+        )
+        try:
+            ray.init(address=head.address, _node_ip_address="127.0.0.1", namespace="expertmesh")
+            yield f"http://127.0.0.1:{dash_port}"
+        finally:
+            ray.shutdown()
+            head.shutdown()
+
+
+@contextlib.contextmanager
 def unread_request(url: str, token: str, path: str, body: dict[str, Any]) -> Iterator[None]:
     """POST ``body`` on a raw socket and read nothing back; leaving the block hangs up (a
     client that goes away mid-request, which httpx cannot do on purpose)."""

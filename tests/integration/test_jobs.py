@@ -21,7 +21,7 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
-from expertmesh.runtime import LocalRayOptions
+from tests.integration.helpers import job_server_head
 
 pytestmark = pytest.mark.integration
 
@@ -50,10 +50,12 @@ SMALL = [
 def cluster(state_home: Path, prepared_data) -> Iterator:
     import expertmesh
 
-    # NOTE: the dashboard (~1 GB) is Ray's job server: only this module starts it
-    c = expertmesh.connect(local=LocalRayOptions(num_cpus=2, dashboard=True))
-    yield c
-    c.shutdown()
+    # NOTE: the dashboard (~1 GB) is Ray's job server: only the modules that submit jobs start it
+    with job_server_head(prefix="emjobs-", num_cpus=2) as dashboard:
+        c = expertmesh.connect()
+        published.ensure(job_server=dashboard)
+        yield c
+        c.shutdown()
 
 
 def _generate(uri: str) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import yaml
 
 import expertmesh
 from expertmesh.runtime import free_port
+from tests.integration.helpers import job_server_head
 from tests.integration.tracking_server import mlflow_server, pg_bin, postgres
 
 pytestmark = [
@@ -118,140 +118,118 @@ def test_job_registers_on_mlflow_server_and_rayservice_config_serves_it(
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    dash_port, api_port = free_port(), free_port()
-    with (
-        tempfile.TemporaryDirectory(prefix="emk8s-") as ray_tmp,
-        pytest.MonkeyPatch.context() as mp,
-    ):
+    api_port = free_port()
+    with pytest.MonkeyPatch.context() as mp:
         # what the pods get from the manifests: the tracking server and the API token
         mp.setenv("MLFLOW_TRACKING_URI", tracking)
         mp.setenv("EXPERTMESH_TOKEN", TOKEN)
         mp.setenv("EXPERTMESH_CHECKPOINT_ROOT", str(tmp_path / "checkpoints"))
-        import ray
-        from ray.cluster_utils import Cluster as RayTestCluster
+        with job_server_head(prefix="emk8s-") as dashboard:
+            try:
+                jobs = JobSubmissionClient(dashboard)
 
-        # NOTE: a head of our own through ray.cluster_utils, not ray.init: only it takes the
-        # dashboard agent's port, whose default (52365) another Ray on a shared machine may hold;
-        # then no agent can run jobs ("No available agent to submit job")
-        head = RayTestCluster(
-            initialize_head=True,
-            head_node_args={
-                "node_ip_address": "127.0.0.1",
-                "temp_dir": ray_tmp,
-                "num_cpus": 4,
-                "include_dashboard": True,
-                "dashboard_host": "127.0.0.1",
-                "dashboard_port": dash_port,
-                "dashboard_agent_listen_port": free_port(),
-            },
-        )
-        try:
-            ray.init(address=head.address, _node_ip_address="127.0.0.1", namespace="expertmesh")
-            dashboard = f"http://127.0.0.1:{dash_port}"
-            jobs = JobSubmissionClient(dashboard)
+                published = f"file://{tmp_path}/object-store/data"
+                env = {
+                    "MLFLOW_TRACKING_URI": tracking,
+                    "EXPERTMESH_CHECKPOINT_ROOT": str(tmp_path / "checkpoints"),
+                }
 
-            published = f"file://{tmp_path}/object-store/data"
-            env = {
-                "MLFLOW_TRACKING_URI": tracking,
-                "EXPERTMESH_CHECKPOINT_ROOT": str(tmp_path / "checkpoints"),
-            }
+                def submit() -> str | None:
+                    try:
+                        return jobs.submit_job(
+                            entrypoint=_train_entrypoint(
+                                tmp_path / "ckpt", prepared_data, published
+                            ),
+                            runtime_env={"env_vars": env},
+                        )
+                    except RuntimeError as exc:  # the head's agent starts after the dashboard
+                        if "No available agent" not in str(exc):
+                            raise
+                        return None
 
-            def submit() -> str | None:
-                try:
-                    return jobs.submit_job(
-                        entrypoint=_train_entrypoint(tmp_path / "ckpt", prepared_data, published),
-                        runtime_env={"env_vars": env},
-                    )
-                except RuntimeError as exc:  # the head's agent starts after the dashboard
-                    if "No available agent" not in str(exc):
-                        raise
-                    return None
-
-            # NOTE: generous bounds: ~65 s in all on a quiet 2-core machine, several times that
-            # when other sessions share it
-            job = _wait("the job server to take a job", submit, timeout_s=180)
-            status = _wait(
-                "the training job to finish",
-                lambda: (s := jobs.get_job_status(job)).is_terminal() and s,
-                timeout_s=300,
-            )
-            assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
-
-            # MLflow's own client, on the server: the run, its metrics and the new version
-            client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
-            (base,) = client.search_model_versions(f"name='{MODEL}'")
-            run = client.get_run(base.run_id)
-            assert run.info.status == "FINISHED" and "ce_loss" in run.data.metrics
-            assert base.source.startswith("mlflow-artifacts:"), base.source
-            assert base.tags["data_uri"] == published
-
-            # the next pipeline's job, in a "pod" whose disk never saw the prepared data
-            other_pod = {**env, "EXPERTMESH_HOME": str(tmp_path / "other-pod")}
-            job = jobs.submit_job(
-                entrypoint=_add_expert_entrypoint(), runtime_env={"env_vars": other_pod}
-            )
-            status = _wait(
-                "the add-expert job to finish",
-                lambda: (s := jobs.get_job_status(job)).is_terminal() and s,
-                timeout_s=300,
-            )
-            assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
-            version = client.get_model_version(MODEL, "2")
-            assert version.tags["pipeline"] == "add_expert"
-            assert version.tags["parent"] == f"{MODEL}/{base.version}"
-            assert version.tags["data_uri"] == published
-            assert (tmp_path / "other-pod" / "cache" / "data").is_dir()
-            # the child's own files stay in the checkpoint root (a shared mount here); the
-            # server registered a reference to them, logged in the run's artifacts
-            assert version.source.startswith("mlflow-artifacts:"), version.source
-
-            # the RayService's serve config, as KubeRay submits it, for that version
-            svc = _manifest("expertmesh", "RayService")
-            config = yaml.safe_load(svc["spec"]["serveConfigV2"])
-            config["http_options"] = {"host": "127.0.0.1", "port": api_port}
-            (app,) = config["applications"]
-            app["args"] |= {
-                "model": MODEL,
-                "version": version.version,
-                "shards": 2,
-                "replicas": 1,
-                "num_cpus": 0.25,
-                "resources": {},  # this one node offers no `expert_shard`
-                "warm_shards": 0,
-                "autoscale": False,
-                "model_wait_s": 30,
-            }
-            serve_api = ServeSubmissionClient(dashboard)
-            serve_api.deploy_applications(config)
-
-            def app_status() -> str | None:
-                apps = serve_api.get_serve_details().get("applications", {})
-                status = apps.get(app["name"], {}).get("status")
-                if status == "DEPLOY_FAILED":
-                    raise AssertionError(apps[app["name"]].get("message"))
-                return status == "RUNNING" and status
-
-            _wait("the serve application to run", app_status, timeout_s=240)
-            url = f"http://127.0.0.1:{api_port}"
-            with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
-                assert http.get("/api/health").json()["model_ready"] is True
-                resp = http.post(
-                    "/v1/completions",
-                    json={"model": MODEL, "prompt": "ROMEO.", "max_tokens": 4},
-                    headers={"Authorization": f"Bearer {TOKEN}"},
+                # NOTE: generous bounds: ~65 s in all on a quiet 2-core machine, several times that
+                # when other sessions share it
+                job = _wait("the job server to take a job", submit, timeout_s=180)
+                status = _wait(
+                    "the training job to finish",
+                    lambda: (s := jobs.get_job_status(job)).is_terminal() and s,
+                    timeout_s=300,
                 )
-                assert resp.status_code == 200, resp.text
-                assert resp.json()["usage"]["completion_tokens"] >= 1
-                assert http.get("/v1/models").status_code == 401  # the Secret's token only
+                assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
 
-            cluster = expertmesh.connect()  # joins the running cluster
-            assert cluster.status()["checkpoint_uri"] == version.source
-            out = cluster.generate("ROMEO.", max_tokens=4, ignore_eos=True)
-            assert out.completion_tokens == 4
-            cluster.shutdown()
-        finally:
-            from ray import serve
+                # MLflow's own client, on the server: the run, its metrics and the new version
+                client = MlflowClient(tracking_uri=tracking, registry_uri=tracking)
+                (base,) = client.search_model_versions(f"name='{MODEL}'")
+                run = client.get_run(base.run_id)
+                assert run.info.status == "FINISHED" and "ce_loss" in run.data.metrics
+                assert base.source.startswith("mlflow-artifacts:"), base.source
+                assert base.tags["data_uri"] == published
 
-            serve.shutdown()
-            ray.shutdown()
-            head.shutdown()
+                # the next pipeline's job, in a "pod" whose disk never saw the prepared data
+                other_pod = {**env, "EXPERTMESH_HOME": str(tmp_path / "other-pod")}
+                job = jobs.submit_job(
+                    entrypoint=_add_expert_entrypoint(), runtime_env={"env_vars": other_pod}
+                )
+                status = _wait(
+                    "the add-expert job to finish",
+                    lambda: (s := jobs.get_job_status(job)).is_terminal() and s,
+                    timeout_s=300,
+                )
+                assert status == JobStatus.SUCCEEDED, jobs.get_job_logs(job)[-3000:]
+                version = client.get_model_version(MODEL, "2")
+                assert version.tags["pipeline"] == "add_expert"
+                assert version.tags["parent"] == f"{MODEL}/{base.version}"
+                assert version.tags["data_uri"] == published
+                assert (tmp_path / "other-pod" / "cache" / "data").is_dir()
+                # the child's own files stay in the checkpoint root (a shared mount here); the
+                # server registered a reference to them, logged in the run's artifacts
+                assert version.source.startswith("mlflow-artifacts:"), version.source
+
+                # the RayService's serve config, as KubeRay submits it, for that version
+                svc = _manifest("expertmesh", "RayService")
+                config = yaml.safe_load(svc["spec"]["serveConfigV2"])
+                config["http_options"] = {"host": "127.0.0.1", "port": api_port}
+                (app,) = config["applications"]
+                app["args"] |= {
+                    "model": MODEL,
+                    "version": version.version,
+                    "shards": 2,
+                    "replicas": 1,
+                    "num_cpus": 0.25,
+                    "resources": {},  # this one node offers no `expert_shard`
+                    "warm_shards": 0,
+                    "autoscale": False,
+                    "model_wait_s": 30,
+                }
+                serve_api = ServeSubmissionClient(dashboard)
+                serve_api.deploy_applications(config)
+
+                def app_status() -> str | None:
+                    apps = serve_api.get_serve_details().get("applications", {})
+                    status = apps.get(app["name"], {}).get("status")
+                    if status == "DEPLOY_FAILED":
+                        raise AssertionError(apps[app["name"]].get("message"))
+                    return status == "RUNNING" and status
+
+                _wait("the serve application to run", app_status, timeout_s=240)
+                url = f"http://127.0.0.1:{api_port}"
+                with httpx.Client(base_url=url, timeout=60, trust_env=False) as http:
+                    assert http.get("/api/health").json()["model_ready"] is True
+                    resp = http.post(
+                        "/v1/completions",
+                        json={"model": MODEL, "prompt": "ROMEO.", "max_tokens": 4},
+                        headers={"Authorization": f"Bearer {TOKEN}"},
+                    )
+                    assert resp.status_code == 200, resp.text
+                    assert resp.json()["usage"]["completion_tokens"] >= 1
+                    assert http.get("/v1/models").status_code == 401  # the Secret's token only
+
+                cluster = expertmesh.connect()  # joins the running cluster
+                assert cluster.status()["checkpoint_uri"] == version.source
+                out = cluster.generate("ROMEO.", max_tokens=4, ignore_eos=True)
+                assert out.completion_tokens == 4
+                cluster.shutdown()
+            finally:
+                from ray import serve
+
+                serve.shutdown()
