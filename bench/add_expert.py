@@ -15,6 +15,11 @@ time. The target (issue 20) is checked on the pipeline's default leak weight: le
 20 % below the base while shakespeare and python stay within +2 %.
 
     .venv/bin/python bench/add_expert.py [--model expertmesh-tiny] [--seeds 0,1,2] [--steps 300]
+        [--leak-weights 0,1,4] [--no-full-ft] [--out rows.json]
+    .venv/bin/python bench/add_expert.py --report a.json,b.json   # one table from earlier runs
+
+Losses do not depend on the machine's load, so seeds (and rows) run at different times may be
+merged into one table with ``--report``; each row says over how many seeds it is a mean.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from machine import machine_line  # bench/ is on sys.path (the script's folder)
 from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.config import TrainConfig
 from expertmesh.platform.data import TokenData
+from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.grow import (
     GrowConfig,
     domain_stats,
@@ -60,6 +66,8 @@ def full_finetune(
 ) -> None:
     """Every parameter trained on the same kind of batches add_expert sees (without replay:
     the legal rows alone)."""
+    device = resolve_device(g.device)
+    model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(g.seed)
     model.train()
@@ -69,7 +77,7 @@ def full_finetune(
         parts = [new.sample(g.batch_size, g.seq_len, gen)]
         if replay and g.replay_rows:
             parts.append(replay_batch(base, g.replay_rows, g.seq_len, gen))
-        batch = torch.cat(parts)
+        batch = torch.cat(parts).to(device)
         out = model(batch[:, :-1])
         loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
@@ -96,7 +104,7 @@ def run_seed(
     for w in args.leak_weights:
         g = GrowConfig(
             steps=args.steps, batch_size=args.batch_size, replay_rows=args.replay_rows,
-            seq_len=args.seq_len, lr=args.lr, leak_weight=w, seed=seed,
+            seq_len=args.seq_len, lr=args.lr, leak_weight=w, seed=seed, device=args.device,
         )  # fmt: skip
         t0 = time.perf_counter()
         torch.manual_seed(seed)
@@ -119,9 +127,9 @@ def run_seed(
         print(f"  seed {seed} add-expert w={w:g}: {fmt(row)}", flush=True)
     g = GrowConfig(
         steps=args.steps, batch_size=args.batch_size, replay_rows=args.replay_rows,
-        seq_len=args.seq_len, seed=seed,
+        seq_len=args.seq_len, seed=seed, device=args.device,
     )  # fmt: skip
-    for label, replay in (("full FT", False), ("full FT+replay", True)):
+    for label, replay in (("full FT", False), ("full FT+replay", True)) if args.full_ft else ():
         model = copy.deepcopy(parent)
         torch.manual_seed(seed)
         t0 = time.perf_counter()
@@ -138,21 +146,23 @@ def fmt(row: dict[str, float]) -> str:
     return "  ".join(f"{d} {row[f'val_loss/{d}']:.4f}" for d in DOMAINS)
 
 
-def report(per_seed: list[dict[str, dict[str, float]]], default_w: float) -> None:
-    names = list(per_seed[0])
-    base = {d: statistics.mean(s["base"][f"val_loss/{d}"] for s in per_seed) for d in DOMAINS}
+def report(per_seed: dict[int, dict[str, dict[str, float]]], default_w: float) -> None:
+    """One table: every row's mean over the seeds that ran it, against the base's mean."""
+    names = list(dict.fromkeys(n for rows in per_seed.values() for n in rows))
+    base = {
+        d: statistics.mean(rows["base"][f"val_loss/{d}"] for rows in per_seed.values())
+        for d in DOMAINS
+    }
     head = f"{'row':<22}" + "".join(f"{d:>22}" for d in DOMAINS)
-    head += f"{'base tokens on new':>20}{'trainable':>12}{'seconds':>9}"
+    head += f"{'base tokens on new':>20}{'trainable':>12}{'seconds':>9}{'seeds':>8}"
     print("\nvalidation loss, mean over seeds (change against base)")
     print(head)
     print("-" * len(head))
     means: dict[str, dict[str, float]] = {}
     for name in names:
-        m = {
-            k: statistics.mean(s[name][k] for s in per_seed)
-            for k in per_seed[0][name]
-            if all(k in s[name] for s in per_seed)
-        }
+        have = {seed: rows[name] for seed, rows in sorted(per_seed.items()) if name in rows}
+        keys = set.intersection(*(set(r) for r in have.values()))
+        m = {k: statistics.mean(r[k] for r in have.values()) for k in keys}
         means[name] = m
         cells = ""
         for d in DOMAINS:
@@ -160,7 +170,11 @@ def report(per_seed: list[dict[str, dict[str, float]]], default_w: float) -> Non
             cells += f"{v:>12.4f} ({(v / base[d] - 1) * 100:+6.1f}%)"
         share = statistics.mean([m.get(f"share/{d}", 0.0) for d in BASE])
         share_cell = f"{share:.1%}" if name.startswith("add-expert") else "-"
-        print(f"{name:<22}{cells}{share_cell:>20}{int(m['trainable']):>12}{m['seconds']:>9.0f}")
+        seeds = ",".join(str(s) for s in have)
+        print(
+            f"{name:<22}{cells}{share_cell:>20}{int(m['trainable']):>12}{m['seconds']:>9.0f}"
+            f"{seeds:>8}"
+        )
     row = means.get(f"add-expert w={default_w:g}")
     if row is not None:
         legal = row[f"val_loss/{NEW}"] / base[NEW] - 1
@@ -172,6 +186,22 @@ def report(per_seed: list[dict[str, dict[str, float]]], default_w: float) -> Non
             + ", ".join(f"{d} {v * 100:+.1f} % (<= +2 %)" for d, v in others.items())
             + f": {'met' if ok else 'MISSED'}"
         )
+
+
+def load_rows(paths: list[str]) -> dict[int, dict[str, dict[str, float]]]:
+    """Merge the ``--out`` files of earlier runs: per seed, the union of their rows (a later
+    file's row replaces an earlier one of the same name and seed)."""
+    merged: dict[int, dict[str, dict[str, float]]] = {}
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not isinstance(data.get("seeds"), dict):
+            raise SystemExit(f"{path}: not an --out file of this script (no 'seeds' object)")
+        for seed, rows in data["seeds"].items():
+            merged.setdefault(int(seed), {}).update(rows)
+    missing = [seed for seed, rows in merged.items() if "base" not in rows]
+    if missing or not merged:
+        raise SystemExit(f"no base row for seed(s) {missing} in {paths}")
+    return merged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,10 +218,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
     p.add_argument("--lr", type=float, default=defaults.lr)
     p.add_argument("--ft-lr", type=float, default=3e-4, help="full fine-tuning's learning rate")
+    p.add_argument(
+        "--no-full-ft", dest="full_ft", action="store_false", help="only base and add-expert rows"
+    )
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--out", help="also write every seed's rows as JSON here")
+    p.add_argument("--report", help="comma-separated --out files: print their table, train nothing")
     args = p.parse_args(argv)
+    if args.report:
+        report(load_rows(args.report.split(",")), defaults.leak_weight)
+        return 0
     args.leak_weights = [float(x) for x in args.leak_weights.split(",")]
     torch.set_num_threads(args.threads)
     version = Tracker().resolve_model(args.model)
@@ -199,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data or version.tags.get("data_uri") or ".state/data"
     parent = ckpt.load_model(uri)[0].eval()
     print(f"base: {version.name}/{version.version} ({uri}), data {data_dir}")
-    per_seed = []
+    per_seed: dict[int, dict[str, dict[str, float]]] = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        per_seed.append(run_seed(parent, data_dir, args, seed))
+        per_seed[seed] = run_seed(parent, data_dir, args, seed)
         if args.out:  # after every seed, so a long run stopped early keeps what it finished
             tmp = Path(args.out).with_suffix(".tmp")
-            tmp.write_text(json.dumps(per_seed, indent=2))
+            tmp.write_text(json.dumps({"seeds": per_seed}, indent=2))
             tmp.replace(args.out)
     report(per_seed, defaults.leak_weight)
     return 0

@@ -16,7 +16,8 @@ its own output scale s_i), shakespeare and python loss at k = 2, adapter bytes s
 Targets: FLAME within 5 % of centralised on legal at k = 2, and below FedAvg at k = 1.
 
     .venv/bin/python bench/federated.py --model expertmesh-tiny [--seeds 0,1,2] [--rounds 10]
-        [--steps 20] [--clients configs/federated.yaml]
+        [--steps 20] [--clients configs/federated.yaml] [--json rows.json]
+    .venv/bin/python bench/federated.py --report a.json,b.json   # one table from earlier runs
 """
 
 from __future__ import annotations
@@ -121,6 +122,56 @@ def fmt(values: list[float]) -> str:
     return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
 
 
+def report(rows: dict[str, list[dict]], seeds: list[int], args, fed, seconds: float) -> None:
+    budgets = ", ".join(f"{c.name} k={c.k}" for c in fed.clients)
+    print(machine_line())
+    print(
+        f"model {args.model}, {len(fed.clients)} clients ({budgets}), {args.rounds} rounds x "
+        f"{args.steps} local steps, batch {fed.batch_size} x {fed.seq_len}, LoRA r={fed.lora.rank}, "
+        f"FLAME t={fed.t}, seeds {seeds}, {seconds:.0f} s in all"
+    )
+    print("| row | " + " | ".join(COLUMNS) + " |")
+    print("|---|" + "---|" * len(COLUMNS))
+    for label, rs in rows.items():
+        cells = [fmt([r[c] for r in rs]) if c in rs[0] else "-" for c in COLUMNS]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+    mean = {label: statistics.fmean(r["legal k=2"] for r in rs) for label, rs in rows.items()}
+    gap = mean["flame"] / mean["centralised"] - 1
+    print(
+        f"FLAME vs centralised (legal k=2): {gap:+.1%} (target within +5 %: "
+        f"{'met' if gap <= 0.05 else 'NOT met'})"
+    )
+    below = mean["flame"] < mean["fedavg k=1"]
+    print(f"FLAME below FedAvg at k=1: {'yes' if below else 'NO'}")
+    diff = mean["flame"] / mean["fedavg"] - 1
+    verdict = "beats" if diff < 0 else "does not beat"
+    print(f"activation-aware aggregation {verdict} plain FedAvg here: {diff:+.2%} on legal k=2")
+    per_seed = [
+        rows["flame"][i]["legal k=2"] / rows["fedavg"][i]["legal k=2"] - 1
+        for i in range(len(seeds))
+    ]
+    print("FLAME vs FedAvg per seed: " + ", ".join(f"{d:+.2%}" for d in per_seed))
+
+
+def load_rows(paths: list[str]) -> tuple[dict[str, list[dict]], list[int], float]:
+    """Merge the ``--json`` files of earlier runs (each a set of whole seeds) into one table."""
+    rows: dict[str, list[dict]] = {}
+    seeds: list[int] = []
+    seconds = 0.0
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict) or not {"seeds", "rows"} <= set(data):
+            raise SystemExit(f"{path}: not a --json file of this script (no 'seeds' and 'rows')")
+        dup = set(seeds) & set(data["seeds"])
+        if dup:
+            raise SystemExit(f"{path}: seed(s) {sorted(dup)} are already in an earlier file")
+        seeds += data["seeds"]
+        seconds += data.get("seconds", 0.0)
+        for label, rs in data["rows"].items():
+            rows.setdefault(label, []).extend(rs)
+    return rows, seeds, seconds
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="expertmesh-tiny", help="registered NAME[/VERSION]")
@@ -129,9 +180,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--steps", type=int, default=20, help="local steps per client per round")
     p.add_argument("--json", default=None, help="also write the raw rows here")
+    p.add_argument("--report", help="comma-separated --json files: print their table, run nothing")
     args = p.parse_args(argv)
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     fed = load_federation(args.clients)
+    if args.report:
+        rows, done, seconds = load_rows(args.report.split(","))
+        report(rows, done, args, fed, seconds)
+        return 0
     tracker = Tracker()
     parent = tracker.resolve_model(args.model)
     parent_uri = ckpt.resolve(parent.source)
@@ -164,33 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.setdefault(label, []).append(federated_row(args, file, strategy, seed, part_dir))
         print(f"seed {seed} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
         if args.json:  # after every seed, so a long run stopped early keeps the seeds it finished
+            done = seeds[: seeds.index(seed) + 1]
+            record = {"seeds": done, "rows": rows, "seconds": time.perf_counter() - t_start}
             tmp = Path(args.json).with_suffix(".tmp")
-            tmp.write_text(json.dumps(rows, indent=2))
+            tmp.write_text(json.dumps(record, indent=2))
             tmp.replace(args.json)
-
-    budgets = ", ".join(f"{c.name} k={c.k}" for c in fed.clients)
-    print(machine_line())
-    print(
-        f"model {args.model}, {len(fed.clients)} clients ({budgets}), {args.rounds} rounds x "
-        f"{args.steps} local steps, batch {fed.batch_size} x {fed.seq_len}, LoRA r={fed.lora.rank}, "
-        f"FLAME t={fed.t}, seeds {seeds}, {time.perf_counter() - t_start:.0f} s in all"
-    )
-    print("| row | " + " | ".join(COLUMNS) + " |")
-    print("|---|" + "---|" * len(COLUMNS))
-    for label, rs in rows.items():
-        cells = [fmt([r[c] for r in rs]) if c in rs[0] else "-" for c in COLUMNS]
-        print(f"| {label} | " + " | ".join(cells) + " |")
-    mean = {label: statistics.fmean(r["legal k=2"] for r in rs) for label, rs in rows.items()}
-    gap = mean["flame"] / mean["centralised"] - 1
-    print(
-        f"FLAME vs centralised (legal k=2): {gap:+.1%} (target within +5 %: "
-        f"{'met' if gap <= 0.05 else 'NOT met'})"
-    )
-    below = mean["flame"] < mean["fedavg k=1"]
-    print(f"FLAME below FedAvg at k=1: {'yes' if below else 'NO'}")
-    diff = mean["flame"] / mean["fedavg"] - 1
-    verdict = "beats" if diff < 0 else "does not beat"
-    print(f"activation-aware aggregation {verdict} plain FedAvg here: {diff:+.2%} on legal k=2")
+    report(rows, seeds, args, fed, time.perf_counter() - t_start)
     return 0
 
 
