@@ -10,15 +10,22 @@ cp node_modules/preact/hooks/dist/hooks.mjs vendor/preact-hooks.mjs
 cp node_modules/htm/dist/htm.mjs vendor/htm.mjs
 cp node_modules/uplot/dist/uPlot.esm.js vendor/uPlot.esm.js
 cp node_modules/uplot/dist/uPlot.min.css vendor/uPlot.min.css
+# Swagger UI for the API's /docs, served from here so that it works without the internet
+cp node_modules/swagger-ui-dist/swagger-ui-bundle.js vendor/swagger-ui-bundle.js
+cp node_modules/swagger-ui-dist/swagger-ui.css vendor/swagger-ui.css
+cp node_modules/swagger-ui-dist/swagger-ui-bundle.js.LICENSE.txt vendor/
 {
   echo "Third-party code of the console, copied unmodified from npm by ui/refresh-vendor.sh."
   echo "Do not edit by hand: change ui/package.json and run \`make ui-vendor\`."
   echo
-  for pkg in preact htm uplot; do
+  for pkg in preact htm uplot swagger-ui-dist; do
     node -e "const p=require('./node_modules/$pkg/package.json');console.log(p.name+' '+p.version+' ('+p.license+')')"
   done
-  for pkg in preact htm uplot; do
+  for pkg in preact htm uplot swagger-ui-dist; do
     echo; echo "==== $pkg: LICENSE ===="; cat "node_modules/$pkg/LICENSE"
+    if [ -f "node_modules/$pkg/NOTICE" ]; then
+      echo; echo "==== $pkg: NOTICE ===="; cat "node_modules/$pkg/NOTICE"
+    fi
   done
 } > vendor/LICENSES.txt
-echo "vendored: $(head -n 6 vendor/LICENSES.txt | tail -n 3 | tr '\n' ' ')"
+echo "vendored: $(head -n 7 vendor/LICENSES.txt | tail -n 4 | tr '\n' ' ')"

@@ -38,7 +38,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         title="expertmesh",
         summary="OpenAI-compatible completions and chat, and the cluster's /api routes",
         version=_version(),
-        docs_url="/docs",  # Swagger UI; its script and styles come from a CDN (see README)
+        docs_url=None,  # docs.install_ui serves Swagger UI from the console's vendored copy
         redoc_url=None,
         dependencies=[Depends(reject_unknown_query)],
     )
@@ -49,6 +49,7 @@ def create_app(settings: ApiSettings) -> FastAPI:
         app.include_router(module.router)
     docs.install(app)
     ui = console.ui_dir()
+    docs.install_ui(app, ui)
     if ui is not None:  # the console's static files: no token (they hold no data)
         from fastapi.staticfiles import StaticFiles
 

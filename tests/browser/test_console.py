@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -218,4 +219,26 @@ def test_scaling_from_the_console_changes_the_shard_count(live: Live, watched: W
     assert len(live.http.get("/api/cluster").json()["shards"]) == before + 1
     page.locator('[data-testid=scale-progress] li:has-text("scaled_out")').wait_for(timeout=WAIT_MS)
     shot(watched, live, "scale")
+    watched.assert_clean()
+
+
+def test_api_docs_render_without_the_internet(live: Live, watched: Watched) -> None:
+    """/docs (Swagger UI) loads only from the API server: a cluster's network often has no
+    route to a CDN."""
+    page = watched.page
+    outside: list[str] = []
+
+    def loopback_only(route) -> None:
+        if urlsplit(route.request.url).hostname in ("127.0.0.1", "localhost"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", loopback_only)
+    page.goto(f"{live.url}/docs")
+    page.locator("[data-path='/v1/completions']").first.wait_for(timeout=WAIT_MS)
+    assert page.locator(".opblock").count() >= 10  # one per documented operation
+    assert not outside, outside
+    shot(watched, live, "api-docs")
     watched.assert_clean()

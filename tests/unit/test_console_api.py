@@ -3,6 +3,8 @@ pure function of the controller's status)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -42,6 +44,22 @@ def test_console_files_are_served_without_a_token(client: TestClient) -> None:
     assert page.status_code == 200 and '<div id="app">' in page.text
     js = client.get("/console/vendor/preact.mjs")
     assert js.status_code == 200 and "javascript" in js.headers["content-type"]
+
+
+def test_swagger_ui_comes_from_the_vendored_copy(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/openapi.json" in page.text
+    # every script and stylesheet the page names is this server's: nothing from a CDN
+    assets = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "/console/vendor/swagger-ui-bundle.js" in assets
+    for url in assets:
+        assert not url.startswith(("http:", "https:", "//")), url
+        if not url.startswith("data:"):
+            assert client.get(url).status_code == 200, url
+    # behind a path prefix (a proxy's root_path) the links follow it
+    prefixed = TestClient(client.app, root_path="/em").get("/docs")
+    assert 'src="/em/console/vendor/swagger-ui-bundle.js"' in prefixed.text
+    assert "'/em/openapi.json'" in prefixed.text
 
 
 @pytest.mark.parametrize("path", ["/api/runs", "/api/jobs", "/api/console/config"])
