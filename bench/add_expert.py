@@ -15,7 +15,7 @@ time. The target (issue 20) is checked on the pipeline's default leak weight: le
 20 % below the base while shakespeare and python stay within +2 %.
 
     .venv/bin/python bench/add_expert.py [--model expertmesh-tiny] [--seeds 0,1,2] [--steps 300]
-        [--leak-weights 0,1,4] [--no-full-ft] [--out rows.json]
+        [--leak-weights 0,0.5,1,4] [--no-full-ft] [--out rows.json]
     .venv/bin/python bench/add_expert.py --report a.json,b.json   # one table from earlier runs
 
 Losses do not depend on the machine's load, so seeds (and rows) run at different times may be
@@ -148,7 +148,16 @@ def fmt(row: dict[str, float]) -> str:
 
 def report(per_seed: dict[int, dict[str, dict[str, float]]], default_w: float) -> None:
     """One table: every row's mean over the seeds that ran it, against the base's mean."""
-    names = list(dict.fromkeys(n for rows in per_seed.values() for n in rows))
+    seen = list(dict.fromkeys(n for rows in per_seed.values() for n in rows))
+    # base, then add-expert by rising leak weight, then the rest as they came
+    names = sorted(
+        seen,
+        key=lambda n: (
+            (0, 0.0, 0) if n == "base"
+            else (1, float(n.split("w=")[1]), 0) if n.startswith("add-expert w=")
+            else (2, 0.0, seen.index(n))
+        ),
+    )  # fmt: skip
     base = {
         d: statistics.mean(rows["base"][f"val_loss/{d}"] for rows in per_seed.values())
         for d in DOMAINS
@@ -212,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=None, help="prepared data dir (default: the model's)")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--steps", type=int, default=defaults.steps)
-    p.add_argument("--leak-weights", default=f"0,{defaults.leak_weight:g},4")
+    weights = sorted({0.0, 0.5, 1.0, 4.0, defaults.leak_weight})
+    p.add_argument("--leak-weights", default=",".join(f"{w:g}" for w in weights))
     p.add_argument("--batch-size", type=int, default=defaults.batch_size)
     p.add_argument("--replay-rows", type=int, default=defaults.replay_rows)
     p.add_argument("--seq-len", type=int, default=defaults.seq_len)
