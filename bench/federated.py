@@ -115,11 +115,14 @@ def federated_row(args, clients_file: str, strategy: str, seed: int, part_dir: s
     }
 
 
-def fmt(values: list[float]) -> str:
+def fmt(values: list[float], column: str) -> str:
+    """Mean (± the spread over seeds, where there are several): losses to 4 decimals, seconds to
+    1, kilobytes whole."""
+    places = 0 if column == "KB/round" else 1 if column == "s/round" else 4
     mean = statistics.fmean(values)
     if len(values) < 2:
-        return f"{mean:.4f}" if mean < 100 else f"{mean:.0f}"
-    return f"{mean:.4f} ± {statistics.stdev(values):.4f}"
+        return f"{mean:.{places}f}"
+    return f"{mean:.{places}f} ± {statistics.stdev(values):.{places}f}"
 
 
 def report(rows: dict[str, list[dict]], seeds: list[int], args, fed, seconds: float) -> None:
@@ -133,7 +136,7 @@ def report(rows: dict[str, list[dict]], seeds: list[int], args, fed, seconds: fl
     print("| row | " + " | ".join(COLUMNS) + " |")
     print("|---|" + "---|" * len(COLUMNS))
     for label, rs in rows.items():
-        cells = [fmt([r[c] for r in rs]) if c in rs[0] else "-" for c in COLUMNS]
+        cells = [fmt([r[c] for r in rs], c) if c in rs[0] else "-" for c in COLUMNS]
         print(f"| {label} | " + " | ".join(cells) + " |")
     mean = {label: statistics.fmean(r["legal k=2"] for r in rs) for label, rs in rows.items()}
     gap = mean["flame"] / mean["centralised"] - 1
