@@ -23,6 +23,12 @@ from expertmesh.platform.config import ModelConfig, TrainConfig
 from expertmesh.platform.devices import resolve_device
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.errors import ConfigError
+from expertmesh.platform.grow import (
+    GrowConfig,
+    new_expert_share,
+    train_new_experts,
+    verify_unchanged,
+)
 from expertmesh.platform.hf import export_hf
 from expertmesh.platform.model import MoETransformer
 from expertmesh.platform.sampling import SamplingParams
@@ -262,3 +268,31 @@ def test_device_names_are_checked() -> None:
     assert resolve_device("auto") == GPU
     with pytest.raises(ConfigError, match="device"):
         resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_add_expert_training_on_gpu_equals_cpu() -> None:
+    """add_expert's training on ``--device cuda`` trains what it does on the CPU, and leaves every
+    value the parent had unchanged bit for bit (Adam's step on a masked row is zero anywhere)."""
+    from tests.unit.test_grow import domains, grown
+
+    parent, child, added, _ = grown()
+    new, base = domains()
+    on_cpu, on_gpu = copy.deepcopy(child), copy.deepcopy(child)
+    g = {"steps": 6, "batch_size": 4, "replay_rows": 4, "seq_len": 16, "warmup_steps": 2}
+    hist_c = train_new_experts(on_cpu, added, new, base, GrowConfig(**g, device="cpu"))
+    hist_g = train_new_experts(on_gpu, added, new, base, GrowConfig(**g, device="cuda"))
+    assert next(on_gpu.parameters()).device.type == "cuda"  # it moved, and stays
+    for c, gpu in zip(hist_c, hist_g, strict=True):
+        assert abs(gpu["loss"] - c["loss"]) <= 1e-4 and abs(gpu["leak"] - c["leak"]) <= 1e-5
+    for (name, p_c), p_g in zip(on_cpu.named_parameters(), on_gpu.parameters(), strict=True):
+        assert max_diff(p_g, p_c) <= 1e-4, name
+    gen = torch.Generator().manual_seed(1)
+    probe = [base.sample(4, 16, gen)[:, :-1] for _ in range(2)]
+    share_c, share_g = (
+        new_expert_share(on_cpu, probe, added),
+        new_expert_share(on_gpu, probe, added),
+    )
+    assert share_g.keys() == share_c.keys()
+    for layer in share_c:  # a near-tie may flip one token's pick between devices
+        assert abs(share_g[layer] - share_c[layer]) <= 1 / 60, layer
+    verify_unchanged(parent, on_gpu.cpu(), added)
