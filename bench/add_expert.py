@@ -100,7 +100,9 @@ def run_seed(
     t0 = time.perf_counter()
     rows["base"] = evaluate(parent, val, eval_cfg) | {"seconds": time.perf_counter() - t0}
     rows["base"]["trainable"] = 0
-    layers = list(parent.cfg.moe_layers)
+    # GrowConfig checks the layers against the model (a clear error for a layer it lacks)
+    layers = GrowConfig(layers=args.layers and tuple(args.layers)).grown_layers(parent.cfg)
+    suffix = "" if args.layers is None else " L" + ",".join(map(str, layers))
     for w in args.leak_weights:
         g = GrowConfig(
             steps=args.steps, batch_size=args.batch_size, replay_rows=args.replay_rows,
@@ -123,8 +125,9 @@ def run_seed(
         for dom, bs in base_eval.items():
             shares = new_expert_share(child, bs, added)
             row[f"share/{dom}"] = statistics.mean(shares.values())
-        rows[f"add-expert w={w:g}"] = row
-        print(f"  seed {seed} add-expert w={w:g}: {fmt(row)}", flush=True)
+            row |= {f"share/{dom}/L{layer}": v for layer, v in shares.items()}
+        rows[f"add-expert w={w:g}{suffix}"] = row
+        print(f"  seed {seed} add-expert w={w:g}{suffix}: {fmt(row)}", flush=True)
     g = GrowConfig(
         steps=args.steps, batch_size=args.batch_size, replay_rows=args.replay_rows,
         seq_len=args.seq_len, seed=seed, device=args.device,
@@ -153,9 +156,9 @@ def report(per_seed: dict[int, dict[str, dict[str, float]]], default_w: float) -
     names = sorted(
         seen,
         key=lambda n: (
-            (0, 0.0, 0) if n == "base"
-            else (1, float(n.split("w=")[1]), 0) if n.startswith("add-expert w=")
-            else (2, 0.0, seen.index(n))
+            (0, 0.0, "") if n == "base"
+            else (1, float(n.split("w=")[1].split()[0]), n) if n.startswith("add-expert w=")
+            else (2, 0.0, f"{seen.index(n):04d}")
         ),
     )  # fmt: skip
     base = {
@@ -231,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--no-full-ft", dest="full_ft", action="store_false", help="only base and add-expert rows"
     )
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="MoE layers the add-expert rows grow, e.g. 1,2,3 (default: all)",
+    )
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -241,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         report(load_rows(args.report.split(",")), defaults.leak_weight)
         return 0
     args.leak_weights = [float(x) for x in args.leak_weights.split(",")]
+    args.layers = [int(x) for x in args.layers.split(",")] if args.layers else None
     torch.set_num_threads(args.threads)
     version = Tracker().resolve_model(args.model)
     uri = ckpt.resolve(version.source)
