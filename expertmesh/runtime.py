@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import sys
@@ -10,6 +11,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from expertmesh import envs
+
+log = logging.getLogger(__name__)
 
 # NOTE: Ray notices a crashed node after ~15 s by default; these bring it to ~2-3 s. The
 # platform itself never waits for this: the dispatcher retries on a replica at once.
@@ -19,6 +22,11 @@ FAST_HEALTH_CHECKS: dict[str, int] = {
     "health_check_timeout_ms": 500,
     "health_check_initial_delay_ms": 1000,
 }
+
+
+# NOTE: Ray's DEFAULT_DASHBOARD_AGENT_LISTEN_PORT: a cluster started by ray.init always puts its
+# dashboard agent (which runs submitted jobs) here; ray.init has no argument to move it
+DASHBOARD_AGENT_PORT = 52365
 
 
 @dataclass(kw_only=True, slots=True)
@@ -38,6 +46,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_error(port: int, host: str = "127.0.0.1") -> str | None:
+    """Why ``host:port`` cannot be listened on now (e.g. "Address already in use"), or None."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+        return None
 
 
 def temp_dir() -> str:
@@ -82,6 +101,13 @@ def init_ray(address: str | None = None, local: LocalRayOptions | None = None) -
     envs.apply_local_ray_env()
     opts = local or LocalRayOptions()
     port = opts.dashboard_port or free_port()
+    if opts.dashboard and port_error(DASHBOARD_AGENT_PORT) is not None:
+        # the dashboard still serves Ray's state API; only job submission is lost
+        log.warning(
+            "port %d, where a local Ray's dashboard agent runs submitted jobs, is taken (another "
+            "local Ray with its dashboard?): jobs will not run on this cluster",
+            DASHBOARD_AGENT_PORT,
+        )
     with _this_python_first_on_path():
         _start_local(opts, port)
     from expertmesh import published

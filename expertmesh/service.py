@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from expertmesh import envs
 from expertmesh.api import info
+from expertmesh.runtime import DASHBOARD_AGENT_PORT, port_error
 from expertmesh.types import DEFAULT_MAX_QUEUED, ClusterError
 
 if TYPE_CHECKING:
@@ -45,16 +45,28 @@ class UpOptions:
     dashboard_port: int | None = None  # Ray dashboard (needed by `ray job submit`); None: off
 
 
-def check_port_free(host: str, port: int) -> None:
+def check_port_free(host: str, port: int, flag: str = "--port") -> None:
     """Fail fast (before Ray and the deployment start) when ``host:port`` is taken."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no obstacle
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise ClusterError(
-                f"cannot serve on {host}:{port}: {exc.strerror}; choose another port (--port)"
-            ) from None
+    error = port_error(port, host)
+    if error is not None:
+        raise ClusterError(f"cannot serve on {host}:{port}: {error}; choose another port ({flag})")
+
+
+def check_ports(opts: UpOptions) -> None:
+    """Every port ``up`` will listen on, before anything starts: the API's, and with the
+    dashboard its own port and its agent's. A local Ray always puts the dashboard agent (which
+    runs submitted jobs) on Ray's default port, which ``ray.init`` cannot move; when another
+    local Ray holds it, every `ray job submit` to this one would fail ("No available agent")."""
+    check_port_free(opts.host, opts.port)
+    if opts.dashboard_port is None:
+        return
+    check_port_free("127.0.0.1", opts.dashboard_port, "--dashboard-port")
+    if port_error(DASHBOARD_AGENT_PORT) is not None:
+        raise ClusterError(
+            f"port {DASHBOARD_AGENT_PORT}, where a local Ray's dashboard agent runs submitted "
+            "jobs, is taken (most likely by another local Ray with its dashboard): jobs could not "
+            "run on this cluster. Stop that cluster, or start without --dashboard-port"
+        )
 
 
 def log_file() -> Path:
@@ -114,7 +126,7 @@ def run_foreground(opts: UpOptions) -> int:
 
     if running_info() is not None:
         raise ClusterError(f"expertmesh is already up ({info.cluster_file()}); run `down` first")
-    check_port_free(opts.host, opts.port)
+    check_ports(opts)
     stop = threading.Event()
     url = None
     from expertmesh.runtime import LocalRayOptions
@@ -175,7 +187,7 @@ def start_background(opts: UpOptions) -> info.ApiInfo:
 
     if (rec := running_info()) is not None:
         raise ClusterError(f"expertmesh is already up at {rec.url} (pid {rec.pid})")
-    check_port_free(opts.host, opts.port)
+    check_ports(opts)
     argv = ["up", "--model", opts.model, "--shards", str(opts.shards)]
     argv += ["--replicas", str(opts.replicas), "--warm-shards", str(opts.warm_shards)]
     argv += ["--host", opts.host, "--port", str(opts.port), "--max-queued", str(opts.max_queued)]
