@@ -21,7 +21,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -244,13 +243,6 @@ def vllm_available(venv: Path = VLLM_VENV) -> bool:
     return False
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @dataclass(kw_only=True, slots=True)
 class VllmServerConfig:
     """How :class:`VllmServer` starts vLLM's OpenAI server."""
@@ -326,6 +318,8 @@ class VllmServer:
             raise RuntimeError(f"no vLLM environment at {self.config.venv}; {_VLLM_SETUP_HINT}")
         if not (Path(self.model_dir) / "config.json").is_file():
             raise FileNotFoundError(f"{self.model_dir} is not a Hugging Face model folder")
+        from expertmesh.runtime import free_port
+
         self.port = self.port or free_port()
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="vllm-server-", suffix=".log")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from expertmesh.cli import format_status
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
+from expertmesh.runtime import free_port
 from expertmesh.service import is_running
 from tests.integration.helpers import PROMPTS, tiny_checkpoint
 
@@ -48,12 +48,6 @@ def cli(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProc
         text=True,
         timeout=timeout,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_up_status_generate_down(home: Path) -> None:

@@ -5,7 +5,6 @@ MLflow store and checkpoint root; the registered versions carry their lineage, l
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ from expertmesh.platform import checkpoint as ckpt
 from expertmesh.platform.engine import Engine
 from expertmesh.platform.loader import load_for_inference
 from expertmesh.platform.sampling import SamplingParams
+from expertmesh.runtime import free_port
 from tests.integration.helpers import job_server_head
 
 pytestmark = pytest.mark.integration
@@ -157,9 +157,7 @@ def test_bad_input_names_the_field(cluster, prepared_data, capsys) -> None:
         assert err.startswith(f"error: {field}: "), (field, err)
 
     # a job on a cluster whose tracking store cannot be reached fails at once, naming it
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     job = cluster.submit(
         "finetune",
         working_dir=str(REPO),
@@ -194,9 +192,7 @@ def test_the_http_handle_runs_jobs_and_reads_lineage(cluster) -> None:
     """``expertmesh.connect(url)`` does over the API what the Ray-side handle does."""
     import expertmesh
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     remote = expertmesh.connect(cluster.serve(port=port, token="jobs-token"), token="jobs-token")
     job = remote.submit(
         "finetune",
