@@ -101,7 +101,7 @@ def run_seed(
     rows["base"] = evaluate(parent, val, eval_cfg) | {"seconds": time.perf_counter() - t0}
     rows["base"]["trainable"] = 0
     # GrowConfig checks the layers against the model (a clear error for a layer it lacks)
-    layers = GrowConfig(layers=args.layers and tuple(args.layers)).grown_layers(parent.cfg)
+    layers = GrowConfig(layers=args.layers).grown_layers(parent.cfg)
     suffix = "" if args.layers is None else " L" + ",".join(map(str, layers))
     for w in args.leak_weights:
         g = GrowConfig(
@@ -151,14 +151,14 @@ def fmt(row: dict[str, float]) -> str:
 
 def report(per_seed: dict[int, dict[str, dict[str, float]]], default_w: float) -> None:
     """One table: every row's mean over the seeds that ran it, against the base's mean."""
-    seen = list(dict.fromkeys(n for rows in per_seed.values() for n in rows))
-    # base, then add-expert by rising leak weight, then the rest as they came
+    seen = dict.fromkeys(n for rows in per_seed.values() for n in rows)
+    # base, then add-expert by rising leak weight, then the rest as they came (a stable sort)
     names = sorted(
         seen,
         key=lambda n: (
-            (0, 0.0, "") if n == "base"
+            (0, 0.0) if n == "base"
             else (1, float(n.split("w=")[1].split()[0]), n) if n.startswith("add-expert w=")
-            else (2, 0.0, f"{seen.index(n):04d}")
+            else (2, 0.0)
         ),
     )  # fmt: skip
     base = {
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         report(load_rows(args.report.split(",")), defaults.leak_weight)
         return 0
     args.leak_weights = [float(x) for x in args.leak_weights.split(",")]
-    args.layers = [int(x) for x in args.layers.split(",")] if args.layers else None
+    args.layers = tuple(int(x) for x in args.layers.split(",")) if args.layers else None
     torch.set_num_threads(args.threads)
     version = Tracker().resolve_model(args.model)
     uri = ckpt.resolve(version.source)
